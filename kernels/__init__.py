@@ -1,0 +1,1 @@
+"""Triton kernels of fused_xent (installed as ``fused_xent.kernels``). Imports Triton."""
