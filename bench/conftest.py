@@ -1,0 +1,36 @@
+"""pytest-benchmark setup for ``pytest bench/``: makes ``benchlib`` importable, measures the copy.
+
+The suite is kept out of the default ``pytest`` run (pyproject's testpaths is ``tests``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+# pyproject runs pytest with --import-mode=importlib, which puts no test directory on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def device():
+    dev = benchlib.default_device()
+    benchlib.cpu_threads(dev)
+    return dev
+
+
+@pytest.fixture(scope="session")
+def copy_bw(device):
+    """Bytes/s of a device-to-device copy (read + write), measured once, only when asked for."""
+    cache = {}
+
+    def get() -> float:
+        if "bw" not in cache:
+            cache["bw"], _ = benchlib.copy_bandwidth(device)
+        return cache["bw"]
+
+    return get

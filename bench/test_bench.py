@@ -1,0 +1,71 @@
+"""pytest-benchmark suite: fused_xent against its peers, run as ``pytest bench/``.
+
+Each benchmark is one step of the issue's shapes: forward + backward of a mean loss (the gradient
+taken with ``torch.autograd.grad``), or the forward alone under ``no_grad``. The GPU is
+synchronised inside the timed function, so the host clock pytest-benchmark reads covers the work.
+Inputs rotate among several randn copies (``benchlib.Rotation``) so a call does not find its
+logits in L2. Peers are grouped per shape; ``extra_info`` holds the bytes the step must move and
+the GB/s and fraction of the copy bandwidth that makes.
+
+fused_xent runs twice in fwd+bwd: ``fused_xent_inplace`` (``inplace_backward=True``) is the
+like-for-like comparison with Liger, which also writes the gradient over the logits;
+``fused_xent`` allocates its gradient, as torch does.
+
+On a machine without CUDA the cases are tiny and fused_xent runs its reference path
+(``impl="reference"``), against torch eager only: a smoke test of the suite, not a measurement.
+For a table, a plot and the accuracy check, use ``python bench/report.py``.
+"""
+
+from __future__ import annotations
+
+import benchlib
+import pytest
+import torch
+
+DEVICE = benchlib.default_device()
+CASES = benchlib.cases_for(DEVICE)
+
+
+# Forward only writes no gradient, so fused_xent_inplace would repeat the fused_xent run there.
+PARAMS = [
+    pytest.param(case, impl.name, id=f"{case.id}-{impl.name}")
+    for case in CASES
+    for impl in benchlib.IMPLS
+    if not (case.mode == benchlib.FWD and impl.name == "fused_xent_inplace")
+]
+
+
+@pytest.mark.parametrize("case, impl_name", PARAMS)
+def test_xent(benchmark, device, copy_bw, case, impl_name):
+    impl = benchlib.IMPLS_BY_NAME[impl_name]
+    reason = impl.skip_reason(case, device)
+    if reason:
+        pytest.skip(reason)
+
+    step = benchlib.make_step(impl.loss_fn(case, device), case.mode)
+    rotation = benchlib.Rotation(case, device)
+
+    def run():
+        out = step(*rotation.next())
+        benchlib.sync(device)
+        return out
+
+    try:
+        # Outside the timing: Triton JIT, torch.compile, allocator warm-up.
+        loss, _ = run()
+        assert torch.isfinite(loss).item()
+        benchmark.group = f"{case.mode} {case.label}"
+        benchmark.extra_info["bytes"] = case.bytes_moved
+        benchmark.extra_info["bytes_counted"] = (
+            "read logits + write grad" if case.mode == benchlib.FWD_BWD else "read logits"
+        )
+        benchmark(run)
+    finally:
+        rotation.release()  # pytest-benchmark may keep `run` alive; let the buffers go
+
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        median_s = benchmark.stats.stats.median
+        rate = case.bytes_moved / median_s
+        benchmark.extra_info["GB/s"] = round(rate / 1e9, 2)
+        benchmark.extra_info["copy_GB/s"] = round(copy_bw() / 1e9, 2)
+        benchmark.extra_info["pct_of_copy_bw"] = round(100 * rate / copy_bw(), 1)

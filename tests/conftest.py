@@ -1,0 +1,60 @@
+"""Shared set-up for the fused_xent tests.
+
+Without CUDA the Triton kernels run on CPU tensors under Triton's interpreter, which is chosen when
+``fused_xent.kernels`` is first imported; so the environment variable is set here, at import time,
+before any test module can import the kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+# Test modules import the shared oracle and tolerances from tests/helpers.py; pytest runs with
+# --import-mode=importlib, which does not put this folder on sys.path by itself.
+sys.path.insert(0, os.path.dirname(__file__))
+
+from helpers import SMALL_BLOCK  # noqa: E402
+
+import fused_xent._alloc  # noqa: E402  (after TRITON_INTERPRET is set)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "requires_cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    """Every output the package allocates starts as NaN, so an unwritten element fails."""
+    monkeypatch.setattr(fused_xent._alloc, "POISON", True)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def small_blocks(monkeypatch) -> int:
+    """Force BLOCK = SMALL_BLOCK in every launch, so tiny rows cross block boundaries.
+
+    Also shrinks the gradient-scaling kernel's block and grid, so that kernel loops over several
+    column blocks and several rows per program at sizes the interpreter runs quickly.
+    """
+    from fused_xent.kernels import xent
+
+    monkeypatch.setattr(xent, "_launch_config", lambda n_cols, dtype: (SMALL_BLOCK, 4))
+    monkeypatch.setattr(xent, "_SCALE_BLOCK", SMALL_BLOCK)
+    monkeypatch.setattr(xent, "_SCALE_PROGRAMS", 2)
+    return SMALL_BLOCK
