@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import reference
+from ._options import LossOptions
 from .autograd import CrossEntropyFunction, forward_no_grad
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -14,7 +17,16 @@ _INPUT_DTYPES = _KERNEL_DTYPES + (torch.float64,)
 _TARGET_DTYPES = (torch.int64, torch.int32)
 
 
-def _check_args(input, target, ignore_index, reduction, impl) -> None:
+def _check_float(name: str, value, low: float = -math.inf, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ValueError(f"{name} must be a finite float in [{low}, {high}], got {value}")
+    return value
+
+
+def _check_tensors(input, target, weight, reduction, impl) -> None:
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if not isinstance(target, torch.Tensor):
@@ -23,28 +35,82 @@ def _check_args(input, target, ignore_index, reduction, impl) -> None:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if input.dtype not in _INPUT_DTYPES:
         raise TypeError(
-            f"input must be float32, float16 or bfloat16 (float64 on the reference path), "
+            "input must be float32, float16 or bfloat16 (float64 on the reference path), "
             f"got {input.dtype}"
         )
-    if target.dtype not in _TARGET_DTYPES:
-        raise TypeError(f"target must hold int64 or int32 class indices, got {target.dtype}")
-    if input.dim() != 2:
-        raise ValueError(f"input must be 2-D (N, C), got shape {tuple(input.shape)}")
-    if input.shape[1] == 0:
+    if input.dim() == 0:
+        raise ValueError("input must have a class dimension: (C,), (N, C) or (N, C, d1, ...)")
+    class_dim = 0 if input.dim() == 1 else 1
+    n_classes = input.shape[class_dim]
+    if n_classes == 0:
         raise ValueError("input must have at least one class (C >= 1), got C = 0")
-    if target.shape != input.shape[:1]:
-        raise ValueError(
-            f"target must have shape (N,) = {tuple(input.shape[:1])} to match input "
-            f"{tuple(input.shape)}, got {tuple(target.shape)}"
-        )
     if target.device != input.device:
         raise ValueError(
             f"target must be on the input's device {input.device}, got {target.device}"
         )
+    if target.is_floating_point():
+        if target.shape != input.shape:
+            raise ValueError(
+                f"a floating (probability) target must have the input's shape "
+                f"{tuple(input.shape)}, got {tuple(target.shape)}"
+            )
+        if target.dtype not in _INPUT_DTYPES:
+            raise TypeError(f"a probability target must be a float dtype, got {target.dtype}")
+    else:
+        if target.dtype not in _TARGET_DTYPES:
+            raise TypeError(
+                f"target must hold int64 or int32 class indices, or floating probabilities, "
+                f"got {target.dtype}"
+            )
+        expected = input.shape[:class_dim] + input.shape[class_dim + 1 :]
+        if target.shape != expected:
+            raise ValueError(
+                f"class-index target must have shape {tuple(expected)} to match input "
+                f"{tuple(input.shape)}, got {tuple(target.shape)}"
+            )
+    if target.is_floating_point() and target.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "target requires grad, but fused_xent does not differentiate with respect to "
+            "probability targets; pass target.detach()"
+        )
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            raise TypeError(f"weight must be a floating tensor of shape ({n_classes},)")
+        if weight.shape != (n_classes,):
+            raise ValueError(
+                f"weight must have shape ({n_classes},), one per class, got {tuple(weight.shape)}"
+            )
+        if weight.device != input.device:
+            raise ValueError(
+                f"weight must be on the input's device {input.device}, got {weight.device}"
+            )
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                "weight requires grad, but fused_xent does not differentiate with respect to "
+                "class weights; pass weight.detach()"
+            )
+
+
+def _options(ignore_index, weight, label_smoothing, lse_square_scale, softcap, logit_scale):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if softcap is not None:
+        softcap = _check_float("softcap", softcap)
+        if softcap <= 0.0:
+            raise ValueError(f"softcap must be > 0 (or None for no softcap), got {softcap}")
+    logit_scale = _check_float("logit_scale", logit_scale)
+    if logit_scale <= 0.0:
+        raise ValueError(f"logit_scale must be > 0, got {logit_scale}")
+    return LossOptions(
+        ignore_index=ignore_index,
+        weight=weight,
+        label_smoothing=_check_float("label_smoothing", label_smoothing, 0.0, 1.0),
+        lse_square_scale=_check_float("lse_square_scale", lse_square_scale, 0.0),
+        logit_scale=logit_scale,
+        softcap=softcap,
+    )
 
 
 def _backend(impl: str, input: torch.Tensor):
@@ -63,49 +129,95 @@ def _backend(impl: str, input: torch.Tensor):
     return xent
 
 
+def _as_rows(input: torch.Tensor, target: torch.Tensor):
+    """(C,) / (N, C) / (N, C, d1, ...) -> (rows, C) logits and matching targets."""
+    if input.dim() == 1:
+        return input.unsqueeze(0), target.unsqueeze(0)
+    if input.dim() == 2:
+        return input, target
+    n_classes = input.shape[1]
+    rows = input.movedim(1, -1).reshape(-1, n_classes)
+    if target.is_floating_point():
+        return rows, target.movedim(1, -1).reshape(-1, n_classes)
+    return rows, target.reshape(-1)
+
+
 def cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
+    weight: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
+    label_smoothing: float = 0.0,
     *,
+    lse_square_scale: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_lse: bool = False,
     inplace_backward: bool = False,
     impl: str = "auto",
-) -> torch.Tensor:
-    """Softmax cross-entropy of logits against class indices, with a fused gradient.
+):
+    """Softmax cross-entropy with a fused gradient: a drop-in for ``F.cross_entropy``.
 
-    A drop-in for ``torch.nn.functional.cross_entropy`` on (N, C) logits. The loss is computed in
-    float32 and returned as float32 for every input dtype (float64 for float64 input); the gradient
-    has the input's dtype and shape.
+    The loss is computed in float32 and returned as float32 for every input dtype (float64 for
+    float64 input); the gradient has the input's dtype and shape.
 
     Args:
-        input: (N, C) logits, float32 / float16 / bfloat16 (float64 runs on the reference).
-        target: (N,) int64 or int32 class indices in [0, C), or ``ignore_index``.
-        ignore_index: rows with this target contribute loss 0 and gradient 0, and are left out of
-            the "mean" denominator.
-        reduction: "mean" (over non-ignored rows; NaN if every row is ignored, as torch),
-            "sum", or "none" (per-row float32 losses, 0 on ignored rows).
-        inplace_backward: write the gradient into ``input``'s own storage, so no second (N, C)
-            buffer exists. For "mean"/"sum" it is written during the forward, for "none" during
-            the backward; either way ``input``'s version counter is bumped, so autograd raises
-            where anything saved the logits for its own backward. Read the logits you still need
-            before calling the loss.
+        input: logits of shape (C,), (N, C) or (N, C, d1, ..., dK); float32 / float16 /
+            bfloat16 (float64 runs on the reference path).
+        target: class indices, int64 or int32, of shape (), (N,) or (N, d1, ..., dK), each in
+            [0, C) or ``ignore_index``; or class probabilities, floating, with ``input``'s shape
+            (rows need not sum to 1).
+        weight: optional (C,) class weights, as torch: with class indices a row's loss is scaled
+            by ``weight[target]`` and "mean" divides by the sum of those over non-ignored rows;
+            the smoothing term weighs each class by its own weight; with probabilities each
+            class's term is scaled and "mean" divides by the number of rows.
+        ignore_index: class-index rows with this target give loss 0 and gradient 0 and leave the
+            "mean" denominator; unused with probability targets (as torch).
+        reduction: "mean" (NaN when every row is ignored, as torch), "sum", or "none" (the
+            target's shape; 0 on ignored rows).
+        label_smoothing: in [0, 1]; blends the target with the uniform distribution, as torch.
+        lse_square_scale: z-loss; adds ``lse_square_scale * lse**2`` to every non-ignored row's
+            loss (unweighted by ``weight``) before the reduction, so "mean" divides it by the
+            same denominator as the rest.
+        softcap: if given (> 0), logits become ``softcap * tanh(logits / softcap)`` first.
+        logit_scale: (> 0) logits are multiplied by it before the softcap.
+        return_lse: also return the per-row log-sum-exp of the transformed logits (float32,
+            the "none" shape, not differentiable), e.g. to log the z-loss or perplexity.
+        inplace_backward: write the gradient into ``input``'s own storage, so no second buffer
+            of its size exists. For "mean"/"sum" it is written during the forward, for "none"
+            during the backward; either way ``input``'s version counter is bumped, so autograd
+            raises where anything saved the logits for its own backward. Read the logits you
+            still need before calling the loss. Inputs whose class dimension is not the
+            innermost one are copied first, and then the copy receives the gradient.
         impl: "auto" (Triton kernels for CUDA tensors, the reference elsewhere), "triton"
             (force the kernels; on CPU tensors they need ``TRITON_INTERPRET=1``), "reference".
 
     Returns:
-        The loss: a 0-dim float32 tensor, or (N,) for ``reduction="none"``.
+        The loss (0-dim, or the target's shape for "none"); with ``return_lse`` a pair
+        ``(loss, lse)``.
 
-    On the kernel path a target outside [0, C) that is not ``ignore_index`` gives that row a NaN
-    loss (and NaN gradient) without any out-of-bounds access; the reference path raises
+    On the kernel path a class-index target outside [0, C) that is not ``ignore_index`` gives that
+    row a NaN loss (and NaN gradient) without any out-of-bounds access; the reference raises
     ``IndexError``.
     """
-    _check_args(input, target, ignore_index, reduction, impl)
+    _check_tensors(input, target, weight, reduction, impl)
+    opts = _options(ignore_index, weight, label_smoothing, lse_square_scale, softcap, logit_scale)
     backend = _backend(impl, input)
-    if backend is not reference and input.stride(1) != 1:
-        input = input.contiguous()  # the kernels stride over rows, not over classes
+    rows, row_target = _as_rows(input, target)
+    if backend is not reference:
+        # The kernels stride over rows, not over classes.
+        if rows.stride(1) != 1:
+            rows = rows.contiguous()
+        if row_target.is_floating_point() and row_target.stride(1) != 1:
+            row_target = row_target.contiguous()
     if torch.is_grad_enabled() and input.requires_grad:
-        return CrossEntropyFunction.apply(
-            input, target, ignore_index, reduction, inplace_backward, backend
+        loss, lse = CrossEntropyFunction.apply(
+            rows, row_target, opts, reduction, inplace_backward, backend
         )
-    return forward_no_grad(input, target, ignore_index, reduction, backend)
+    else:
+        loss, lse = forward_no_grad(rows, row_target, opts, reduction, backend)
+    row_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
+    if reduction == "none":
+        loss = loss.reshape(row_shape)
+    return (loss, lse.reshape(row_shape)) if return_lse else loss

@@ -2,8 +2,9 @@
 
 Same contract as the launchers in ``fused_xent.kernels.xent`` (outputs are passed in and written),
 so the autograd layer drives either one; the math is stated once, in that module's docstring.
-Computes in float32 (float64 for float64 logits). Unlike the kernels, a target outside ``[0, C)``
-that is not ``ignore_index`` raises ``IndexError`` here (which reads the targets on the host).
+Computes in float32 (float64 for float64 logits). Unlike the kernels, a class-index target outside
+``[0, C)`` that is not ``ignore_index`` raises ``IndexError`` here (which reads the targets on the
+host).
 """
 
 from __future__ import annotations
@@ -15,59 +16,83 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _prepare(logits: torch.Tensor, target: torch.Tensor, ignore_index: int):
+def _rows(logits: torch.Tensor, target: torch.Tensor, opts):
+    """z, class weights and, per row: the smoothed target distribution's pieces and the mask."""
+    dtype = _compute_dtype(logits.dtype)
     n_cols = logits.shape[1]
-    x = logits.to(_compute_dtype(logits.dtype))
+    z = logits.to(dtype) * opts.logit_scale
+    if opts.softcap is not None:
+        z = opts.softcap * torch.tanh(z / opts.softcap)
+    w = (
+        opts.weight.to(dtype)
+        if opts.weight is not None
+        else torch.ones(n_cols, dtype=dtype, device=z.device)
+    )
+    eps = opts.label_smoothing
+    if target.is_floating_point():
+        # Probability targets: every row counts; wt = w * ((1 - eps) t + eps / C).
+        wt = w * ((1.0 - eps) * target.to(dtype) + eps / n_cols)
+        ignored = torch.zeros(len(z), dtype=torch.bool, device=z.device)
+        return z, wt, None, ignored
     target = target.long()
-    ignored = target == ignore_index
+    ignored = target == opts.ignore_index
     bad = ~ignored & ((target < 0) | (target >= n_cols))
     if bool(bad.any()):
         first = int(target[bad][0])
         raise IndexError(
-            f"target holds {first}, outside [0, {n_cols}) and not ignore_index={ignore_index}"
+            f"target holds {first}, outside [0, {n_cols}) and not ignore_index={opts.ignore_index}"
         )
-    safe_target = torch.where(ignored, torch.zeros_like(target), target)
-    return x, safe_target, ignored
+    safe = torch.where(ignored, torch.zeros_like(target), target)
+    # wt = (1 - eps) w_y onehot(y) + eps / C w, as a dense (N, C) matrix.
+    wt = (eps / n_cols) * w.expand_as(z).clone()
+    wt.scatter_add_(1, safe[:, None], (1.0 - eps) * w[safe][:, None])
+    return z, wt, safe, ignored
 
 
-def _softmax_minus_onehot(x, safe_target, ignored, lse, row_scale):
-    dx = torch.exp(x - lse[:, None]) * row_scale[:, None]
-    dx.scatter_add_(1, safe_target[:, None], -row_scale[:, None])
-    return dx.masked_fill_(ignored[:, None], 0.0)
+def _stats(z):
+    """Row max (0 where the row is all -inf) and log of the sum of exp(z - max)."""
+    row_max = z.max(dim=1).values
+    row_max = row_max.masked_fill(row_max == float("-inf"), 0.0)
+    return row_max, torch.log(torch.exp(z - row_max[:, None]).sum(dim=1))
 
 
-def xent_forward(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    ignore_index: int,
-    loss: torch.Tensor,
-    lse: torch.Tensor,
-    grad: torch.Tensor | None = None,
-    grad_scale: torch.Tensor | None = None,
-) -> None:
-    """Per-row loss and lse, and the gradient scaled by ``grad_scale`` when ``grad`` is given."""
-    x, safe_target, ignored = _prepare(logits, target, ignore_index)
-    row_lse = torch.logsumexp(x, dim=1)
-    x_target = x.gather(1, safe_target[:, None]).squeeze(1)
-    loss.copy_(torch.where(ignored, torch.zeros_like(row_lse), row_lse - x_target))
-    lse.copy_(row_lse)
+def _loss_and_coef(z, wt, row_max, log_sum, opts):
+    # sum_c wt_c (lse - z_c), shifted by the row max so that large logits do not cancel; a class
+    # with no target mass adds nothing, even where its logit is -inf.
+    z_rel = torch.where(wt == 0, 0.0, z - row_max[:, None])
+    sum_wt = wt.sum(dim=1)
+    lse = row_max + log_sum
+    loss = sum_wt * log_sum - (wt * z_rel).sum(dim=1) + opts.lse_square_scale * lse * lse
+    coef = sum_wt + 2.0 * opts.lse_square_scale * lse
+    return loss, coef
+
+
+def _grad(z, wt, ignored, row_max, log_sum, coef, row_scale, opts):
+    p = torch.exp((z - row_max[:, None]) - log_sum[:, None])
+    dz = (coef[:, None] * p - wt) * (row_scale * opts.logit_scale)[:, None]
+    if opts.softcap is not None:
+        dz = dz * (1.0 - (z / opts.softcap) ** 2)
+    # A zero scale (ignored row, zero incoming gradient) gives exact zeros, as in the kernels.
+    return dz.masked_fill_(ignored[:, None] | (row_scale == 0)[:, None], 0.0)
+
+
+def xent_forward(logits, target, opts, loss, stats, grad=None, grad_scale=None) -> None:
+    """Per-row loss and statistics (max, log-sum, coefficient); the gradient if ``grad`` given."""
+    z, wt, _, ignored = _rows(logits, target, opts)
+    row_max, log_sum = _stats(z)
+    row_loss, coef = _loss_and_coef(z, wt, row_max, log_sum, opts)
+    loss.copy_(row_loss.masked_fill(ignored, 0.0))
+    stats.copy_(torch.stack([row_max, log_sum, coef]))
     if grad is not None:
-        row_scale = torch.where(ignored, 0.0, grad_scale.to(x.dtype).expand(len(x)))
-        grad.copy_(_softmax_minus_onehot(x, safe_target, ignored, row_lse, row_scale))
+        row_scale = grad_scale.to(z.dtype).expand(len(z))
+        grad.copy_(_grad(z, wt, ignored, row_max, log_sum, coef, row_scale, opts))
 
 
-def xent_backward(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    lse: torch.Tensor,
-    dloss: torch.Tensor,
-    ignore_index: int,
-    grad: torch.Tensor,
-) -> None:
-    """grad = (softmax(logits) - onehot(target)) * dloss[:, None]."""
-    x, safe_target, ignored = _prepare(logits, target, ignore_index)
-    row_scale = torch.where(ignored, 0.0, dloss.to(x.dtype))
-    grad.copy_(_softmax_minus_onehot(x, safe_target, ignored, lse.to(x.dtype), row_scale))
+def xent_backward(logits, target, opts, stats, dloss, grad) -> None:
+    """grad = d(sum_i dloss_i * loss_i) / d logits, from the forward's per-row statistics."""
+    z, wt, _, ignored = _rows(logits, target, opts)
+    row_max, log_sum, coef = stats.to(z.dtype)
+    grad.copy_(_grad(z, wt, ignored, row_max, log_sum, coef, dloss.to(z.dtype), opts))
 
 
 def scale_grad_(grad: torch.Tensor, g: torch.Tensor) -> None:

@@ -1,20 +1,31 @@
 """Triton kernels for softmax cross-entropy, and their launchers (no autograd here).
 
-The math, for one row ``x`` of ``C`` logits with class-index target ``y``::
+The math, for one row of ``C`` logits ``x``. The logits are first transformed,
+``z = softcap * tanh(logit_scale * x / softcap)`` (``z = logit_scale * x`` without a softcap), and
+with ``lse = log(sum_c exp(z_c))`` and ``p = softmax(z) = exp(z - lse)``:
 
-    lse  = log(sum_c exp(x_c))                  (online: running max m and sum s, in float32)
-    loss = lse - x[y]
-    dx   = (softmax(x) - onehot(y)) * dloss      softmax(x)_c = exp(x_c - lse)
+    class-index target y, class weights w (all 1 without), smoothing eps:
+        loss = (1 - eps) * w_y * (lse - z_y) + eps / C * sum_c w_c * (lse - z_c)
+        dz   = A * p - (1 - eps) * w_y * onehot(y) - eps / C * w
+        A    = (1 - eps) * w_y + eps / C * sum_c w_c
+    probability target t (smoothed: t' = (1 - eps) * t + eps / C):
+        loss = sum_c w_c * t'_c * (lse - z_c)
+        dz   = A * p - w * t'                       A = sum_c w_c * t'_c
+    z-loss: loss += lse_square_scale * lse**2, so A += 2 * lse_square_scale * lse
+    dx   = dz * dz/dx * dloss,   dz/dx = logit_scale * (1 - (z / softcap)**2)  (logit_scale alone)
 
-Rows whose target equals ``ignore_index`` have loss 0 and gradient 0. A target outside ``[0, C)``
-that is not ``ignore_index`` is never used as an address: that row gets a NaN loss and a NaN
-gradient, so the error shows up in the loss instead of as an out-of-bounds access.
+Rows whose class-index target equals ``ignore_index`` have loss 0 and gradient 0. A target outside
+``[0, C)`` that is not ``ignore_index`` is never used as an address: that row gets a NaN loss and a
+NaN gradient, so the error shows up in the loss instead of as an out-of-bounds access.
 
-Memory traffic, per logit element (``b`` = bytes of the logits dtype):
+Memory traffic, per logit element (``b`` = bytes of the logits dtype; probability targets add the
+same again for the targets, class weights are a C-vector shared by all rows and live in L2):
 
 * ``_xent_fwd_kernel`` with ``WRITE_GRAD=False`` (forward only): one read, ``b`` bytes.
+  ``lse`` is kept as ``max + log(sum(exp(z - max)))`` with its two parts apart, and the loss is
+  ``(max - z_y) + log(...)``, so that large logits (1e4) lose no accuracy to a rounded ``lse``.
 * ``_xent_fwd_kernel`` with ``WRITE_GRAD=True`` (forward of a "mean"/"sum" loss that needs a
-  gradient): the gradient is written in the same launch, scaled by ``grad_scale`` (``1/n_valid``
+  gradient): the gradient is written in the same launch, scaled by ``grad_scale`` (``1/denominator``
   for "mean", ``1`` for "sum"). A row that fits one block is read once and written once from
   registers; a longer row is read twice (the second read of a recently read row is mostly served
   by L2) and written once.
@@ -22,8 +33,8 @@ Memory traffic, per logit element (``b`` = bytes of the logits dtype):
   GPU and touches the gradient only when ``g != 1``, so ``loss.backward()`` costs no extra pass
   and no host synchronisation.
 * ``_xent_bwd_kernel`` (backward of a "none" loss, whose per-row incoming gradient is unknown at
-  forward time): one read of the logits and one write of the gradient; the forward stored the
-  per-row ``lse`` for it.
+  forward time): one read of the logits and one write of the gradient; the forward stored three
+  floats per row for it (max, log of the shifted sum, and ``A``).
 
 So a forward plus ``loss.backward()`` reads the logits at most twice and writes them once.
 """
@@ -58,64 +69,183 @@ def _to_out(x, out_ptr, ROUND_BF16: tl.constexpr):
 
 
 @triton.jit
-def _row_lse(
+def _tanh(u):
+    # Not every Triton version has tl.tanh; exp(-2|u|) never overflows, and the cancellation near
+    # 0 costs an absolute error of a few 1e-8, far below what the softmax can see.
+    e = tl.exp(-2.0 * tl.abs(u))
+    th = (1.0 - e) / (1.0 + e)
+    return tl.where(u < 0, -th, th)
+
+
+@triton.jit
+def _load_block(
     x_row_ptr,
+    t_row_ptr,
+    weight_ptr,
+    offs,
     n_cols,
-    BLOCK: tl.constexpr,
+    logit_scale,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    PROB_TARGET: tl.constexpr,
 ):
-    """Log-sum-exp of one row that spans several blocks: one read, per-lane online max and sum."""
-    cols = tl.arange(0, BLOCK)
-    m_vec = tl.full([BLOCK], float("-inf"), tl.float32)
-    s_vec = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, n_cols, BLOCK):
-        offs = start + cols
-        x = tl.load(x_row_ptr + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m_vec, x)
-        # A lane that has seen only -inf keeps m = -inf; shifting by 0 there avoids -inf - -inf.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s_vec = s_vec * tl.exp(m_vec - m_shift) + tl.exp(x - m_shift)
-        m_vec = m_new
-    m = tl.max(m_vec, axis=0)
-    m_shift = tl.where(m == float("-inf"), 0.0, m)
-    s = tl.sum(s_vec * tl.exp(m_vec - m_shift), axis=0)
-    return m_shift + tl.log(s)
+    """One block of a row: z (lanes past the row are -inf, after the softcap), w, t and the mask."""
+    mask = offs < n_cols
+    z = tl.load(x_row_ptr + offs, mask=mask, other=0.0).to(tl.float32) * logit_scale
+    if HAS_SOFTCAP:
+        z = softcap * _tanh(z / softcap)
+    # Masked lanes become -inf only now: -inf through the tanh would come out as -softcap and
+    # leak probability mass into lanes that do not exist.
+    z = tl.where(mask, z, float("-inf"))
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        w = tl.where(mask, 1.0, 0.0)
+    if PROB_TARGET:
+        t = tl.load(t_row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        t = tl.zeros_like(z)
+    return z, w, t, mask
+
+
+@triton.jit
+def _block_grad(
+    z,
+    w,
+    t,
+    offs,
+    target,
+    row_max,
+    log_sum,
+    coef,
+    row_scale,
+    w_target,
+    label_smoothing,
+    n_cols,
+    logit_scale,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    PROB_TARGET: tl.constexpr,
+):
+    """dx of one block (see the module docstring), already multiplied by row_scale."""
+    # p = exp(z - lse) with lse = row_max + log_sum kept apart: at large logits a rounded lse
+    # would cost the gradient its accuracy.
+    dz = coef * tl.exp((z - row_max) - log_sum)
+    if PROB_TARGET:
+        if HAS_SMOOTHING:
+            t = (1.0 - label_smoothing) * t + label_smoothing / n_cols
+        dz -= w * t
+    else:
+        if HAS_SMOOTHING:
+            dz -= (label_smoothing / n_cols) * w
+        dz = tl.where(offs == target, dz - (1.0 - label_smoothing) * w_target, dz)
+    dz *= row_scale * logit_scale
+    if HAS_SOFTCAP:
+        # |z| <= softcap on real lanes; the clamp keeps lanes past the row (z = -inf) at 0, not NaN.
+        zc = tl.minimum(tl.abs(z / softcap), 1.0)
+        dz *= 1.0 - zc * zc
+    # A zero scale (ignored row, zero incoming gradient) gives exact zeros, even where the
+    # logits are -inf or NaN.
+    return tl.where(row_scale == 0.0, 0.0, dz)
+
+
+@triton.jit
+def _accumulate(
+    z,
+    w,
+    t,
+    mask,
+    shift,
+    m_vec,
+    s_vec,
+    sum_w,
+    sum_wz,
+    sum_wt,
+    sum_wtz,
+    HAS_SMOOTHING: tl.constexpr,
+    PROB_TARGET: tl.constexpr,
+):
+    """Fold one block into the per-lane online max / sum and the option sums of the row.
+
+    The option sums take ``z - shift`` (shift: a logit of the same row), so that at large logits
+    ``sum_w * lse - sum_wz`` does not cancel away the loss.
+    """
+    m_new = tl.maximum(m_vec, z)
+    # A lane that has seen only -inf keeps m = -inf; shifting by 0 there avoids -inf - -inf.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s_vec = s_vec * tl.exp(m_vec - m_shift) + tl.exp(z - m_shift)
+    z_finite = tl.where(mask, z - shift, 0.0)
+    if HAS_SMOOTHING:
+        sum_w += tl.sum(w, axis=0)
+        sum_wz += tl.sum(w * z_finite, axis=0)
+    if PROB_TARGET:
+        wt = w * t
+        sum_wt += tl.sum(wt, axis=0)
+        # A class with no target mass adds nothing, even where its logit is -inf (masked vocab).
+        sum_wtz += tl.sum(tl.where(wt == 0.0, 0.0, wt * z_finite), axis=0)
+    return m_new, s_vec, sum_w, sum_wz, sum_wt, sum_wtz
+
+
+@triton.jit
+def _row_target(
+    x_row_ptr,
+    t_row_ptr,
+    weight_ptr,
+    n_cols,
+    ignore_index,
+    HAS_WEIGHT: tl.constexpr,
+):
+    """A class-index row's target, whether it is ignored / valid, x[target] and weight[target]."""
+    target = tl.load(t_row_ptr).to(tl.int64)
+    ignored = target == ignore_index
+    valid = (target >= 0) & (target < n_cols) & (~ignored)
+    # Scalar loads, only at a valid address.
+    safe_target = tl.where(valid, target, 0)
+    x_target = tl.load(x_row_ptr + safe_target, mask=valid, other=0.0).to(tl.float32)
+    if HAS_WEIGHT:
+        w_target = tl.load(weight_ptr + safe_target, mask=valid, other=0.0).to(tl.float32)
+    else:
+        w_target = tl.where(valid, 1.0, 0.0)
+    return target, ignored, valid, x_target, w_target
 
 
 @triton.jit
 def _write_row_grad(
     x_row_ptr,
+    t_row_ptr,
+    weight_ptr,
     dx_row_ptr,
     target,
-    lse,
+    row_max,
+    log_sum,
+    coef,
     row_scale,
+    w_target,
     n_cols,
+    label_smoothing,
+    logit_scale,
+    softcap,
     BLOCK: tl.constexpr,
+    PROB_TARGET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     ROUND_BF16: tl.constexpr,
 ):
-    """dx = (exp(x - lse) - onehot(target)) * row_scale over a row of several blocks."""
-    cols = tl.arange(0, BLOCK)
+    """The gradient of a row that spans several blocks: one more read, one write."""
     for start in range(0, n_cols, BLOCK):
-        offs = start + cols
-        mask = offs < n_cols
-        x = tl.load(x_row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        dx = tl.exp(x - lse) * row_scale
-        dx = tl.where(offs == target, dx - row_scale, dx)
+        offs = start + tl.arange(0, BLOCK)
+        z, w, t, mask = _load_block(
+            x_row_ptr, t_row_ptr, weight_ptr, offs, n_cols, logit_scale, softcap,
+            HAS_SOFTCAP, HAS_WEIGHT, PROB_TARGET,
+        )  # fmt: skip
+        dx = _block_grad(
+            z, w, t, offs, target, row_max, log_sum, coef, row_scale, w_target,
+            label_smoothing, n_cols, logit_scale, softcap, HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET,
+        )  # fmt: skip
         tl.store(dx_row_ptr + offs, _to_out(dx, dx_row_ptr, ROUND_BF16), mask=mask)
-
-
-@triton.jit
-def _row_target(
-    target_ptr,
-    row,
-    stride_target,
-    ignore_index,
-    n_cols,
-):
-    """The row's target (int64) and whether it is ignored / a valid class index."""
-    target = tl.load(target_ptr + row * stride_target).to(tl.int64)
-    ignored = target == ignore_index
-    valid = (target >= 0) & (target < n_cols) & (~ignored)
-    return target, ignored, valid
 
 
 @triton.jit
@@ -123,63 +253,131 @@ def _xent_fwd_kernel(
     # pointers
     logits_ptr,
     target_ptr,
+    weight_ptr,
     loss_ptr,
-    lse_ptr,
+    stats_ptr,
     grad_ptr,
     grad_scale_ptr,
     # sizes
     n_cols,
     # strides
     stride_logits_row,
-    stride_target,
+    stride_target_row,
+    stride_stats,
     stride_grad_row,
     # options
     ignore_index,
+    label_smoothing,
+    lse_square_scale,
+    logit_scale,
+    softcap,
     # meta-parameters
     BLOCK: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    PROB_TARGET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     ROUND_BF16: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row_ptr = logits_ptr + row * stride_logits_row
-    target, ignored, valid = _row_target(target_ptr, row, stride_target, ignore_index, n_cols)
-    # A scalar load of x[target], only at a valid address.
-    x_target = tl.load(x_row_ptr + tl.where(valid, target, 0), mask=valid, other=0.0)
-    x_target = x_target.to(tl.float32)
-
-    if SINGLE_BLOCK:
-        # The whole row lives in registers: one read, and the gradient comes from them.
-        cols = tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        x = tl.load(x_row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        m = tl.max(x, axis=0)
-        m_shift = tl.where(m == float("-inf"), 0.0, m)
-        e = tl.exp(x - m_shift)
-        s = tl.sum(e, axis=0)
-        lse = m_shift + tl.log(s)
+    t_row_ptr = target_ptr + row * stride_target_row
+    if PROB_TARGET:
+        target = -1  # no class index, and every row counts
+        w_target = 0.0
     else:
-        lse = _row_lse(x_row_ptr, n_cols, BLOCK)
+        target, ignored, valid, z_target, w_target = _row_target(
+            x_row_ptr, t_row_ptr, weight_ptr, n_cols, ignore_index, HAS_WEIGHT
+        )
+        z_target = z_target * logit_scale
+        if HAS_SOFTCAP:
+            z_target = softcap * _tanh(z_target / softcap)
+    # The option sums are taken relative to the row's first logit (any finite logit would do).
+    shift = tl.load(x_row_ptr).to(tl.float32) * logit_scale
+    if HAS_SOFTCAP:
+        shift = softcap * _tanh(shift / softcap)
+    shift = tl.where(shift == float("-inf"), 0.0, shift)
 
-    loss = tl.where(valid, lse - x_target, float("nan"))
-    loss = tl.where(ignored, 0.0, loss)
+    # Pass 1: per-lane online max and sum of exponentials, and the sums the options need.
+    m_vec = tl.full([BLOCK], float("-inf"), tl.float32)
+    s_vec = tl.zeros([BLOCK], tl.float32)
+    sum_w = tl.sum(s_vec, axis=0)
+    sum_wz = sum_w
+    sum_wt = sum_w
+    sum_wtz = sum_w
+    if SINGLE_BLOCK:
+        # The whole row fits one block and stays in registers for the gradient: one read.
+        offs = tl.arange(0, BLOCK)
+        z, w, t, mask = _load_block(
+            x_row_ptr, t_row_ptr, weight_ptr, offs, n_cols, logit_scale, softcap,
+            HAS_SOFTCAP, HAS_WEIGHT, PROB_TARGET,
+        )  # fmt: skip
+        m_vec, s_vec, sum_w, sum_wz, sum_wt, sum_wtz = _accumulate(
+            z, w, t, mask, shift, m_vec, s_vec, sum_w, sum_wz, sum_wt, sum_wtz,
+            HAS_SMOOTHING, PROB_TARGET,
+        )  # fmt: skip
+    else:
+        for start in range(0, n_cols, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            z, w, t, mask = _load_block(
+                x_row_ptr, t_row_ptr, weight_ptr, offs, n_cols, logit_scale, softcap,
+                HAS_SOFTCAP, HAS_WEIGHT, PROB_TARGET,
+            )  # fmt: skip
+            m_vec, s_vec, sum_w, sum_wz, sum_wt, sum_wtz = _accumulate(
+                z, w, t, mask, shift, m_vec, s_vec, sum_w, sum_wz, sum_wt, sum_wtz,
+                HAS_SMOOTHING, PROB_TARGET,
+            )  # fmt: skip
+    row_max = tl.max(m_vec, axis=0)
+    row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+    log_sum = tl.log(tl.sum(s_vec * tl.exp(m_vec - row_max), axis=0))
+    lse = row_max + log_sum
+    lse_rel = (row_max - shift) + log_sum  # lse - shift, without rounding lse first
+
+    # The row's loss and the coefficient A of p in its gradient (module docstring).
+    eps_c = label_smoothing / n_cols
+    if PROB_TARGET:
+        if HAS_SMOOTHING:
+            sum_wt = (1.0 - label_smoothing) * sum_wt + eps_c * sum_w
+            sum_wtz = (1.0 - label_smoothing) * sum_wtz + eps_c * sum_wz
+        loss = sum_wt * lse_rel - sum_wtz
+        coef = sum_wt
+    else:
+        loss = (1.0 - label_smoothing) * w_target * ((row_max - z_target) + log_sum)
+        coef = (1.0 - label_smoothing) * w_target
+        if HAS_SMOOTHING:
+            loss += eps_c * (sum_w * lse_rel - sum_wz)
+            coef += eps_c * sum_w
+    loss += lse_square_scale * lse * lse
+    coef += 2.0 * lse_square_scale * lse
+    if not PROB_TARGET:
+        loss = tl.where(valid, loss, float("nan"))
+        loss = tl.where(ignored, 0.0, loss)
     tl.store(loss_ptr + row, loss)
-    tl.store(lse_ptr + row, lse)
+    tl.store(stats_ptr + row, row_max)
+    tl.store(stats_ptr + stride_stats + row, log_sum)
+    tl.store(stats_ptr + 2 * stride_stats + row, coef)
 
     if WRITE_GRAD:
-        scale = tl.load(grad_scale_ptr).to(tl.float32)
-        row_scale = tl.where(valid, scale, float("nan"))
-        row_scale = tl.where(ignored, 0.0, row_scale)
+        row_scale = tl.load(grad_scale_ptr).to(tl.float32)
+        if not PROB_TARGET:
+            row_scale = tl.where(valid, row_scale, float("nan"))
+            row_scale = tl.where(ignored, 0.0, row_scale)
         dx_row_ptr = grad_ptr + row * stride_grad_row
         if SINGLE_BLOCK:
-            dx = e * (row_scale / s)
-            dx = tl.where(cols == target, dx - row_scale, dx)
-            dx = tl.where(ignored, 0.0, dx)
-            tl.store(dx_row_ptr + cols, _to_out(dx, dx_row_ptr, ROUND_BF16), mask=mask)
+            dx = _block_grad(
+                z, w, t, offs, target, row_max, log_sum, coef, row_scale, w_target,
+                label_smoothing, n_cols, logit_scale, softcap, HAS_SOFTCAP, HAS_SMOOTHING,
+                PROB_TARGET,
+            )  # fmt: skip
+            tl.store(dx_row_ptr + offs, _to_out(dx, dx_row_ptr, ROUND_BF16), mask=mask)
         else:
             _write_row_grad(
-                x_row_ptr, dx_row_ptr, target, lse, row_scale, n_cols, BLOCK, ROUND_BF16
-            )
+                x_row_ptr, t_row_ptr, weight_ptr, dx_row_ptr, target, row_max, log_sum, coef,
+                row_scale, w_target, n_cols, label_smoothing, logit_scale, softcap,
+                BLOCK, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ROUND_BF16,
+            )  # fmt: skip
 
 
 @triton.jit
@@ -187,38 +385,52 @@ def _xent_bwd_kernel(
     # pointers
     logits_ptr,
     target_ptr,
-    lse_ptr,
+    weight_ptr,
+    stats_ptr,
     dloss_ptr,
     grad_ptr,
     # sizes
     n_cols,
     # strides
     stride_logits_row,
-    stride_target,
+    stride_target_row,
+    stride_stats,
     stride_dloss,
     stride_grad_row,
     # options
     ignore_index,
+    label_smoothing,
+    logit_scale,
+    softcap,
     # meta-parameters
     BLOCK: tl.constexpr,
+    PROB_TARGET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     ROUND_BF16: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    target, ignored, valid = _row_target(target_ptr, row, stride_target, ignore_index, n_cols)
-    lse = tl.load(lse_ptr + row)
-    dloss = tl.load(dloss_ptr + row * stride_dloss).to(tl.float32)
-    row_scale = tl.where(valid, dloss, float("nan"))
-    row_scale = tl.where(ignored, 0.0, row_scale)
+    x_row_ptr = logits_ptr + row * stride_logits_row
+    t_row_ptr = target_ptr + row * stride_target_row
+    row_scale = tl.load(dloss_ptr + row * stride_dloss).to(tl.float32)
+    if PROB_TARGET:
+        target = -1
+        w_target = 0.0
+    else:
+        target, ignored, valid, _, w_target = _row_target(
+            x_row_ptr, t_row_ptr, weight_ptr, n_cols, ignore_index, HAS_WEIGHT
+        )
+        row_scale = tl.where(valid, row_scale, float("nan"))
+        row_scale = tl.where(ignored, 0.0, row_scale)
+    row_max = tl.load(stats_ptr + row)
+    log_sum = tl.load(stats_ptr + stride_stats + row)
+    coef = tl.load(stats_ptr + 2 * stride_stats + row)
     _write_row_grad(
-        logits_ptr + row * stride_logits_row,
-        grad_ptr + row * stride_grad_row,
-        target,
-        lse,
-        row_scale,
-        n_cols,
-        BLOCK,
-        ROUND_BF16,
-    )
+        x_row_ptr, t_row_ptr, weight_ptr, grad_ptr + row * stride_grad_row, target, row_max,
+        log_sum, coef, row_scale, w_target, n_cols, label_smoothing, logit_scale, softcap,
+        BLOCK, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ROUND_BF16,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -295,67 +507,71 @@ def _check_launchable(logits: torch.Tensor) -> None:
         raise ValueError("the kernels need unit stride along the class dimension")
 
 
-def xent_forward(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    ignore_index: int,
-    loss: torch.Tensor,
-    lse: torch.Tensor,
-    grad: torch.Tensor | None = None,
-    grad_scale: torch.Tensor | None = None,
-) -> None:
-    """Per-row loss and lse of ``logits`` (N, C), and the gradient when ``grad`` is given.
+def _option_constexprs(target: torch.Tensor, opts) -> dict:
+    """The constexprs that switch the options' code on (off costs nothing)."""
+    return dict(
+        PROB_TARGET=target.is_floating_point(),
+        HAS_WEIGHT=opts.weight is not None,
+        HAS_SMOOTHING=opts.label_smoothing > 0.0,
+        HAS_SOFTCAP=opts.softcap is not None,
+    )
+
+
+def xent_forward(logits, target, opts, loss, stats, grad=None, grad_scale=None) -> None:
+    """Per-row loss and statistics, and the gradient when ``grad`` is given.
 
     Args:
         logits: (N, C) float32 / float16 / bfloat16, unit stride along C.
-        target: (N,) int64 / int32 class indices.
-        ignore_index: rows with this target get loss 0 and gradient 0.
-        loss, lse: (N,) float32 outputs.
+        target: (N,) int64 / int32 class indices, or (N, C) probabilities (unit stride along C).
+        opts: the loss options (``fused_xent._options.LossOptions``).
+        loss: (N,) float32 output, the per-row loss.
+        stats: (3, N) float32 output: the row's max, log of its sum of exp(z - max) (so
+            lse = max + that), and the softmax coefficient A of the gradient, kept for
+            :func:`xent_backward`.
         grad: optional (N, C) output of the logits dtype, unit stride along C; may be ``logits``
-            itself (in-place). Receives ``(softmax - onehot) * grad_scale``.
+            itself (in-place). Receives the gradient of the per-row losses times ``grad_scale``.
         grad_scale: one-element float32 tensor on the logits' device (no host synchronisation).
     """
     _check_launchable(logits)
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
-    block_size, num_warps = _launch_config(n_cols, logits.dtype)
+    block, num_warps = _launch_config(n_cols, logits.dtype)
     write_grad = grad is not None
     with torch.cuda.device(logits.device) if logits.is_cuda else nullcontext():
         _xent_fwd_kernel[(n_rows,)](
             logits,
             target,
+            opts.weight if opts.weight is not None else loss,  # unread without a weight
             loss,
-            lse,
-            grad if write_grad else loss,
+            stats,
+            grad if write_grad else loss,  # unread without WRITE_GRAD
             grad_scale if write_grad else loss,
             n_cols,
             logits.stride(0),
             target.stride(0),
+            stats.stride(0),
             grad.stride(0) if write_grad else 0,
-            ignore_index,
-            BLOCK=block_size,
-            SINGLE_BLOCK=n_cols <= block_size,
+            opts.ignore_index,
+            opts.label_smoothing,
+            opts.lse_square_scale,
+            opts.logit_scale,
+            opts.softcap if opts.softcap is not None else 1.0,
+            BLOCK=block,
+            SINGLE_BLOCK=n_cols <= block,
             WRITE_GRAD=write_grad,
-            ROUND_BF16=_round_bf16(grad) if write_grad else False,
+            ROUND_BF16=write_grad and _round_bf16(grad),
             num_warps=num_warps,
+            **_option_constexprs(target, opts),
         )
 
 
-def xent_backward(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    lse: torch.Tensor,
-    dloss: torch.Tensor,
-    ignore_index: int,
-    grad: torch.Tensor,
-) -> None:
-    """grad = (softmax(logits) - onehot(target)) * dloss[:, None], from the forward's lse.
+def xent_backward(logits, target, opts, stats, dloss, grad) -> None:
+    """grad = d(sum_i dloss_i * loss_i) / d logits, from the forward's per-row statistics.
 
     Args:
-        logits: (N, C), as given to :func:`xent_forward`.
-        target: (N,) class indices.
-        lse: (N,) float32 from :func:`xent_forward`.
+        logits, target, opts: as given to :func:`xent_forward`.
+        stats: (3, N) float32 from :func:`xent_forward`.
         dloss: (N,) incoming gradient of the per-row loss (any float dtype, any stride).
         grad: (N, C) output of the logits dtype; may be ``logits`` itself (in-place).
     """
@@ -363,23 +579,29 @@ def xent_backward(
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
-    block_size, num_warps = _launch_config(n_cols, logits.dtype)
+    block, num_warps = _launch_config(n_cols, logits.dtype)
     with torch.cuda.device(logits.device) if logits.is_cuda else nullcontext():
         _xent_bwd_kernel[(n_rows,)](
             logits,
             target,
-            lse,
+            opts.weight if opts.weight is not None else stats,  # unread without a weight
+            stats,
             dloss,
             grad,
             n_cols,
             logits.stride(0),
             target.stride(0),
+            stats.stride(0),
             dloss.stride(0),
             grad.stride(0),
-            ignore_index,
-            BLOCK=block_size,
+            opts.ignore_index,
+            opts.label_smoothing,
+            opts.logit_scale,
+            opts.softcap if opts.softcap is not None else 1.0,
+            BLOCK=block,
             ROUND_BF16=_round_bf16(grad),
             num_warps=num_warps,
+            **_option_constexprs(target, opts),
         )
 
 
