@@ -484,6 +484,19 @@ def _launch_config(n_cols: int, dtype: torch.dtype) -> tuple[int, int]:
     return _LONG_ROW_BLOCK[dtype], 16  # two-pass row: 90% at bf16 8192 x 32000, block 16384
 
 
+# With probability targets, class weights, smoothing or a softcap a block carries more live
+# arrays; sm_90 builds (cuobjdump -res-usage) spill at 16384 x 16 warps and fit at 8192.
+_OPTIONS_BLOCK_MAX = 8192
+
+
+def _row_config(n_cols: int, dtype: torch.dtype, target: torch.Tensor, opts) -> tuple[int, int]:
+    block, num_warps = _launch_config(n_cols, dtype)
+    consts = _option_constexprs(target, opts)
+    if any(consts.values()):
+        block = min(block, _OPTIONS_BLOCK_MAX)
+    return block, num_warps
+
+
 _SCALE_BLOCK = 4096
 _SCALE_PROGRAMS = 1024  # enough to fill any current GPU; each loops over its share of rows
 
@@ -536,7 +549,7 @@ def xent_forward(logits, target, opts, loss, stats, grad=None, grad_scale=None) 
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
-    block, num_warps = _launch_config(n_cols, logits.dtype)
+    block, num_warps = _row_config(n_cols, logits.dtype, target, opts)
     write_grad = grad is not None
     with torch.cuda.device(logits.device) if logits.is_cuda else nullcontext():
         _xent_fwd_kernel[(n_rows,)](
@@ -579,7 +592,7 @@ def xent_backward(logits, target, opts, stats, dloss, grad) -> None:
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
-    block, num_warps = _launch_config(n_cols, logits.dtype)
+    block, num_warps = _row_config(n_cols, logits.dtype, target, opts)
     with torch.cuda.device(logits.device) if logits.is_cuda else nullcontext():
         _xent_bwd_kernel[(n_rows,)](
             logits,

@@ -163,27 +163,9 @@ def test_ignore_index(impl, reduction, case, dtype, blocks, request):
             assert (loss == 0).all()
 
 
-def _padding_xfail(impl, reduction, blocks):
-    if impl == "triton" and (reduction == "none" or blocks == "small"):
-        return [
-            pytest.mark.xfail(
-                strict=True,
-                reason="package bug: kernels' _write_row_grad gives NaN (0 * NaN) on an ignored "
-                "row with non-finite logits; docstring promises gradient 0",
-            )
-        ]
-    return []
-
-
-@pytest.mark.parametrize(
-    "impl, reduction, blocks",
-    [
-        pytest.param(i, r, b, marks=_padding_xfail(i, r, b))
-        for i in IMPLS
-        for r in REDUCTIONS
-        for b in ("table", "small")
-    ],
-)
+@pytest.mark.parametrize("blocks", ["table", "small"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("fill", [float("-inf"), float("nan")], ids=["-inf", "nan"])
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees the -inf
 def test_ignored_row_with_nonfinite_logits(impl, reduction, blocks, fill, request):
@@ -401,24 +383,8 @@ def test_large_logits_do_not_overflow(impl, reduction, offset):
     torch.testing.assert_close(grad.double(), want_grad, rtol=0, atol=4 * 2**-10)
 
 
-_LSE_ROUNDING = pytest.mark.xfail(
-    strict=True,
-    reason="package bug: loss = lse - x[y] and dx = exp(x - lse) with lse = m + log(s) rounded "
-    "to float32 at the logits' magnitude lose |m| * 2^-24 absolute; torch fp32 does not",
-)
-
-
-@pytest.mark.parametrize(
-    "impl, reduction",
-    [
-        pytest.param("reference", "mean", marks=_LSE_ROUNDING),  # gradient rel err 1e-4
-        pytest.param("reference", "sum", marks=_LSE_ROUNDING),  # gradient rel err 1e-4
-        pytest.param("reference", "none", marks=_LSE_ROUNDING),  # loss 2.5e-5, gradient 1e-4
-        ("triton", "mean"),  # fused: gradient from exp(x - m) / s; summed loss error 4.5e-6
-        ("triton", "sum"),
-        pytest.param("triton", "none", marks=_LSE_ROUNDING),  # loss 2.5e-5, gradient 1e-4
-    ],
-)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("offset", [1e4, -1e4])
 def test_large_logits_shift_invariance(impl, reduction, offset):
     """Adding 1e4 to exactly representable logits changes nothing mathematically: both the
