@@ -3,8 +3,14 @@
 Importing this package does not import Triton; the kernels load on first use.
 """
 
-from .functional import cross_entropy
-from .modules import CrossEntropyLoss
+from .functional import cross_entropy, linear_cross_entropy
+from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
 
-__all__ = ["cross_entropy", "CrossEntropyLoss", "__version__"]
+__all__ = [
+    "cross_entropy",
+    "CrossEntropyLoss",
+    "linear_cross_entropy",
+    "LinearCrossEntropyLoss",
+    "__version__",
+]
 __version__ = "0.1.0"

@@ -120,3 +120,188 @@ class CrossEntropyFunction(torch.autograd.Function):
             if ctx.inplace_backward:
                 torch.autograd.graph.increment_version(logits)
         return grad, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Fused linear + cross-entropy
+# --------------------------------------------------------------------------------------------
+
+# The logits of one chunk of rows: about this many bytes (128 MiB), so a chunk never holds more
+# than a sliver of the (N, V) logits while its matrix products stay large enough to run at speed.
+CHUNK_BYTES = 128 << 20
+_CHUNK_ROW_MULTIPLE = 128  # keeps the matrix products on tile-friendly sizes
+
+
+def pick_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Rows per chunk: the chunk's (rows, V) logits take about ``CHUNK_BYTES`` (less on a GPU with
+    little free memory: at most a sixteenth of it), rounded down to a multiple of 128 rows, at
+    least 128 rows (or all of them)."""
+    budget = CHUNK_BYTES
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(budget, free // 16)
+    row_bytes = vocab * torch.empty((), dtype=dtype).element_size()
+    rows = budget // row_bytes // _CHUNK_ROW_MULTIPLE * _CHUNK_ROW_MULTIPLE
+    return max(min(rows, n_rows), min(_CHUNK_ROW_MULTIPLE, n_rows), 1)
+
+
+_OUT_DTYPE_MM: bool | None = None  # whether torch.addmm(..., out_dtype=, out=) runs on CUDA here
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, accumulating in acc's dtype (float32 for a low-precision weight gradient)."""
+    global _OUT_DTYPE_MM
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda and _OUT_DTYPE_MM is not False:
+        try:  # cuBLAS: low-precision inputs, float32 accumulator, no upcast copies
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            _OUT_DTYPE_MM = True
+            return
+        except (RuntimeError, TypeError):
+            _OUT_DTYPE_MM = False
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _chunks(n_rows: int, chunk_size: int):
+    return [(s, min(s + chunk_size, n_rows)) for s in range(0, n_rows, chunk_size)]
+
+
+def _chunk_logits(hidden, weight, bias, start, end):
+    if bias is None:
+        return hidden[start:end] @ weight.t()
+    return torch.addmm(bias, hidden[start:end], weight.t())
+
+
+def linear_loss_rows(hidden, weight, bias, target, opts, chunk_size, backend):
+    """Per-row loss and statistics of hidden @ weight.T + bias, one chunk of logits at a time."""
+    loss, stats = _row_outputs(hidden)
+    for start, end in _chunks(hidden.shape[0], chunk_size):
+        logits = _chunk_logits(hidden, weight, bias, start, end)
+        backend.xent_forward(logits, target[start:end], opts, loss[start:end], stats[:, start:end])
+    return loss, stats
+
+
+def linear_forward_no_grad(hidden, weight, bias, target, opts, reduction, chunk_size, backend):
+    """(loss, lse) alone: each chunk's logits are read once, no gradient written."""
+    loss, stats = linear_loss_rows(hidden, weight, bias, target, opts, chunk_size, backend)
+    return _reduce(loss, target, opts, weight.shape[0], reduction), _lse(stats)
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """cross_entropy(hidden @ weight.T + bias, target) over chunks of rows.
+
+    For "mean"/"sum" with gradients wanted, everything happens in the forward, one chunk at a
+    time: the chunk's logits (one matrix product), the kernel turning them in place into the
+    gradient of the loss, then that gradient's products into d_hidden (complete per chunk) and
+    d_weight / d_bias (accumulated over chunks, in float32 when the weight is half precision
+    and ``fp32_weight_grad``). The backward scales them by the incoming scalar on the device.
+    For "none" the forward keeps only per-row statistics and the backward recomputes each chunk's
+    logits once more.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, hidden, weight, bias, target, opts, reduction, chunk_size, fp32_wgrad, backend
+    ):
+        vocab = weight.shape[0]
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        ctx.backend, ctx.opts, ctx.chunk_size, ctx.fp32_wgrad = (
+            backend,
+            opts,
+            chunk_size,
+            fp32_wgrad,
+        )
+        ctx.fused = reduction != "none"
+        if ctx.fused:
+            loss, stats = _row_outputs(hidden)
+            if reduction == "mean":
+                grad_scale = 1.0 / _mean_denominator(target, opts, vocab, loss.dtype)
+            else:
+                grad_scale = torch.ones((), dtype=loss.dtype, device=hidden.device)
+            grads = _linear_xent_grads(
+                hidden, weight, bias, target, opts, chunk_size, fp32_wgrad, backend, need_h,
+                need_w, need_b, loss=loss, stats=stats, grad_scale=grad_scale,
+            )  # fmt: skip
+            ctx.save_for_backward(*(g for g in grads if g is not None))
+            ctx.have = tuple(g is not None for g in grads)
+            ctx.consumed = False
+        else:
+            loss, stats = linear_loss_rows(hidden, weight, bias, target, opts, chunk_size, backend)
+            ctx.save_for_backward(hidden, weight, bias, target, stats)
+        lse = _lse(stats)
+        ctx.mark_non_differentiable(lse)
+        return _reduce(loss, target, opts, vocab, reduction), lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        del grad_lse
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "fused_xent: double backward (create_graph=True) is not supported; its gradient "
+                "is not differentiable."
+            )
+        if ctx.fused:
+            if ctx.consumed:
+                raise RuntimeError(
+                    "fused_xent: backward ran twice through one linear_cross_entropy call "
+                    "(retain_graph); its gradients are computed in the forward and handed out once."
+                )
+            ctx.consumed = True
+            saved = iter(ctx.saved_tensors)
+            grads = [next(saved) if have else None for have in ctx.have]
+            for g in grads:
+                if g is not None:
+                    ctx.backend.scale_grad_(g if g.dim() == 2 else g[None], grad_loss)
+        else:
+            hidden, weight, bias, target, stats = ctx.saved_tensors
+            need_h, need_w, need_b = ctx.needs_input_grad[:3]
+            grads = _linear_xent_grads(
+                hidden, weight, bias, target, ctx.opts, ctx.chunk_size, ctx.fp32_wgrad,
+                ctx.backend, need_h, need_w, need_b, stats=stats, dloss=grad_loss,
+            )  # fmt: skip
+        return (*grads, None, None, None, None, None, None)
+
+
+def _linear_xent_grads(
+    hidden, weight, bias, target, opts, chunk_size, fp32_wgrad, backend, need_h, need_w, need_b,
+    *, loss=None, stats=None, grad_scale=None, dloss=None,
+):  # fmt: skip
+    """d_hidden, d_weight, d_bias over chunks of rows.
+
+    With ``loss`` given (the fused forward) each chunk's loss and statistics are written and the
+    gradient is scaled by ``grad_scale``; otherwise (the backward of "none") the forward's
+    ``stats`` and the incoming per-row ``dloss`` give it.
+    """
+    n_rows = hidden.shape[0]
+    low_precision = weight.dtype in (torch.float16, torch.bfloat16)
+    acc_dtype = torch.float32 if (low_precision and fp32_wgrad) else weight.dtype
+    d_hidden = _alloc.empty_like(hidden) if need_h else None
+    d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
+    d_bias = (
+        torch.zeros(weight.shape[:1], dtype=torch.float32 if low_precision else weight.dtype,
+                    device=weight.device)
+        if (need_b and bias is not None) else None
+    )  # fmt: skip
+    for start, end in _chunks(n_rows, chunk_size):
+        logits = _chunk_logits(hidden, weight, bias, start, end)
+        rows = slice(start, end)
+        if loss is not None:
+            backend.xent_forward(
+                logits, target[rows], opts, loss[rows], stats[:, rows], logits, grad_scale
+            )
+        else:
+            backend.xent_backward(logits, target[rows], opts, stats[:, rows], dloss[rows], logits)
+        # logits now hold d(loss)/d(logits) of this chunk.
+        if d_hidden is not None:
+            torch.mm(logits, weight, out=d_hidden[rows])
+        if d_weight is not None:
+            _accumulate_mm(d_weight, logits.t(), hidden[rows])
+        if d_bias is not None:
+            d_bias += logits.sum(dim=0, dtype=d_bias.dtype)
+    if d_weight is not None:
+        d_weight = d_weight.to(weight.dtype)
+    if d_bias is not None:
+        d_bias = d_bias.to(bias.dtype)
+    return d_hidden, d_weight, d_bias

@@ -8,7 +8,13 @@ import torch
 
 from . import reference
 from ._options import LossOptions
-from .autograd import CrossEntropyFunction, forward_no_grad
+from .autograd import (
+    CrossEntropyFunction,
+    LinearCrossEntropyFunction,
+    forward_no_grad,
+    linear_forward_no_grad,
+    pick_chunk_size,
+)
 
 REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "triton", "reference")
@@ -221,3 +227,127 @@ def cross_entropy(
     if reduction == "none":
         loss = loss.reshape(row_shape)
     return (loss, lse.reshape(row_shape)) if return_lse else loss
+
+
+def _check_linear(input, weight, target, bias, reduction, impl, chunk_size) -> None:
+    for name, value in (("input", input), ("weight", weight), ("target", target)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if input.dtype not in _INPUT_DTYPES:
+        raise TypeError(
+            "input must be float32, float16 or bfloat16 (float64 on the reference path), "
+            f"got {input.dtype}"
+        )
+    if input.dim() < 1:
+        raise ValueError("input must have shape (..., D), got a 0-dim tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (V, D), got shape {tuple(weight.shape)}")
+    if weight.shape[1] != input.shape[-1]:
+        raise ValueError(
+            f"weight must have shape (V, D) with D = input.shape[-1] = {input.shape[-1]}, "
+            f"got {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one row (V >= 1)")
+    if weight.dtype != input.dtype:
+        raise TypeError(f"weight must have the input's dtype {input.dtype}, got {weight.dtype}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(
+                f"bias must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}"
+            )
+        if bias.dtype != input.dtype:
+            raise TypeError(f"bias must have the input's dtype {input.dtype}, got {bias.dtype}")
+    if target.dtype not in _TARGET_DTYPES:
+        raise TypeError(f"target must hold int64 or int32 class indices, got {target.dtype}")
+    if target.shape != input.shape[:-1]:
+        raise ValueError(
+            f"target must have shape {tuple(input.shape[:-1])} (input's leading dims), "
+            f"got {tuple(target.shape)}"
+        )
+    for name, value in (("weight", weight), ("target", target), ("bias", bias)):
+        if value is not None and value.device != input.device:
+            raise ValueError(
+                f"{name} must be on the input's device {input.device}, got {value.device}"
+            )
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    lse_square_scale: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_lse: bool = False,
+    chunk_size: int | None = None,
+    fp32_weight_grad: bool = True,
+    impl: str = "auto",
+):
+    """``cross_entropy(F.linear(input, weight, bias), target, ...)`` without the full logits.
+
+    The rows are processed in chunks: a chunk's logits come from one matrix product (cuBLAS via
+    torch), the cross-entropy kernel turns them in place into the gradient of the loss, and two
+    more products give that chunk's share of the input and weight gradients. Only one chunk of
+    logits exists at a time. Gradients flow to ``input``, ``weight`` and ``bias``.
+
+    Args:
+        input: (..., D) hidden states, float32 / float16 / bfloat16.
+        weight: (V, D), as stored by ``nn.Linear`` / an LM head; the input's dtype.
+        target: (...) int64 / int32 class indices in [0, V) or ``ignore_index``; the input's
+            leading shape.
+        bias: optional (V,), the input's dtype.
+        ignore_index, reduction, label_smoothing, lse_square_scale, softcap, logit_scale,
+            return_lse, impl: as :func:`cross_entropy` (no class weights here).
+        chunk_size: rows per chunk. ``None`` picks the number of rows whose (rows, V) logits take
+            about 128 MiB (on a GPU at most 1/16 of the free memory), rounded down to a
+            multiple of 128, at least 128 (or all the rows).
+        fp32_weight_grad: with a float16 / bfloat16 weight, accumulate the weight (and bias)
+            gradient over the chunks in float32 and round once at the end, so it matches
+            torch's single matrix product; costs a float32 (V, D) buffer during the step.
+            ``False`` accumulates in the weight's dtype (one rounding per chunk, half the memory).
+
+    Returns:
+        The loss (0-dim, or the target's shape for "none"); with ``return_lse`` ``(loss, lse)``.
+
+    For "mean"/"sum" all gradients are computed during the forward (the backward only scales them
+    by the incoming gradient, on the device); for "none" the backward recomputes each chunk's
+    logits once more.
+    """
+    _check_linear(input, weight, target, bias, reduction, impl, chunk_size)
+    opts = _options(ignore_index, None, label_smoothing, lse_square_scale, softcap, logit_scale)
+    backend = _backend(impl, input)
+    hidden = input.reshape(-1, input.shape[-1])
+    rows_target = target.reshape(-1)
+    if chunk_size is None:
+        chunk_size = pick_chunk_size(hidden.shape[0], weight.shape[0], input.dtype, input.device)
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias)
+    )
+    if wants_grad:
+        loss, lse = LinearCrossEntropyFunction.apply(
+            hidden, weight, bias, rows_target, opts, reduction, chunk_size,
+            bool(fp32_weight_grad), backend,
+        )  # fmt: skip
+    else:
+        loss, lse = linear_forward_no_grad(
+            hidden, weight, bias, rows_target, opts, reduction, chunk_size, backend
+        )
+    if reduction == "none":
+        loss = loss.reshape(target.shape)
+    return (loss, lse.reshape(target.shape)) if return_lse else loss

@@ -62,10 +62,35 @@ def backward(loss: torch.Tensor, grad_out: torch.Tensor | None = None) -> None:
         (loss * grad_out).sum().backward()
 
 
-def oracle(x, target, *, ignore_index=-100, reduction="mean", grad_out=None):
-    """torch's own F.cross_entropy on a float64 copy of ``x``: (loss, gradient), both float64."""
+def _torch_target(target, dtype):
+    """Class indices as int64; probability targets in the dtype the logits are computed in."""
+    return target.to(dtype) if target.is_floating_point() else target.long()
+
+
+def oracle(
+    x,
+    target,
+    *,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    grad_out=None,
+):
+    """torch's own F.cross_entropy on a float64 copy of ``x``: (loss, gradient), both float64.
+
+    ``target`` holds class indices or (floating) probabilities; ``weight`` and the probability
+    target are taken in float64 as well.
+    """
     x64 = x.detach().to(torch.float64).requires_grad_()
-    loss = F.cross_entropy(x64, target.long(), ignore_index=ignore_index, reduction=reduction)
+    loss = F.cross_entropy(
+        x64,
+        _torch_target(target, torch.float64),
+        weight=None if weight is None else weight.to(torch.float64),
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
     backward(loss, None if grad_out is None else grad_out.to(torch.float64))
     return loss.detach(), x64.grad
 
@@ -100,14 +125,13 @@ def check_grad(grad, expected, input_dtype) -> None:
     assert err <= tol, f"gradient rel err {err:.3g} > {tol}"
 
 
-def torch_lowp_grad_err(x, target, *, ignore_index=-100, reduction="mean", grad_out=None):
+def torch_lowp_grad_err(x, target, *, weight=None, grad_out=None, **kw):
     """Relative error of torch's own F.cross_entropy gradient computed in ``x.dtype``."""
     x_lp = x.detach().clone().requires_grad_()
-    loss = F.cross_entropy(x_lp, target.long(), ignore_index=ignore_index, reduction=reduction)
+    w_lp = None if weight is None else weight.to(x.dtype)
+    loss = F.cross_entropy(x_lp, _torch_target(target, x.dtype), weight=w_lp, **kw)
     backward(loss, None if grad_out is None else grad_out.to(x.dtype))
-    _, expected = oracle(
-        x, target, ignore_index=ignore_index, reduction=reduction, grad_out=grad_out
-    )
+    _, expected = oracle(x, target, weight=weight, grad_out=grad_out, **kw)
     return rel_err(x_lp.grad, expected)
 
 
