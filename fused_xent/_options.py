@@ -16,3 +16,7 @@ class LossOptions:
     lse_square_scale: float = 0.0
     logit_scale: float = 1.0
     softcap: float | None = None
+    # A vocabulary sharded across ranks: the logits hold classes
+    # [class_offset, class_offset + C_local) of n_classes (None: the logits hold them all).
+    class_offset: int = 0
+    n_classes: int | None = None

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from . import reference
+from . import distributed, reference
 from ._options import LossOptions
 from .autograd import (
     CrossEntropyFunction,
@@ -161,6 +161,7 @@ def cross_entropy(
     logit_scale: float = 1.0,
     return_lse: bool = False,
     inplace_backward: bool = False,
+    process_group=None,
     impl: str = "auto",
 ):
     """Softmax cross-entropy with a fused gradient: a drop-in for ``F.cross_entropy``.
@@ -196,6 +197,12 @@ def cross_entropy(
             raises where anything saved the logits for its own backward. Read the logits you
             still need before calling the loss. Inputs whose class dimension is not the
             innermost one are copied first, and then the copy receives the gradient.
+        process_group: a ``torch.distributed`` group over which the vocabulary is sharded: this
+            rank's ``input`` holds its contiguous slice of the classes, in rank order (slices may
+            differ in size); ``target`` holds global class indices, the same on every rank;
+            ``weight`` and probability targets are this rank's slices. Every rank gets the
+            unsharded loss, and the gradient of its own slice. See ``fused_xent.distributed``
+            for what goes over the wire.
         impl: "auto" (Triton kernels for CUDA tensors, the reference elsewhere), "triton"
             (force the kernels; on CPU tensors they need ``TRITON_INTERPRET=1``), "reference".
 
@@ -217,7 +224,21 @@ def cross_entropy(
             rows = rows.contiguous()
         if row_target.is_floating_point() and row_target.stride(1) != 1:
             row_target = row_target.contiguous()
-    if torch.is_grad_enabled() and input.requires_grad:
+    wants_grad = torch.is_grad_enabled() and input.requires_grad
+    if process_group is not None:
+        opts = distributed.shard_options(
+            opts, process_group, rows.shape[0], rows.shape[1], row_target.is_floating_point(),
+            reduction, rows.device,
+        )  # fmt: skip
+        if wants_grad:
+            loss, lse = distributed.ShardedCrossEntropyFunction.apply(
+                rows, row_target, opts, reduction, inplace_backward, backend, process_group
+            )
+        else:
+            loss, lse = distributed.sharded_forward_no_grad(
+                rows, row_target, opts, reduction, backend, process_group
+            )
+    elif wants_grad:
         loss, lse = CrossEntropyFunction.apply(
             rows, row_target, opts, reduction, inplace_backward, backend
         )
@@ -297,6 +318,7 @@ def linear_cross_entropy(
     return_lse: bool = False,
     chunk_size: int | None = None,
     fp32_weight_grad: bool = True,
+    process_group=None,
     impl: str = "auto",
 ):
     """``cross_entropy(F.linear(input, weight, bias), target, ...)`` without the full logits.
@@ -321,6 +343,11 @@ def linear_cross_entropy(
             gradient over the chunks in float32 and round once at the end, so it matches
             torch's single matrix product; costs a float32 (V, D) buffer during the step.
             ``False`` accumulates in the weight's dtype (one rounding per chunk, half the memory).
+        process_group: a ``torch.distributed`` group over which the LM head is sharded by rows:
+            ``weight`` (and ``bias``) hold this rank's contiguous slice of the vocabulary, in rank
+            order; ``input`` and ``target`` (global class indices) are the same on every rank.
+            Every rank gets the unsharded loss, the gradient of its own weight slice, and the
+            full gradient of ``input`` (summed over the ranks).
 
     Returns:
         The loss (0-dim, or the target's shape for "none"); with ``return_lse`` ``(loss, lse)``.
@@ -339,7 +366,21 @@ def linear_cross_entropy(
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias)
     )
-    if wants_grad:
+    if process_group is not None:
+        opts = distributed.shard_options(
+            opts, process_group, hidden.shape[0], weight.shape[0], False, reduction, hidden.device
+        )
+        if wants_grad:
+            loss, lse = distributed.ShardedLinearCrossEntropyFunction.apply(
+                hidden, weight, bias, rows_target, opts, reduction, chunk_size,
+                bool(fp32_weight_grad), backend, process_group,
+            )  # fmt: skip
+        else:
+            loss, lse = distributed.sharded_linear_forward_no_grad(
+                hidden, weight, bias, rows_target, opts, reduction, chunk_size, backend,
+                process_group,
+            )  # fmt: skip
+    elif wants_grad:
         loss, lse = LinearCrossEntropyFunction.apply(
             hidden, weight, bias, rows_target, opts, reduction, chunk_size,
             bool(fp32_weight_grad), backend,

@@ -26,10 +26,12 @@ class CrossEntropyLoss(torch.nn.Module):
         logit_scale: float = 1.0,
         return_lse: bool = False,
         inplace_backward: bool = False,
+        process_group=None,
         impl: str = "auto",
     ) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
+        self.process_group = process_group
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
@@ -53,6 +55,7 @@ class CrossEntropyLoss(torch.nn.Module):
             logit_scale=self.logit_scale,
             return_lse=self.return_lse,
             inplace_backward=self.inplace_backward,
+            process_group=self.process_group,
             impl=self.impl,
         )
 
@@ -89,9 +92,11 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         return_lse: bool = False,
         chunk_size: int | None = None,
         fp32_weight_grad: bool = True,
+        process_group=None,
         impl: str = "auto",
     ) -> None:
         super().__init__()
+        self.process_group = process_group
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
@@ -118,6 +123,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
             return_lse=self.return_lse,
             chunk_size=self.chunk_size,
             fp32_weight_grad=self.fp32_weight_grad,
+            process_group=self.process_group,
             impl=self.impl,
         )
 

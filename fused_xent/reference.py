@@ -17,7 +17,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _rows(logits: torch.Tensor, target: torch.Tensor, opts):
-    """z, class weights and, per row: the smoothed target distribution's pieces and the mask."""
+    """z, the weighted (smoothed) target distribution wt (N, C), and the ignored-row mask."""
     dtype = _compute_dtype(logits.dtype)
     n_cols = logits.shape[1]
     z = logits.to(dtype) * opts.logit_scale
@@ -29,24 +29,30 @@ def _rows(logits: torch.Tensor, target: torch.Tensor, opts):
         else torch.ones(n_cols, dtype=dtype, device=z.device)
     )
     eps = opts.label_smoothing
+    # The logits may hold one rank's slice [class_offset, class_offset + n_cols) of n_classes.
+    n_classes = opts.n_classes or n_cols
     if target.is_floating_point():
         # Probability targets: every row counts; wt = w * ((1 - eps) t + eps / C).
-        wt = w * ((1.0 - eps) * target.to(dtype) + eps / n_cols)
+        wt = w * ((1.0 - eps) * target.to(dtype) + eps / n_classes)
         ignored = torch.zeros(len(z), dtype=torch.bool, device=z.device)
-        return z, wt, None, ignored
+        return z, wt, ignored
     target = target.long()
     ignored = target == opts.ignore_index
-    bad = ~ignored & ((target < 0) | (target >= n_cols))
+    bad = ~ignored & ((target < 0) | (target >= n_classes))
     if bool(bad.any()):
         first = int(target[bad][0])
         raise IndexError(
-            f"target holds {first}, outside [0, {n_cols}) and not ignore_index={opts.ignore_index}"
+            f"target holds {first}, outside [0, {n_classes}) and not "
+            f"ignore_index={opts.ignore_index}"
         )
-    safe = torch.where(ignored, torch.zeros_like(target), target)
-    # wt = (1 - eps) w_y onehot(y) + eps / C w, as a dense (N, C) matrix.
-    wt = (eps / n_cols) * w.expand_as(z).clone()
-    wt.scatter_add_(1, safe[:, None], (1.0 - eps) * w[safe][:, None])
-    return z, wt, safe, ignored
+    col = target - opts.class_offset
+    here = ~ignored & (col >= 0) & (col < n_cols)
+    safe = torch.where(here, col, torch.zeros_like(col))
+    # wt = (1 - eps) w_y onehot(y) + eps / C w, as a dense (N, C) matrix (onehot only where the
+    # target is among these columns).
+    wt = (eps / n_classes) * w.expand_as(z).clone()
+    wt.scatter_add_(1, safe[:, None], torch.where(here, (1.0 - eps) * w[safe], 0.0)[:, None])
+    return z, wt, ignored
 
 
 def _stats(z):
@@ -78,7 +84,7 @@ def _grad(z, wt, ignored, row_max, log_sum, coef, row_scale, opts):
 
 def xent_forward(logits, target, opts, loss, stats, grad=None, grad_scale=None) -> None:
     """Per-row loss and statistics (max, log-sum, coefficient); the gradient if ``grad`` given."""
-    z, wt, _, ignored = _rows(logits, target, opts)
+    z, wt, ignored = _rows(logits, target, opts)
     row_max, log_sum = _stats(z)
     row_loss, coef = _loss_and_coef(z, wt, row_max, log_sum, opts)
     loss.copy_(row_loss.masked_fill(ignored, 0.0))
@@ -90,7 +96,7 @@ def xent_forward(logits, target, opts, loss, stats, grad=None, grad_scale=None) 
 
 def xent_backward(logits, target, opts, stats, dloss, grad) -> None:
     """grad = d(sum_i dloss_i * loss_i) / d logits, from the forward's per-row statistics."""
-    z, wt, _, ignored = _rows(logits, target, opts)
+    z, wt, ignored = _rows(logits, target, opts)
     row_max, log_sum, coef = stats.to(z.dtype)
     grad.copy_(_grad(z, wt, ignored, row_max, log_sum, coef, dloss.to(z.dtype), opts))
 

@@ -122,24 +122,28 @@ def _block_grad(
     row_scale,
     w_target,
     label_smoothing,
-    n_cols,
+    smooth_c,
     logit_scale,
     softcap,
     HAS_SOFTCAP: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     PROB_TARGET: tl.constexpr,
 ):
-    """dx of one block (see the module docstring), already multiplied by row_scale."""
+    """dx of one block (see the module docstring), already multiplied by row_scale.
+
+    ``smooth_c`` is ``label_smoothing / C`` with C the whole vocabulary (not this block's row
+    slice, when the vocabulary is sharded across ranks).
+    """
     # p = exp(z - lse) with lse = row_max + log_sum kept apart: at large logits a rounded lse
     # would cost the gradient its accuracy.
     dz = coef * tl.exp((z - row_max) - log_sum)
     if PROB_TARGET:
         if HAS_SMOOTHING:
-            t = (1.0 - label_smoothing) * t + label_smoothing / n_cols
+            t = (1.0 - label_smoothing) * t + smooth_c
         dz -= w * t
     else:
         if HAS_SMOOTHING:
-            dz -= (label_smoothing / n_cols) * w
+            dz -= smooth_c * w
         dz = tl.where(offs == target, dz - (1.0 - label_smoothing) * w_target, dz)
     dz *= row_scale * logit_scale
     if HAS_SOFTCAP:
@@ -194,21 +198,30 @@ def _row_target(
     t_row_ptr,
     weight_ptr,
     n_cols,
+    class_offset,
+    n_classes,
     ignore_index,
     HAS_WEIGHT: tl.constexpr,
 ):
-    """A class-index row's target, whether it is ignored / valid, x[target] and weight[target]."""
+    """A class-index row's target, as a column of this row (-1 when it is not in this row's
+    columns), whether it is ignored / valid, x[target] and weight[target] (0 when elsewhere).
+
+    The row holds classes [class_offset, class_offset + n_cols) of n_classes: all of them, or
+    one rank's slice of a sharded vocabulary.
+    """
     target = tl.load(t_row_ptr).to(tl.int64)
     ignored = target == ignore_index
-    valid = (target >= 0) & (target < n_cols) & (~ignored)
+    valid = (target >= 0) & (target < n_classes) & (~ignored)
+    col = target - class_offset
+    here = valid & (col >= 0) & (col < n_cols)
     # Scalar loads, only at a valid address.
-    safe_target = tl.where(valid, target, 0)
-    x_target = tl.load(x_row_ptr + safe_target, mask=valid, other=0.0).to(tl.float32)
+    safe_col = tl.where(here, col, 0)
+    x_target = tl.load(x_row_ptr + safe_col, mask=here, other=0.0).to(tl.float32)
     if HAS_WEIGHT:
-        w_target = tl.load(weight_ptr + safe_target, mask=valid, other=0.0).to(tl.float32)
+        w_target = tl.load(weight_ptr + safe_col, mask=here, other=0.0).to(tl.float32)
     else:
-        w_target = tl.where(valid, 1.0, 0.0)
-    return target, ignored, valid, x_target, w_target
+        w_target = tl.where(here, 1.0, 0.0)
+    return tl.where(here, col, -1), ignored, valid, x_target, w_target
 
 
 @triton.jit
@@ -225,6 +238,7 @@ def _write_row_grad(
     w_target,
     n_cols,
     label_smoothing,
+    smooth_c,
     logit_scale,
     softcap,
     BLOCK: tl.constexpr,
@@ -243,7 +257,8 @@ def _write_row_grad(
         )  # fmt: skip
         dx = _block_grad(
             z, w, t, offs, target, row_max, log_sum, coef, row_scale, w_target,
-            label_smoothing, n_cols, logit_scale, softcap, HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET,
+            label_smoothing, smooth_c, logit_scale, softcap, HAS_SOFTCAP, HAS_SMOOTHING,
+            PROB_TARGET,
         )  # fmt: skip
         tl.store(dx_row_ptr + offs, _to_out(dx, dx_row_ptr, ROUND_BF16), mask=mask)
 
@@ -260,6 +275,8 @@ def _xent_fwd_kernel(
     grad_scale_ptr,
     # sizes
     n_cols,
+    class_offset,
+    n_classes,
     # strides
     stride_logits_row,
     stride_target_row,
@@ -289,7 +306,14 @@ def _xent_fwd_kernel(
         w_target = 0.0
     else:
         target, ignored, valid, z_target, w_target = _row_target(
-            x_row_ptr, t_row_ptr, weight_ptr, n_cols, ignore_index, HAS_WEIGHT
+            x_row_ptr,
+            t_row_ptr,
+            weight_ptr,
+            n_cols,
+            class_offset,
+            n_classes,
+            ignore_index,
+            HAS_WEIGHT,
         )
         z_target = z_target * logit_scale
         if HAS_SOFTCAP:
@@ -336,7 +360,7 @@ def _xent_fwd_kernel(
     lse_rel = (row_max - shift) + log_sum  # lse - shift, without rounding lse first
 
     # The row's loss and the coefficient A of p in its gradient (module docstring).
-    eps_c = label_smoothing / n_cols
+    eps_c = label_smoothing / n_classes
     if PROB_TARGET:
         if HAS_SMOOTHING:
             sum_wt = (1.0 - label_smoothing) * sum_wt + eps_c * sum_w
@@ -344,7 +368,13 @@ def _xent_fwd_kernel(
         loss = sum_wt * lse_rel - sum_wtz
         coef = sum_wt
     else:
-        loss = (1.0 - label_smoothing) * w_target * ((row_max - z_target) + log_sum)
+        # No target share (weight 0, or the target in another rank's slice) adds exactly 0,
+        # even where this row's logits are all -inf.
+        loss = tl.where(
+            w_target == 0.0,
+            0.0,
+            (1.0 - label_smoothing) * w_target * ((row_max - z_target) + log_sum),
+        )
         coef = (1.0 - label_smoothing) * w_target
         if HAS_SMOOTHING:
             loss += eps_c * (sum_w * lse_rel - sum_wz)
@@ -368,14 +398,14 @@ def _xent_fwd_kernel(
         if SINGLE_BLOCK:
             dx = _block_grad(
                 z, w, t, offs, target, row_max, log_sum, coef, row_scale, w_target,
-                label_smoothing, n_cols, logit_scale, softcap, HAS_SOFTCAP, HAS_SMOOTHING,
+                label_smoothing, eps_c, logit_scale, softcap, HAS_SOFTCAP, HAS_SMOOTHING,
                 PROB_TARGET,
             )  # fmt: skip
             tl.store(dx_row_ptr + offs, _to_out(dx, dx_row_ptr, ROUND_BF16), mask=mask)
         else:
             _write_row_grad(
                 x_row_ptr, t_row_ptr, weight_ptr, dx_row_ptr, target, row_max, log_sum, coef,
-                row_scale, w_target, n_cols, label_smoothing, logit_scale, softcap,
+                row_scale, w_target, n_cols, label_smoothing, eps_c, logit_scale, softcap,
                 BLOCK, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ROUND_BF16,
             )  # fmt: skip
 
@@ -391,6 +421,8 @@ def _xent_bwd_kernel(
     grad_ptr,
     # sizes
     n_cols,
+    class_offset,
+    n_classes,
     # strides
     stride_logits_row,
     stride_target_row,
@@ -419,7 +451,14 @@ def _xent_bwd_kernel(
         w_target = 0.0
     else:
         target, ignored, valid, _, w_target = _row_target(
-            x_row_ptr, t_row_ptr, weight_ptr, n_cols, ignore_index, HAS_WEIGHT
+            x_row_ptr,
+            t_row_ptr,
+            weight_ptr,
+            n_cols,
+            class_offset,
+            n_classes,
+            ignore_index,
+            HAS_WEIGHT,
         )
         row_scale = tl.where(valid, row_scale, float("nan"))
         row_scale = tl.where(ignored, 0.0, row_scale)
@@ -428,7 +467,8 @@ def _xent_bwd_kernel(
     coef = tl.load(stats_ptr + 2 * stride_stats + row)
     _write_row_grad(
         x_row_ptr, t_row_ptr, weight_ptr, grad_ptr + row * stride_grad_row, target, row_max,
-        log_sum, coef, row_scale, w_target, n_cols, label_smoothing, logit_scale, softcap,
+        log_sum, coef, row_scale, w_target, n_cols, label_smoothing,
+        label_smoothing / n_classes, logit_scale, softcap,
         BLOCK, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ROUND_BF16,
     )  # fmt: skip
 
@@ -561,6 +601,8 @@ def xent_forward(logits, target, opts, loss, stats, grad=None, grad_scale=None) 
             grad if write_grad else loss,  # unread without WRITE_GRAD
             grad_scale if write_grad else loss,
             n_cols,
+            opts.class_offset,
+            opts.n_classes or n_cols,
             logits.stride(0),
             target.stride(0),
             stats.stride(0),
@@ -602,6 +644,8 @@ def xent_backward(logits, target, opts, stats, dloss, grad) -> None:
             dloss,
             grad,
             n_cols,
+            opts.class_offset,
+            opts.n_classes or n_cols,
             logits.stride(0),
             target.stride(0),
             stats.stride(0),
