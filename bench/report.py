@@ -1,9 +1,11 @@
-"""One benchmark run of fused_xent and its peers: markdown table, JSON and a plot.
+"""One benchmark run of fused_xent and its peers: markdown tables, JSON and a plot.
 
     python bench/report.py [--quick] [--out DIR] [--device auto|cpu|cuda] [--no-matplotlib]
+                           [--sections xent,linear] [--impls A,B] [--cases ID,ID]
 
-First the card's copy bandwidth (a 2 GiB fp32 device-to-device copy, bytes read + written), then
-for every case and implementation (``benchlib.CUDA_CASES``, ``benchlib.IMPLS``):
+Section "xent", the cross-entropy on given logits: first the card's copy bandwidth (a 2 GiB fp32
+device-to-device copy, bytes read + written), then for every case and implementation
+(``benchlib.CUDA_CASES``, ``benchlib.IMPLS``):
 
 * median ms: ``triton.testing.do_bench`` on CUDA, a synchronised host clock elsewhere, with the
   inputs rotated among several randn copies of the logits (``benchlib.Rotation``);
@@ -14,11 +16,25 @@ for every case and implementation (``benchlib.CUDA_CASES``, ``benchlib.IMPLS``):
 * relative error (norm-wise) of the loss and the gradient against a float64 computation on the
   same logits.
 
-The first fused_xent variant is timed again after all the peers, so the table shows the noise.
-Writes report.md (also printed), report.json and report.png to --out (default bench/out/).
+Section "linear", the fused linear + cross-entropy (``benchlib.LINEAR_CUDA_CASES``,
+``benchlib.LINEAR_IMPLS``): first the bf16 matrix product rate (an 8192^3 ``torch.mm``, 2 n^3
+flops), then the same four measurements of forward + backward of a mean loss with the gradients of
+the hidden states and the weight: ms (do_bench over 500 ms, the hidden states rotated, one shared
+weight), % of the matrix floor (6 N D V flops at that rate), peak extra memory (the returned
+gradients included), and the relative errors of the loss, d_hidden and d_weight against float64
+(``linear_float64_reference``: plain torch ops, a block of rows at a time, full size).
+
+In each case the first fused_xent variant is timed again after all the peers, so the table shows
+the noise. Writes report.md (also printed), report.json and, when the xent section ran,
+report.png (% of copy bandwidth by vocabulary size) to --out (default bench/out/).
+
+``--sections``: run only some sections (default ``xent,linear``), for a short device slot.
+``--impls`` / ``--cases`` keep the named implementations / the cases whose id contains one of the
+given strings, in either section.
 
 ``--quick``: the CPU smoke run, tiny shapes, fused_xent's reference path against torch eager,
-a few ms of timing each; finishes in seconds and still writes all three files.
+a few ms of timing each (the linear case: ~0.1 s a step, bf16 products are slow on a CPU);
+finishes in seconds and still writes all three files.
 """
 
 from __future__ import annotations
@@ -37,7 +53,7 @@ from pathlib import Path
 import benchlib
 import pngplot
 import torch
-from benchlib import FWD, FWD_BWD, Case
+from benchlib import FWD, FWD_BWD, Case, LinearCase
 
 import fused_xent
 
@@ -100,15 +116,20 @@ def metadata(device: torch.device, quick: bool) -> dict:
         "fused_xent": fused_xent.__version__,
         "git": _git_rev(),
         "liger_kernel": benchlib.liger_version(),
+        "cut_cross_entropy": benchlib.cce_version(),
         "python": platform.python_version(),
         "quick": quick,
-        "timer": (
-            "triton.testing.do_bench, median, "
-            + ("warmup 5 ms, rep 20 ms" if quick else "warmup 25 ms, rep 100 ms")
-            if device.type == "cuda"
-            else "host perf_counter after synchronisation, median"
-        ),
+        "timer": _timer(device, quick, 100),
+        "timer_linear": _timer(device, quick, benchlib.LINEAR_REP_MS),
     }
+
+
+def _timer(device: torch.device, quick: bool, rep_ms: int) -> str:
+    if device.type != "cuda":
+        return "host perf_counter after synchronisation, median"
+    return "triton.testing.do_bench, median, " + (
+        "warmup 5 ms, rep 20 ms" if quick else f"warmup 25 ms, rep {rep_ms} ms"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,15 +137,29 @@ def metadata(device: torch.device, quick: bool) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def peak_extra_bytes(step, x, t, device: torch.device) -> int | None:
-    """Peak allocated during one step beyond what was allocated before it (inputs included)."""
+# Float64 blocks of at most this many elements (256 MiB) in the accuracy checks: at the GPU
+# shapes the full (N, V) float64 logits would take 4-17 GB.
+BLOCK_ELEMS = 1 << 25
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def peak_extra_bytes(step, *inputs, device: torch.device) -> int | None:
+    """Peak allocated during one step beyond what was allocated before it (inputs included).
+
+    The outputs are still alive when the peak is read: the gradients the step returns count.
+    """
     if device.type != "cuda":
         return None
     benchlib.sync(device)
     gc.collect()
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
-    out = step(x, t)
+    out = step(*inputs)
     benchlib.sync(device)
     peak = torch.cuda.max_memory_allocated(device) - base
     del out
@@ -133,6 +168,29 @@ def peak_extra_bytes(step, x, t, device: torch.device) -> int | None:
 
 def _rel(a: float, b: float) -> float:
     return abs(a - b) / abs(b) if b != 0 else abs(a - b)
+
+
+def _rel_norm(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """||a - ref|| / ||ref|| for float64 ``ref``, a block of rows at a time."""
+    rows = max(1, BLOCK_ELEMS // max(ref[0].numel(), 1))
+    num = den = 0.0
+    for r0 in range(0, ref.shape[0], rows):
+        blk = ref[r0 : r0 + rows]
+        num += float(a.detach()[r0 : r0 + rows].to(torch.float64).sub_(blk).square().sum())
+        den += float(blk.square().sum())
+    return num**0.5 / den**0.5 if den else num**0.5
+
+
+def _xent64_rows(z64: torch.Tensor, t: torch.Tensor, n_rows: int) -> tuple[float, torch.Tensor]:
+    """Summed loss of float64 logit rows, and their gradient of the mean loss over ``n_rows``.
+
+    loss = lse - z[y]; dz = (softmax(z) - onehot(y)) / n_rows, written over ``z64``.
+    """
+    lse = torch.logsumexp(z64, dim=1)
+    loss_sum = float((lse - z64.gather(1, t[:, None]).squeeze(1)).sum())
+    dz = torch.exp(z64.sub_(lse[:, None]))
+    dz.scatter_add_(1, t[:, None], torch.full_like(lse[:, None], -1.0))
+    return loss_sum, dz.div_(n_rows)
 
 
 def float64_errors(x, t, loss, dx) -> tuple[float, float | None]:
@@ -144,25 +202,100 @@ def float64_errors(x, t, loss, dx) -> tuple[float, float | None]:
     n_rows, n_cols = x.shape
     x, loss = x.detach(), loss.detach()
     dx = None if dx is None else dx.detach()  # an in-place gradient is the leaf itself
-    rows = max(1, (1 << 25) // n_cols)
+    rows = max(1, BLOCK_ELEMS // n_cols)
     loss_sum, num, den = 0.0, 0.0, 0.0
     for r0 in range(0, n_rows, rows):
-        x64 = x[r0 : r0 + rows].to(torch.float64)
-        t_blk = t[r0 : r0 + rows]
-        lse = torch.logsumexp(x64, dim=1)
-        loss_sum += float((lse - x64.gather(1, t_blk[:, None]).squeeze(1)).sum())
+        blk_sum, ref = _xent64_rows(x[r0 : r0 + rows].to(torch.float64), t[r0 : r0 + rows], n_rows)
+        loss_sum += blk_sum
         if dx is not None:
-            ref = torch.exp(x64.sub_(lse[:, None]))
-            ref.scatter_add_(1, t_blk[:, None], torch.full_like(lse[:, None], -1.0))
-            ref.div_(n_rows)
             diff = dx[r0 : r0 + rows].to(torch.float64).sub_(ref)
             num += float(diff.square().sum())
             den += float(ref.square().sum())
-            del ref, diff
-        del x64
+            del diff
+        del ref
     loss_err = _rel(float(loss.double()), loss_sum / n_rows)
     grad_err = (num**0.5) / (den**0.5) if dx is not None else None
     return loss_err, grad_err
+
+
+def linear_float64_reference(h, w, t) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Mean loss, d_hidden (N, D) and d_weight (V, D) of cross_entropy(h @ w.T, t) in float64.
+
+    Plain torch ops on float64 copies (not fused_xent, which is under test), a block of rows at
+    a time: the products, then the same lse / softmax - onehot as ``float64_errors``. At the GPU
+    shapes this holds ~9 GB (the float64 weight and d_weight) and takes ~2.6e13 float64 flops.
+    """
+    n_rows = h.shape[0]
+    w64 = w.detach().to(torch.float64)
+    d_h = torch.empty(h.shape, dtype=torch.float64, device=h.device)
+    d_w = torch.zeros_like(w64)
+    rows = max(1, BLOCK_ELEMS // w.shape[0])
+    loss_sum = 0.0
+    for r0 in range(0, n_rows, rows):
+        h64 = h.detach()[r0 : r0 + rows].to(torch.float64)
+        blk_sum, dz = _xent64_rows(h64 @ w64.T, t[r0 : r0 + rows], n_rows)
+        loss_sum += blk_sum
+        torch.mm(dz, w64, out=d_h[r0 : r0 + rows])
+        d_w.addmm_(dz.T, h64)
+        del h64, dz
+    return loss_sum / n_rows, d_h, d_w
+
+
+def time_impls(
+    case, impls, primary: str, rotation, new_row, on_timed, device, quick, n_grad=1, rep_ms=None
+):
+    """Time each implementation on rotated inputs, then ``primary`` again; one row per run.
+
+    ``new_row(name, run)`` gives the section's row with every measurement None; ``on_timed(row)``
+    fills the section's rates from ``row["ms"]`` and returns the tail of the log line. Returns the
+    rows and the steps, for the accuracy check. ``n_grad`` goes to ``make_step``, ``rep_ms`` to
+    ``time_ms``.
+    """
+    rows, steps = [], {}
+    order = [(i, 1) for i in impls] + [(i, 2) for i in impls if i.name == primary]
+    for impl, run in order:
+        reason = impl.skip_reason(case, device)
+        if reason:
+            if run == 1:
+                rows.append({**new_row(impl.name, run), "skipped": reason})
+            continue
+        r = new_row(impl.name, run)
+        rows.append(r)
+        try:
+            if impl.name not in steps:
+                loss_fn = impl.loss_fn(case, device)
+                steps[impl.name] = benchlib.make_step(loss_fn, case.mode, n_grad)
+            step = steps[impl.name]
+            t0 = time.perf_counter()
+            step(*rotation.next())  # Triton JIT / torch.compile happen here, untimed
+            benchlib.sync(device)
+            r["first_call_s"] = time.perf_counter() - t0
+            r["ms"] = benchlib.time_ms(
+                lambda s=step: s(*rotation.next()), device, quick=quick, rep_ms=rep_ms
+            )
+            tail = on_timed(r)
+            if run == 1:
+                r["peak_extra_bytes"] = peak_extra_bytes(step, *rotation.next(), device=device)
+            log(f"  {impl.name:<20} run {run}: {r['ms']:9.4f} ms  {tail}")
+        except Exception as exc:  # one failing peer must not lose the rest of the run
+            r["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            log(f"  {impl.name:<20} run {run}: FAILED {r['error']}")
+            log(traceback.format_exc())
+    return rows, steps
+
+
+def check_accuracy(rows: list[dict], steps: dict, inputs, errors) -> None:
+    """Each timed implementation once on ``inputs()``; ``errors(*outputs)`` -> row fields."""
+    for r in rows:
+        if r["run"] != 1 or r["ms"] is None:
+            continue
+        try:
+            out = steps[r["impl"]](*inputs())
+            r.update(errors(*out))
+            del out
+        except Exception as exc:
+            r["error"] = f"accuracy: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+            log(f"  {r['impl']:<20} accuracy FAILED {r['error']}")
 
 
 def run_case(
@@ -174,12 +307,10 @@ def run_case(
         if not (case.mode == FWD and i.name == "fused_xent_inplace")
         and (only is None or i.name in only)
     ]
-    primary = benchlib.primary_impl(case)
-    rows, steps = [], {}
     rotation = benchlib.Rotation(case, device)
 
-    def row(name, run, **kw):
-        r = {
+    def new_row(name, run):
+        return {
             "mode": case.mode,
             "dtype": case.dtype_name,
             "n_rows": case.n_rows,
@@ -199,82 +330,131 @@ def run_case(
             "skipped": None,
             "error": None,
         }
-        r.update(kw)
-        rows.append(r)
-        return r
 
-    # Timing + memory, on rotated buffers.
-    order = [(i, 1) for i in impls]
-    if any(i.name == primary for i in impls):
-        order.append((benchlib.IMPLS_BY_NAME[primary], 2))
-    for impl, run in order:
-        reason = impl.skip_reason(case, device)
-        if reason:
-            if run == 1:
-                row(impl.name, run, skipped=reason)
-            continue
-        r = row(impl.name, run)
-        try:
-            if impl.name not in steps:
-                steps[impl.name] = benchlib.make_step(impl.loss_fn(case, device), case.mode)
-            step = steps[impl.name]
-            t0 = time.perf_counter()
-            step(*rotation.next())  # Triton JIT / torch.compile happen here, untimed
-            benchlib.sync(device)
-            r["first_call_s"] = time.perf_counter() - t0
-            ms = benchlib.time_ms(lambda s=step: s(*rotation.next()), device, quick=quick)
-            r.update(ms=ms, gbps=benchlib.gbps(case.bytes_moved, ms))
-            r["pct_copy"] = 100 * case.bytes_moved / (ms * 1e-3) / copy_bw
-            if run == 1:
-                r["peak_extra_bytes"] = peak_extra_bytes(step, *rotation.next(), device)
-            log(f"  {impl.name:<20} run {run}: {ms:9.4f} ms  {r['pct_copy']:6.1f}% of copy")
-        except Exception as exc:  # one failing peer must not lose the rest of the run
-            r["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-            log(f"  {impl.name:<20} run {run}: FAILED {r['error']}")
-            log(traceback.format_exc())
+    def on_timed(r):
+        r["gbps"] = benchlib.gbps(case.bytes_moved, r["ms"])
+        r["pct_copy"] = 100 * case.bytes_moved / (r["ms"] * 1e-3) / copy_bw
+        return f"{r['pct_copy']:6.1f}% of copy"
+
+    primary = benchlib.primary_impl(case)
+    rows, steps = time_impls(case, impls, primary, rotation, new_row, on_timed, device, quick)
     rotation.release()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free_memory(device)
 
-    # Accuracy: every implementation on a fresh copy of the same logits, against float64.
-    x, t = benchlib.make_inputs(case, device, seed=0)
-    for r in rows:
-        if r["run"] != 1 or r["ms"] is None:
-            continue
-        try:
-            xi = x.clone().requires_grad_(case.mode == FWD_BWD)
-            loss, dx = steps[r["impl"]](xi, t)
-            r["loss_rel_err"], r["grad_rel_err"] = float64_errors(x, t, loss, dx)
-            del xi, loss, dx
-        except Exception as exc:
-            r["error"] = f"accuracy: {type(exc).__name__}: {exc}".splitlines()[0][:300]
-            log(f"  {r['impl']:<20} accuracy FAILED {r['error']}")
-    del x, t, steps
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    xent_accuracy(case, device, rows, steps)
+    del steps
+    free_memory(device)
     return rows
 
 
-def noise(rows: list[dict]) -> list[dict]:
-    """The primary fused_xent variant's two timings per case."""
+def xent_accuracy(case: Case, device: torch.device, rows: list[dict], steps: dict) -> None:
+    """Every implementation on a fresh copy of the same logits, against float64."""
+    x, t = benchlib.make_inputs(case, device, seed=0)
+
+    def errors(loss, dx):
+        loss_err, grad_err = float64_errors(x, t, loss, dx)
+        return {"loss_rel_err": loss_err, "grad_rel_err": grad_err}
+
+    check_accuracy(rows, steps, lambda: (x.clone().requires_grad_(case.mode == FWD_BWD), t), errors)
+
+
+def _chunk_rows(case: LinearCase, device: torch.device) -> int | None:
+    """The rows per chunk fused_xent picks here by default (None if that helper moved)."""
+    try:
+        from fused_xent.autograd import pick_chunk_size
+
+        return int(pick_chunk_size(case.n_rows, case.vocab, case.dtype, device))
+    except Exception:
+        return None
+
+
+def run_linear_case(
+    case: LinearCase,
+    device: torch.device,
+    quick: bool,
+    mm_rate: float,
+    only: set[str] | None = None,
+) -> list[dict]:
+    impls = [i for i in benchlib.LINEAR_IMPLS if only is None or i.name in only]
+    floor_ms = case.flops / mm_rate * 1e3
+    chunk_rows = _chunk_rows(case, device)
+    rotation = benchlib.LinearRotation(case, device)
+
+    def new_row(name, run):
+        return {
+            "dtype": case.dtype_name,
+            "n_rows": case.n_rows,
+            "dim": case.dim,
+            "vocab": case.vocab,
+            "impl": name,
+            "run": run,
+            "flops": case.flops,
+            "floor_ms": floor_ms,
+            "ms": None,
+            "tflops": None,
+            "pct_floor": None,
+            "peak_extra_bytes": None,
+            "loss_rel_err": None,
+            "dh_rel_err": None,
+            "dw_rel_err": None,
+            "first_call_s": None,
+            "input_copies": len(rotation.bufs),
+            "chunk_rows": chunk_rows if name.startswith("fused_xent") else None,
+            "skipped": None,
+            "error": None,
+        }
+
+    def on_timed(r):
+        r["tflops"] = case.flops / (r["ms"] * 1e-3) / 1e12
+        r["pct_floor"] = 100 * floor_ms / r["ms"]
+        return f"{r['pct_floor']:6.1f}% of floor"
+
+    rows, steps = time_impls(
+        case, impls, benchlib.LINEAR_PRIMARY, rotation, new_row, on_timed, device, quick,
+        n_grad=2, rep_ms=benchlib.LINEAR_REP_MS,
+    )  # fmt: skip
+    rotation.release()
+    free_memory(device)
+
+    if any(r["ms"] is not None for r in rows):
+        linear_accuracy(case, device, rows, steps)
+    del steps
+    free_memory(device)
+    return rows
+
+
+def linear_accuracy(case: LinearCase, device: torch.device, rows: list[dict], steps: dict) -> None:
+    """Every implementation on the same hidden states and weight, against float64."""
+    w = benchlib.make_linear_weight(case, device)
+    h, t = benchlib.make_linear_inputs(case, device, seed=0)
+    loss64, dh64, dw64 = linear_float64_reference(h, w, t)
+
+    def inputs():
+        return h.clone().requires_grad_(True), w.detach().requires_grad_(True), t
+
+    def errors(loss, dh, dw):
+        return {
+            "loss_rel_err": _rel(float(loss.detach().double()), loss64),
+            "dh_rel_err": _rel_norm(dh, dh64),
+            "dw_rel_err": _rel_norm(dw, dw64),
+        }
+
+    check_accuracy(rows, steps, inputs, errors)
+
+
+def noise(rows: list[dict], fields: tuple[str, ...] = ("mode", "dtype", "n_rows", "n_cols")):
+    """The primary fused_xent variant's two timings per case (``fields`` name the case)."""
     out = []
     by_key = {}
     for r in rows:
-        by_key.setdefault((r["mode"], r["dtype"], r["n_rows"], r["n_cols"], r["impl"]), {})[
-            r["run"]
-        ] = r
+        by_key.setdefault((*(r[f] for f in fields), r["impl"]), {})[r["run"]] = r
     for key, runs in by_key.items():
         if 1 in runs and 2 in runs and runs[1]["ms"] and runs[2]["ms"]:
             ms1, ms2 = runs[1]["ms"], runs[2]["ms"]
             out.append(
                 {
-                    "mode": key[0],
-                    "dtype": key[1],
-                    "n_rows": key[2],
-                    "n_cols": key[3],
-                    "impl": key[4],
+                    **dict(zip(fields, key[:-1], strict=True)),
+                    "impl": key[-1],
                     "ms": [ms1, ms2],
                     "spread_pct": 100 * abs(ms2 - ms1) / min(ms1, ms2),
                 }
@@ -305,16 +485,55 @@ def _g(v: float) -> str:
     return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
 
-def markdown(meta: dict, rows: list[dict], noise_rows: list[dict]) -> str:
-    cb = meta["copy_bandwidth"]
+def _noise_line(noise_rows: list[dict], label) -> list[str]:
+    if not noise_rows:
+        return []
+    return [
+        "Noise (same implementation timed first and last in its case): "
+        + "; ".join(
+            f"{label(n)} {n['ms'][0]:.3f} / {n['ms'][1]:.3f} ms ({n['spread_pct']:.1f}%)"
+            for n in noise_rows
+        )
+        + ".",
+        "",
+    ]
+
+
+def _gb(nbytes: int | None) -> str:
+    return _f(None if nbytes is None else nbytes / GB, ".2f")
+
+
+def markdown(
+    meta: dict,
+    rows: list[dict],
+    noise_rows: list[dict],
+    linear_rows: list[dict] | None = None,
+    linear_noise: list[dict] | None = None,
+) -> str:
     lines = [
         "# fused_xent benchmark report",
         "",
         f"{meta['date']} | {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | "
         f"fused_xent {meta['fused_xent']} ({meta['git']}) | "
         f"Liger-Kernel {meta['liger_kernel'] or 'not importable'}"
+        + (
+            f" | cut-cross-entropy {meta['cut_cross_entropy'] or 'not importable'}"
+            if linear_rows
+            else ""
+        )
         + (" | **--quick smoke run**" if meta["quick"] else ""),
         "",
+    ]
+    if rows:
+        lines += _xent_markdown(meta, rows, noise_rows)
+    if linear_rows:
+        lines += _linear_markdown(meta, linear_rows, linear_noise or [])
+    return "\n".join(lines)
+
+
+def _xent_markdown(meta: dict, rows: list[dict], noise_rows: list[dict]) -> list[str]:
+    cb = meta["copy_bandwidth"]
+    lines = [
         f"- Copy bandwidth, this run: **{cb['gbps']:.0f} GB/s** "
         f"({_size(cb['bytes'])} fp32 device-to-device copy, read + write bytes counted).",
         f"- Timing: {meta['timer']}; the inputs rotate among 2-8 distinct randn copies of the "
@@ -347,25 +566,64 @@ def markdown(meta: dict, rows: list[dict], noise_rows: list[dict]) -> str:
                 why = r["skipped"] or f"error: {r['error']}"
                 lines.append(f"| {label} | | {name} | {why} | | | | | |")
                 continue
-            mem = r["peak_extra_bytes"]
             lines.append(
                 f"| {label} | {r['floor_ms']:.3f} | {name} | {r['ms']:.3f} | {_g(r['gbps'])} "
-                f"| {_g(r['pct_copy'])}% | {_f(None if mem is None else mem / GB, '.2f')} "
+                f"| {_g(r['pct_copy'])}% | {_gb(r['peak_extra_bytes'])} "
                 f"| {_f(r['loss_rel_err'], '.1e')} | {_f(r['grad_rel_err'], '.1e')} |"
             )
         lines.append("")
-    if noise_rows:
+    return lines + _noise_line(
+        noise_rows, lambda n: f"{n['dtype']} {n['n_rows']}x{n['n_cols']} {n['mode']}"
+    )
+
+
+def _linear_label(r: dict) -> str:
+    return f"{r['dtype']} {r['n_rows']} x {r['dim']}, W {r['vocab']} x {r['dim']}"
+
+
+def _linear_markdown(meta: dict, rows: list[dict], noise_rows: list[dict]) -> list[str]:
+    mm = meta["matmul"]
+    copies = "/".join(str(c) for c in sorted({r["input_copies"] for r in rows}))
+    chunks = "/".join(str(c) for c in sorted({r["chunk_rows"] for r in rows if r["chunk_rows"]}))
+    lines = [
+        "## Fused linear + cross-entropy: forward + backward of a mean loss "
+        "(floor: 6·N·D·V flops at the matrix product rate)",
+        "",
+        f"- Matrix product rate, this run: **{_g(mm['tflops'])} TFLOP/s** ({mm['dtype']} "
+        f"{mm['n']}^3 torch.mm, 2·n^3 flops, timed like the steps).",
+        f"- Timing: {meta['timer_linear']}; the hidden states (N x D) rotate among {copies} "
+        "distinct randn copies, each with its own targets, all with one weight (V x D), randn / "
+        "sqrt(D) so that the logits are ~ N(0, 1).",
+        "- Flops: three matrix products of 2·N·D·V each (logits, d_hidden, d_weight); floor = "
+        "6·N·D·V / the matrix product rate; % = floor / ms.",
+        "- +GB = peak memory allocated during one step beyond the inputs (CUDA only), the "
+        "returned d_hidden (N x D) and d_weight (V x D) included. Errors are norm-wise, relative "
+        "to float64 computed with plain torch ops on the same inputs, a block of rows at a time. "
+        "The gradients (hidden states and weight) are taken with torch.autograd.grad.",
+        "- Implementations: "
+        + "; ".join(f"**{i.name}** = {i.note}" for i in benchlib.LINEAR_IMPLS)
+        + ". On the CPU fused_xent runs its reference path (impl='reference')"
+        + (f". fused_xent's default chunk here: {chunks} rows." if chunks else "."),
+        "",
+        "| hidden, weight | floor ms | implementation | ms | TFLOP/s | % of floor | +GB "
+        "| loss rel err | d_hidden rel err | d_weight rel err |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        name = r["impl"] + (" (again)" if r["run"] == 2 else "")
+        label = _linear_label(r)
+        if r["skipped"] or r["error"]:
+            why = r["skipped"] or f"error: {r['error']}"
+            lines.append(f"| {label} | | {name} | {why} | | | | | | |")
+            continue
         lines.append(
-            "Noise (same implementation timed first and last in its case): "
-            + "; ".join(
-                f"{n['dtype']} {n['n_rows']}x{n['n_cols']} {n['mode']} "
-                f"{n['ms'][0]:.3f} / {n['ms'][1]:.3f} ms ({n['spread_pct']:.1f}%)"
-                for n in noise_rows
-            )
-            + "."
+            f"| {label} | {r['floor_ms']:.3f} | {name} | {r['ms']:.3f} | {_g(r['tflops'])} "
+            f"| {_g(r['pct_floor'])}% | {_gb(r['peak_extra_bytes'])} "
+            f"| {_f(r['loss_rel_err'], '.1e')} | {_f(r['dh_rel_err'], '.1e')} "
+            f"| {_f(r['dw_rel_err'], '.1e')} |"
         )
-        lines.append("")
-    return "\n".join(lines)
+    lines.append("")
+    return lines + _noise_line(noise_rows, _linear_label)
 
 
 def plot(path: Path, meta: dict, rows: list[dict], use_matplotlib: bool) -> str:
@@ -394,6 +652,9 @@ def plot(path: Path, meta: dict, rows: list[dict], use_matplotlib: bool) -> str:
     )
 
 
+SECTIONS = ("xent", "linear")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: tiny shapes, seconds")
@@ -405,18 +666,29 @@ def main(argv: list[str] | None = None) -> int:
         help="auto: cpu with --quick, else cuda when available",
     )
     ap.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help="comma-separated subset of: xent (the cross-entropy on given logits), linear (the "
+        "fused linear + cross-entropy); default both",
+    )
+    ap.add_argument(
         "--impls",
-        help="comma-separated subset of: " + ",".join(i.name for i in benchlib.IMPLS),
+        help="comma-separated subset of: "
+        + ",".join(dict.fromkeys(i.name for i in benchlib.IMPLS + benchlib.LINEAR_IMPLS)),
     )
     ap.add_argument(
         "--cases",
-        help="comma-separated substrings of case ids to keep, e.g. fwd+bwd-bf16-8192x128256",
+        help="comma-separated substrings of case ids to keep, e.g. fwd+bwd-bf16-8192x128256, "
+        "linear-bf16-8192x4096x128256",
     )
     ap.add_argument(
         "--no-matplotlib", action="store_true", help="draw the PNG with the built-in rasterizer"
     )
     args = ap.parse_args(argv)
 
+    sections = set(args.sections.split(","))
+    if sections - set(SECTIONS):
+        ap.error(f"unknown --sections {sorted(sections - set(SECTIONS))}")
     if args.device == "auto":
         device = torch.device("cpu") if args.quick else benchlib.default_device()
     else:
@@ -425,44 +697,72 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--device cuda, but torch sees no CUDA device")
     if device.type == "cpu" and not args.quick:
         log("no CUDA device: running the CPU smoke cases (as --quick, with longer timing)")
-    cases = benchlib.cases_for(device, args.quick)
+    cases = benchlib.cases_for(device, args.quick) if "xent" in sections else []
+    linear_cases = benchlib.linear_cases_for(device, args.quick) if "linear" in sections else []
     if args.cases:
         keep = args.cases.split(",")
         cases = [c for c in cases if any(k in c.id for k in keep)]
+        linear_cases = [c for c in linear_cases if any(k in c.id for k in keep)]
     only = None
     if args.impls:
         only = set(args.impls.split(","))
-        unknown = only - set(benchlib.IMPLS_BY_NAME)
+        unknown = only - set(benchlib.IMPLS_BY_NAME) - set(benchlib.LINEAR_IMPLS_BY_NAME)
         if unknown:
             ap.error(f"unknown --impls {sorted(unknown)}")
-    if not cases:
+        # A section none of whose implementations is asked for does not run.
+        if not only & set(benchlib.IMPLS_BY_NAME):
+            cases = []
+        if not only & set(benchlib.LINEAR_IMPLS_BY_NAME):
+            linear_cases = []
+    if not cases and not linear_cases:
         ap.error("no case left to run")
     benchlib.cpu_threads(device)
     torch.manual_seed(0)
 
     meta = metadata(device, args.quick)
-    bw, nbytes = benchlib.copy_bandwidth(device, quick=args.quick)
-    meta["copy_bandwidth"] = {"gbps": bw / GB, "bytes": nbytes, "counted": "read + write"}
-    log(f"{meta['device']}: copy bandwidth {bw / GB:.0f} GB/s")
-
-    rows = []
-    for case in cases:
-        log(f"{case.mode} {case.label}: floor {case.bytes_moved / bw * 1e3:.4f} ms")
-        rows += run_case(case, device, args.quick, bw, only)
+    meta["sections"] = [s for s in SECTIONS if s in sections]
+    meta["copy_bandwidth"] = meta["matmul"] = None
+    rows, linear_rows = [], []
+    if cases:
+        bw, nbytes = benchlib.copy_bandwidth(device, quick=args.quick)
+        meta["copy_bandwidth"] = {"gbps": bw / GB, "bytes": nbytes, "counted": "read + write"}
+        log(f"{meta['device']}: copy bandwidth {bw / GB:.0f} GB/s")
+        for case in cases:
+            log(f"{case.mode} {case.label}: floor {case.bytes_moved / bw * 1e3:.4f} ms")
+            rows += run_case(case, device, args.quick, bw, only)
+    if linear_cases:
+        rate, n = benchlib.matmul_rate(device, quick=args.quick)
+        meta["matmul"] = {"tflops": rate / 1e12, "n": n, "dtype": "bf16", "flops": 2 * n**3}
+        log(f"{meta['device']}: bf16 {n}^3 matrix product {rate / 1e12:.3g} TFLOP/s")
+        for case in linear_cases:
+            log(f"linear {case.label}: floor {case.flops / rate * 1e3:.4f} ms")
+            linear_rows += run_linear_case(case, device, args.quick, rate, only)
     noise_rows = noise(rows)
+    linear_noise = noise(linear_rows, ("dtype", "n_rows", "dim", "vocab"))
 
     args.out.mkdir(parents=True, exist_ok=True)
-    table = markdown(meta, rows, noise_rows)
+    table = markdown(meta, rows, noise_rows, linear_rows, linear_noise)
     print(table)
     (args.out / "report.md").write_text(table + "\n")
-    backend = plot(args.out / "report.png", meta, rows, not args.no_matplotlib)
-    meta["plot_backend"] = backend
-    doc = {"meta": meta, "cases": [c.id for c in cases], "results": rows, "noise": noise_rows}
+    written = "report.json"
+    meta["plot_backend"] = None
+    if rows:  # the plot is of the cross-entropy section
+        meta["plot_backend"] = plot(args.out / "report.png", meta, rows, not args.no_matplotlib)
+        written += f", report.png (plot: {meta['plot_backend']})"
+    doc = {
+        "meta": meta,
+        "cases": [c.id for c in cases],
+        "results": rows,
+        "noise": noise_rows,
+        "linear_cases": [c.id for c in linear_cases],
+        "linear_results": linear_rows,
+        "linear_noise": linear_noise,
+    }
     (args.out / "report.json").write_text(json.dumps(doc, indent=2) + "\n")
-    log(f"wrote {args.out / 'report.md'}, report.json, report.png (plot: {backend})")
+    log(f"wrote {args.out / 'report.md'}, {written}")
 
     # A broken fused_xent is a failed run; a broken peer is only a note in the table.
-    failed = [r for r in rows if r["error"] and r["impl"].startswith("fused_xent")]
+    failed = [r for r in rows + linear_rows if r["error"] and r["impl"].startswith("fused_xent")]
     return 1 if failed else 0
 
 

@@ -11,6 +11,11 @@ fused_xent runs twice in fwd+bwd: ``fused_xent_inplace`` (``inplace_backward=Tru
 like-for-like comparison with Liger, which also writes the gradient over the logits;
 ``fused_xent`` allocates its gradient, as torch does.
 
+``test_linear``: the fused linear + cross-entropy (``benchlib.LINEAR_CUDA_CASES``), forward +
+backward of a mean loss with the gradients of the hidden states and the weight; the hidden states
+rotate, the weight is shared. ``extra_info`` holds the flops (6 N D V), the floor (those flops at
+the bf16 8192^3 matrix product rate measured once per session) and the % of it reached.
+
 On a machine without CUDA the cases are tiny and fused_xent runs its reference path
 (``impl="reference"``), against torch eager only: a smoke test of the suite, not a measurement.
 For a table, a plot and the accuracy check, use ``python bench/report.py``.
@@ -24,6 +29,7 @@ import torch
 
 DEVICE = benchlib.default_device()
 CASES = benchlib.cases_for(DEVICE)
+LINEAR_CASES = benchlib.linear_cases_for(DEVICE)
 
 
 # Forward only writes no gradient, so fused_xent_inplace would repeat the fused_xent run there.
@@ -69,3 +75,44 @@ def test_xent(benchmark, device, copy_bw, case, impl_name):
         benchmark.extra_info["GB/s"] = round(rate / 1e9, 2)
         benchmark.extra_info["copy_GB/s"] = round(copy_bw() / 1e9, 2)
         benchmark.extra_info["pct_of_copy_bw"] = round(100 * rate / copy_bw(), 1)
+
+
+LINEAR_PARAMS = [
+    pytest.param(case, impl.name, id=f"{case.id}-{impl.name}")
+    for case in LINEAR_CASES
+    for impl in benchlib.LINEAR_IMPLS
+]
+
+
+@pytest.mark.parametrize("case, impl_name", LINEAR_PARAMS)
+def test_linear(benchmark, device, matmul_rate, case, impl_name):
+    impl = benchlib.LINEAR_IMPLS_BY_NAME[impl_name]
+    reason = impl.skip_reason(case, device)
+    if reason:
+        pytest.skip(reason)
+
+    step = benchlib.make_step(impl.loss_fn(case, device), case.mode, n_grad=2)
+    rotation = benchlib.LinearRotation(case, device)
+
+    def run():
+        out = step(*rotation.next())
+        benchlib.sync(device)
+        return out
+
+    try:
+        loss, _, _ = run()  # outside the timing: Triton JIT, autotuning, allocator warm-up
+        assert torch.isfinite(loss).item()
+        benchmark.group = f"linear {case.label}"
+        benchmark.extra_info["flops"] = case.flops
+        benchmark.extra_info["flops_counted"] = "6 N D V: logits, d_hidden, d_weight products"
+        benchmark(run)
+    finally:
+        rotation.release()
+
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        median_s = benchmark.stats.stats.median
+        floor_s = case.flops / matmul_rate()
+        benchmark.extra_info["TFLOP/s"] = round(case.flops / median_s / 1e12, 4)
+        benchmark.extra_info["matmul_TFLOP/s"] = round(matmul_rate() / 1e12, 4)
+        benchmark.extra_info["floor_ms"] = round(floor_s * 1e3, 4)
+        benchmark.extra_info["pct_of_floor"] = round(100 * floor_s / median_s, 1)

@@ -50,9 +50,10 @@ def _rows(logits: torch.Tensor, target: torch.Tensor, opts):
     safe = torch.where(here, col, torch.zeros_like(col))
     # wt = (1 - eps) w_y onehot(y) + eps / C w, as a dense (N, C) matrix (onehot only where the
     # target is among these columns).
-    wt = (eps / n_classes) * w.expand_as(z).clone()
-    wt.scatter_add_(1, safe[:, None], torch.where(here, (1.0 - eps) * w[safe], 0.0)[:, None])
-    return z, wt, ignored
+    onehot = torch.zeros_like(z).scatter_(
+        1, safe[:, None], torch.where(here, (1.0 - eps) * w[safe], 0.0)[:, None]
+    )  # scatter_ with one index per row: deterministic under use_deterministic_algorithms
+    return z, (eps / n_classes) * w + onehot, ignored
 
 
 def _stats(z):
