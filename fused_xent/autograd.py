@@ -75,6 +75,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         n_cols = logits.shape[1]
         ctx.backend, ctx.opts, ctx.inplace_backward = backend, opts, inplace_backward
         ctx.fused = reduction != "none"
+        ctx.consumed = False
         if ctx.fused:
             if reduction == "mean":
                 grad_scale = 1.0 / _mean_denominator(target, opts, n_cols, loss.dtype)
@@ -85,7 +86,6 @@ class CrossEntropyFunction(torch.autograd.Function):
             if inplace_backward:
                 torch.autograd.graph.increment_version(logits)
             ctx.save_for_backward(grad)
-            ctx.consumed = False
         else:
             backend.xent_forward(logits, target, opts, loss, stats)
             ctx.save_for_backward(logits, target, stats)
@@ -114,6 +114,13 @@ class CrossEntropyFunction(torch.autograd.Function):
             (grad,) = ctx.saved_tensors
             ctx.backend.scale_grad_(grad, grad_loss)
         else:
+            if ctx.inplace_backward and ctx.consumed:
+                raise RuntimeError(
+                    "fused_xent: backward ran twice through one cross_entropy call "
+                    "(retain_graph) with inplace_backward=True; the first backward overwrote "
+                    "the logits with their gradient. Use inplace_backward=False to backward twice."
+                )
+            ctx.consumed = True
             logits, target, stats = ctx.saved_tensors
             grad = logits if ctx.inplace_backward else _alloc.empty_like(logits)
             ctx.backend.xent_backward(logits, target, ctx.opts, stats, grad_loss, grad)
@@ -132,11 +139,14 @@ CHUNK_BYTES = 128 << 20
 _CHUNK_ROW_MULTIPLE = 128  # keeps the matrix products on tile-friendly sizes
 
 
-def pick_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+def pick_chunk_size(
+    n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device, reference: bool = False
+) -> int:
     """Rows per chunk: the chunk's (rows, V) logits take about ``CHUNK_BYTES`` (less on a GPU with
-    little free memory: at most a sixteenth of it), rounded down to a multiple of 128 rows, at
-    least 128 rows (or all of them)."""
-    budget = CHUNK_BYTES
+    little free memory: at most a sixteenth of it; an eighth of it on the reference path, which
+    keeps several float32 copies of a chunk), rounded down to a multiple of 128 rows, at least
+    128 rows (or all of them)."""
+    budget = CHUNK_BYTES // 8 if reference else CHUNK_BYTES
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = min(budget, free // 16)
@@ -277,7 +287,8 @@ def _linear_xent_grads(
     n_rows = hidden.shape[0]
     low_precision = weight.dtype in (torch.float16, torch.bfloat16)
     acc_dtype = torch.float32 if (low_precision and fp32_wgrad) else weight.dtype
-    d_hidden = _alloc.empty_like(hidden) if need_h else None
+    # Row-major whatever the input's layout: the kernels scale it row by row.
+    d_hidden = _alloc.empty(hidden.shape, hidden.dtype, hidden.device) if need_h else None
     d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
     d_bias = (
         torch.zeros(weight.shape[:1], dtype=torch.float32 if low_precision else weight.dtype,

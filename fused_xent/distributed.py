@@ -222,7 +222,7 @@ def _grad_buffers(hidden, weight, bias, need, fp32_wgrad):
     need_h, need_w, need_b = need
     low = weight.dtype in (torch.float16, torch.bfloat16)
     acc = torch.float32 if (low and fp32_wgrad) else weight.dtype
-    d_hidden = _alloc.empty_like(hidden) if need_h else None
+    d_hidden = _alloc.empty(hidden.shape, hidden.dtype, hidden.device) if need_h else None
     d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
     d_bias = None
     if need_b and bias is not None:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from . import distributed, reference
+from . import distributed, ops
 from ._options import LossOptions
 from .autograd import (
     CrossEntropyFunction,
@@ -32,7 +32,7 @@ def _check_float(name: str, value, low: float = -math.inf, high: float = math.in
     return value
 
 
-def _check_tensors(input, target, weight, reduction, impl) -> None:
+def _check_tensors(input, target, weight, reduction, impl, sharded=False) -> None:
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if not isinstance(target, torch.Tensor):
@@ -50,7 +50,7 @@ def _check_tensors(input, target, weight, reduction, impl) -> None:
         raise ValueError("input must have a class dimension: (C,), (N, C) or (N, C, d1, ...)")
     class_dim = 0 if input.dim() == 1 else 1
     n_classes = input.shape[class_dim]
-    if n_classes == 0:
+    if n_classes == 0 and not sharded:  # sharded: the layout check fails on every rank alike
         raise ValueError("input must have at least one class (C >= 1), got C = 0")
     if target.device != input.device:
         raise ValueError(
@@ -111,7 +111,7 @@ def _options(ignore_index, weight, label_smoothing, lse_square_scale, softcap, l
         raise ValueError(f"logit_scale must be > 0, got {logit_scale}")
     return LossOptions(
         ignore_index=ignore_index,
-        weight=weight,
+        weight=weight.contiguous() if weight is not None else None,  # the kernels index it
         label_smoothing=_check_float("label_smoothing", label_smoothing, 0.0, 1.0),
         lse_square_scale=_check_float("lse_square_scale", lse_square_scale, 0.0),
         logit_scale=logit_scale,
@@ -123,16 +123,16 @@ def _backend(impl: str, input: torch.Tensor):
     if impl == "reference" or (
         impl == "auto" and (input.device.type != "cuda" or input.dtype not in _KERNEL_DTYPES)
     ):
-        return reference
+        return ops.REFERENCE
     if input.dtype not in _KERNEL_DTYPES:
         raise TypeError(
             f"impl='triton' takes float32, float16 or bfloat16 input, got {input.dtype}"
         )
     try:
-        from .kernels import xent
+        from .kernels import xent  # noqa: F401  (fail here, with a clear message)
     except ImportError as exc:  # no triton on this platform
         raise RuntimeError(f"impl='triton' needs Triton, which failed to import: {exc}") from exc
-    return xent
+    return ops.TRITON
 
 
 def _as_rows(input: torch.Tensor, target: torch.Tensor):
@@ -189,8 +189,9 @@ def cross_entropy(
             same denominator as the rest.
         softcap: if given (> 0), logits become ``softcap * tanh(logits / softcap)`` first.
         logit_scale: (> 0) logits are multiplied by it before the softcap.
-        return_lse: also return the per-row log-sum-exp of the transformed logits (float32,
-            the "none" shape, not differentiable), e.g. to log the z-loss or perplexity.
+        return_lse: also return the per-row log-sum-exp of the transformed logits (float32;
+            float64 for float64 input; the "none" shape, not differentiable), e.g. to log the
+            z-loss or perplexity.
         inplace_backward: write the gradient into ``input``'s own storage, so no second buffer
             of its size exists. For "mean"/"sum" it is written during the forward, for "none"
             during the backward; either way ``input``'s version counter is bumped, so autograd
@@ -214,15 +215,15 @@ def cross_entropy(
     row a NaN loss (and NaN gradient) without any out-of-bounds access; the reference raises
     ``IndexError``.
     """
-    _check_tensors(input, target, weight, reduction, impl)
+    _check_tensors(input, target, weight, reduction, impl, process_group is not None)
     opts = _options(ignore_index, weight, label_smoothing, lse_square_scale, softcap, logit_scale)
     backend = _backend(impl, input)
     rows, row_target = _as_rows(input, target)
-    if backend is not reference:
+    if backend is not ops.REFERENCE:
         # The kernels stride over rows, not over classes.
-        if rows.stride(1) != 1:
+        if rows.shape[1] > 1 and rows.stride(1) != 1:
             rows = rows.contiguous()
-        if row_target.is_floating_point() and row_target.stride(1) != 1:
+        if row_target.is_floating_point() and rows.shape[1] > 1 and row_target.stride(1) != 1:
             row_target = row_target.contiguous()
     wants_grad = torch.is_grad_enabled() and input.requires_grad
     if process_group is not None:
@@ -250,7 +251,7 @@ def cross_entropy(
     return (loss, lse.reshape(row_shape)) if return_lse else loss
 
 
-def _check_linear(input, weight, target, bias, reduction, impl, chunk_size) -> None:
+def _check_linear(input, weight, target, bias, reduction, impl, chunk_size, sharded=False):
     for name, value in (("input", input), ("weight", weight), ("target", target)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -272,7 +273,7 @@ def _check_linear(input, weight, target, bias, reduction, impl, chunk_size) -> N
             f"weight must have shape (V, D) with D = input.shape[-1] = {input.shape[-1]}, "
             f"got {tuple(weight.shape)}"
         )
-    if weight.shape[0] == 0:
+    if weight.shape[0] == 0 and not sharded:  # sharded: the layout check fails on every rank
         raise ValueError("weight must have at least one row (V >= 1)")
     if weight.dtype != input.dtype:
         raise TypeError(f"weight must have the input's dtype {input.dtype}, got {weight.dtype}")
@@ -337,12 +338,14 @@ def linear_cross_entropy(
         ignore_index, reduction, label_smoothing, lse_square_scale, softcap, logit_scale,
             return_lse, impl: as :func:`cross_entropy` (no class weights here).
         chunk_size: rows per chunk. ``None`` picks the number of rows whose (rows, V) logits take
-            about 128 MiB (on a GPU at most 1/16 of the free memory), rounded down to a
-            multiple of 128, at least 128 (or all the rows).
-        fp32_weight_grad: with a float16 / bfloat16 weight, accumulate the weight (and bias)
-            gradient over the chunks in float32 and round once at the end, so it matches
-            torch's single matrix product; costs a float32 (V, D) buffer during the step.
-            ``False`` accumulates in the weight's dtype (one rounding per chunk, half the memory).
+            about 128 MiB (on a GPU at most 1/16 of the free memory; 16 MiB on the reference
+            path, which holds several float32 copies of a chunk), rounded down to a multiple of
+            128, at least 128 (or all the rows).
+        fp32_weight_grad: with a float16 / bfloat16 weight, accumulate the weight gradient over
+            the chunks in float32 and round once at the end, so it matches torch's single
+            matrix product; costs a float32 (V, D) buffer during the step. ``False``
+            accumulates in the weight's dtype (one rounding per chunk, half the memory). The
+            bias gradient (V floats) is always accumulated in float32.
         process_group: a ``torch.distributed`` group over which the LM head is sharded by rows:
             ``weight`` (and ``bias``) hold this rank's contiguous slice of the vocabulary, in rank
             order; ``input`` and ``target`` (global class indices) are the same on every rank.
@@ -356,20 +359,32 @@ def linear_cross_entropy(
     by the incoming gradient, on the device); for "none" the backward recomputes each chunk's
     logits once more.
     """
-    _check_linear(input, weight, target, bias, reduction, impl, chunk_size)
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type):
+        # As F.linear under autocast: the product runs in the autocast dtype; the loss itself
+        # follows torch's float32 policy (computed in float32, returned as float32).
+        dtype = torch.get_autocast_dtype(device_type)
+        input, weight = input.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if isinstance(bias, torch.Tensor) else bias
+    _check_linear(
+        input, weight, target, bias, reduction, impl, chunk_size, process_group is not None
+    )
     opts = _options(ignore_index, None, label_smoothing, lse_square_scale, softcap, logit_scale)
     backend = _backend(impl, input)
     hidden = input.reshape(-1, input.shape[-1])
     rows_target = target.reshape(-1)
+    if process_group is not None:  # first: ranks that disagree fail here, all alike
+        opts = distributed.shard_options(
+            opts, process_group, hidden.shape[0], weight.shape[0], False, reduction, hidden.device
+        )
     if chunk_size is None:
-        chunk_size = pick_chunk_size(hidden.shape[0], weight.shape[0], input.dtype, input.device)
+        chunk_size = pick_chunk_size(
+            hidden.shape[0], weight.shape[0], input.dtype, input.device, backend is ops.REFERENCE
+        )
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias)
     )
     if process_group is not None:
-        opts = distributed.shard_options(
-            opts, process_group, hidden.shape[0], weight.shape[0], False, reduction, hidden.device
-        )
         if wants_grad:
             loss, lse = distributed.ShardedLinearCrossEntropyFunction.apply(
                 hidden, weight, bias, rows_target, opts, reduction, chunk_size,

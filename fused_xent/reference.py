@@ -69,8 +69,13 @@ def _loss_and_coef(z, wt, row_max, log_sum, opts):
     z_rel = torch.where(wt == 0, 0.0, z - row_max[:, None])
     sum_wt = wt.sum(dim=1)
     lse = row_max + log_sum
-    loss = sum_wt * log_sum - (wt * z_rel).sum(dim=1) + opts.lse_square_scale * lse * lse
-    coef = sum_wt + 2.0 * opts.lse_square_scale * lse
+    # A row with no target mass here (sum_wt = 0: the target in another rank's slice) adds 0,
+    # even where log_sum is -inf; likewise no z-loss adds 0.
+    loss = torch.where(sum_wt == 0, 0.0, sum_wt * log_sum) - (wt * z_rel).sum(dim=1)
+    coef = sum_wt
+    if opts.lse_square_scale != 0.0:
+        loss = loss + opts.lse_square_scale * lse * lse
+        coef = coef + 2.0 * opts.lse_square_scale * lse
     return loss, coef
 
 

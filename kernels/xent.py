@@ -70,11 +70,19 @@ def _to_out(x, out_ptr, ROUND_BF16: tl.constexpr):
 
 @triton.jit
 def _tanh(u):
-    # Not every Triton version has tl.tanh; exp(-2|u|) never overflows, and the cancellation near
-    # 0 costs an absolute error of a few 1e-8, far below what the softmax can see.
+    # Not every Triton version has tl.tanh. Near 0 an odd Taylor polynomial (truncation below
+    # 1e-8 relative for |u| < 0.25); beyond, (1 - e) / (1 + e) with e = exp(-2|u|), which never
+    # overflows and has lost little to cancellation there. Relative accuracy near 0 matters with
+    # a large softcap, where z = softcap * tanh(x / softcap) would otherwise carry an absolute
+    # error proportional to the softcap.
+    u2 = u * u
+    series = u * (
+        1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0 + u2 * (62.0 / 2835.0))))
+    )
     e = tl.exp(-2.0 * tl.abs(u))
     th = (1.0 - e) / (1.0 + e)
-    return tl.where(u < 0, -th, th)
+    th = tl.where(u < 0, -th, th)
+    return tl.where(tl.abs(u) < 0.25, series, th)
 
 
 @triton.jit
@@ -379,8 +387,11 @@ def _xent_fwd_kernel(
         if HAS_SMOOTHING:
             loss += eps_c * (sum_w * lse_rel - sum_wz)
             coef += eps_c * sum_w
-    loss += lse_square_scale * lse * lse
-    coef += 2.0 * lse_square_scale * lse
+    # Without a z-loss nothing is added, even where lse is -inf (a rank's slice of a sharded
+    # vocabulary whose logits are all -inf: 0 * inf would be NaN).
+    if lse_square_scale != 0.0:
+        loss += lse_square_scale * lse * lse
+        coef += 2.0 * lse_square_scale * lse
     if not PROB_TARGET:
         loss = tl.where(valid, loss, float("nan"))
         loss = tl.where(ignored, 0.0, loss)
@@ -556,7 +567,7 @@ def _check_launchable(logits: torch.Tensor) -> None:
             f"the Triton kernels need a CUDA tensor, got one on {logits.device}; to run them on "
             "the CPU, set TRITON_INTERPRET=1 before fused_xent.kernels is first imported"
         )
-    if logits.stride(1) != 1:
+    if logits.shape[1] > 1 and logits.stride(1) != 1:
         raise ValueError("the kernels need unit stride along the class dimension")
 
 

@@ -153,10 +153,26 @@ def test_module_matches_functional(impl, reduction):
 
 
 def test_module_repr():
+    """ignore_index and reduction always; every other option only where it is not the default."""
     module = CrossEntropyLoss(ignore_index=3, reduction="sum", inplace_backward=True, impl="triton")
     assert repr(module) == (
         "CrossEntropyLoss(ignore_index=3, reduction='sum', inplace_backward=True, impl='triton')"
     )
-    assert repr(CrossEntropyLoss()) == (
-        "CrossEntropyLoss(ignore_index=-100, reduction='mean', inplace_backward=False, impl='auto')"
+    assert repr(CrossEntropyLoss()) == "CrossEntropyLoss(ignore_index=-100, reduction='mean')"
+    every = CrossEntropyLoss(
+        torch.ones(3),
+        ignore_index=0,
+        reduction="none",
+        label_smoothing=0.1,
+        lse_square_scale=1e-4,
+        softcap=30.0,
+        logit_scale=0.5,
+        return_lse=True,
+        inplace_backward=True,
+        impl="reference",
+    )
+    assert repr(every) == (
+        "CrossEntropyLoss(ignore_index=0, reduction='none', label_smoothing=0.1, "
+        "lse_square_scale=0.0001, softcap=30.0, logit_scale=0.5, return_lse=True, "
+        "inplace_backward=True, impl='reference')"
     )

@@ -80,3 +80,26 @@ def test_seed_single_row(impl, col, printed_loss, printed_grad, device):
     want_loss, want_grad = _seed_formula_float64(logits, label)
     torch.testing.assert_close(loss.double(), want_loss, **TIGHT)
     torch.testing.assert_close(grad.double(), want_grad, **TIGHT)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_seed_batch_one_hot_probability_target(impl, dtype, device):
+    """The seed in its own form: its float one-hot labels passed straight in, as a probability
+    target (no argmax), give its printed loss and gradient (float64 labels: the seed's
+    torch.zeros(...) default would be float32; both are probability targets)."""
+    logits = torch.tensor([[1.0, 2.0, 3.0]] * 3)
+    label = _one_hot(SEED_LABEL_COLS).to(dtype)
+    assert label.is_floating_point() and label.shape == logits.shape
+
+    loss, grad = _run(impl, logits.to(device), label.to(device))
+
+    torch.testing.assert_close(loss, torch.tensor(SEED_LOSS), **PRINTED)
+    torch.testing.assert_close(grad, torch.tensor(SEED_GRAD), **PRINTED)
+    want_loss, want_grad = _seed_formula_float64(logits, label)
+    torch.testing.assert_close(loss.double(), want_loss, **TIGHT)
+    torch.testing.assert_close(grad.double(), want_grad, **TIGHT)
+    # and the same numbers as the class-index form of test_seed_batch
+    idx_loss, idx_grad = _run(impl, logits.to(device), label.argmax(1).to(device))
+    torch.testing.assert_close(loss, idx_loss, **TIGHT)
+    torch.testing.assert_close(grad, idx_grad, **TIGHT)

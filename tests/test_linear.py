@@ -1,0 +1,745 @@
+"""linear_cross_entropy / LinearCrossEntropyLoss against torch's F.linear + F.cross_entropy.
+
+The oracle runs torch on float64 copies of the same (rounded) inputs; the LLM options (logit_scale,
+softcap, z-loss) are written out as the formula the docstring states. Half-precision inputs are
+also held to Apple's check: our error against float64 may be at most ~1.5x torch's own error when
+torch runs the same step in that dtype (F.linear in the dtype, the loss on logits upcast to
+float32, as Hugging Face models do).
+
+Sizes are tiny on purpose: without CUDA, impl="triton" runs the kernels under Triton's CPU
+interpreter at roughly 20 ms per row and pass, so a 26-row case costs about a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import (
+    DEVICE,
+    GRAD_RTOL,
+    IMPLS,
+    LOSS_RTOL,
+    REDUCTIONS,
+    backward,
+    dtype_id,
+    random_grad_out,
+    rel_err,
+)
+
+from fused_xent import LinearCrossEntropyLoss, linear_cross_entropy
+from fused_xent.autograd import pick_chunk_size
+
+requires_cuda = pytest.mark.requires_cuda
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Apple's check for linear + cross-entropy. torch rounds the logits, their gradient and the
+# products once each, as the chunked path does ("none": identical errors). "mean"/"sum" round once
+# more: the gradients are stored in the forward, then scaled by the incoming gradient (measured
+# 1.2x torch's error with a random one). TORCH_EPS covers errors both at the float32 floor.
+TORCH_ERR_FACTOR = 1.5
+TORCH_EPS = 1e-6
+
+D = 16  # hidden size: big enough for real products, small for the interpreter
+V = 50  # vocabulary: not a power of two, so the kernel's 64-wide block has 14 masked lanes
+N = 26  # rows: 5 and 8 do not divide it, so the last chunk is partial
+LOGIT_STD = 3.0  # the softmax is far from flat (house style, as make_logits)
+
+# Options at values where each one visibly changes loss and gradient at LOGIT_STD:
+SMOOTHING = dict(label_smoothing=0.1)
+SOFTCAP = dict(softcap=3.0)  # about one logit std: tanh is far from linear over the logits
+LOGIT_SCALE = dict(logit_scale=0.5)
+Z_LOSS = dict(lse_square_scale=0.1)  # large, so lse^2 is a sizeable share of loss and gradient
+ALL_OPTIONS = {**SMOOTHING, **SOFTCAP, **LOGIT_SCALE, **Z_LOSS}
+
+
+def _seed(*parts) -> int:
+    """A seed per parameter set, stable across processes (unlike hash() of a str)."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def make_case(lead, v, d, dtype, seed, *, bias=True, ignored=(), ignore_index=-100):
+    """(input (*lead, d), weight (v, d), bias (v,) or None, target lead): logits ~ N(0, 3^2)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, d, generator=gen, dtype=torch.float64)
+    w = torch.randn(v, d, generator=gen, dtype=torch.float64) * (LOGIT_STD / d**0.5)
+    b = torch.randn(v, generator=gen, dtype=torch.float64) if bias else None
+    t = torch.randint(0, v, lead, generator=gen)
+    t.view(-1)[list(ignored)] = ignore_index
+
+    def cast(a):
+        return None if a is None else a.to(dtype).to(DEVICE)
+
+    return cast(x), cast(w), cast(b), t.to(DEVICE)
+
+
+def grad_out_for(reduction, shape, seed) -> torch.Tensor:
+    """A random, non-unit incoming gradient: a scalar for mean/sum, the target's shape for none."""
+    n = 1
+    for s in shape:
+        n *= s
+    g = random_grad_out(reduction, n, seed)
+    return g.reshape(shape) if reduction == "none" else g
+
+
+def torch_linear_xent(
+    x,
+    w,
+    b,
+    t,
+    *,
+    reduction="mean",
+    ignore_index=-100,
+    label_smoothing=0.0,
+    lse_square_scale=0.0,
+    softcap=None,
+    logit_scale=1.0,
+):
+    """The documented semantics with torch's own ops: (loss, lse).
+
+    F.linear runs in the inputs' dtype; the loss on logits upcast to float32 (float64 for float64
+    inputs), as Hugging Face models do. z = softcap * tanh(logit_scale * logits / softcap); per
+    row CE(z) + lse_square_scale * lse(z)^2 on non-ignored rows; "mean" over non-ignored rows.
+    """
+    logits = F.linear(x, w, b)
+    z = logits.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    z = z.reshape(-1, w.shape[0]) * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    rows_t = t.reshape(-1).long()
+    lse = torch.logsumexp(z, dim=1)
+    ce = dict(ignore_index=ignore_index, label_smoothing=label_smoothing)
+    if lse_square_scale == 0.0:
+        loss = F.cross_entropy(z, rows_t, reduction=reduction, **ce)
+    else:
+        kept = rows_t != ignore_index
+        rows = F.cross_entropy(z, rows_t, reduction="none", **ce)
+        rows = rows + torch.where(kept, lse_square_scale * lse * lse, 0.0)
+        loss = {"none": rows, "sum": rows.sum(), "mean": rows.sum() / kept.sum()}[reduction]
+    if reduction == "none":
+        loss = loss.reshape(t.shape)
+    return loss, lse.reshape(t.shape).detach()
+
+
+def _leaves(x, w, b, dtype=None):
+    return [
+        None if a is None else a.detach().to(dtype or a.dtype).requires_grad_() for a in (x, w, b)
+    ]
+
+
+def run_torch(x, w, b, t, grad_out, dtype, **opts):
+    """torch on copies of x, w, b in ``dtype``: (loss, lse, d_input, d_weight, d_bias)."""
+    xl, wl, bl = _leaves(x, w, b, dtype)
+    loss, lse = torch_linear_xent(xl, wl, bl, t, **opts)
+    backward(loss, grad_out.to(loss.dtype))
+    return loss.detach(), lse, xl.grad, wl.grad, None if bl is None else bl.grad
+
+
+def run_ours(x, w, b, t, grad_out, **kw):
+    """linear_cross_entropy with return_lse: (loss, lse, d_input, d_weight, d_bias)."""
+    xl, wl, bl = _leaves(x, w, b)
+    loss, lse = linear_cross_entropy(xl, wl, t, bl, return_lse=True, **kw)
+    assert not lse.requires_grad, "lse is for logging; it must not be differentiable"
+    assert lse.dtype == torch.float32 and lse.shape == t.shape
+    backward(loss, grad_out)
+    for leaf in (xl, wl, bl):
+        if leaf is not None:
+            assert leaf.grad is not None and leaf.grad.dtype == leaf.dtype
+            assert leaf.grad.shape == leaf.shape
+    return loss.detach(), lse, xl.grad, wl.grad, None if bl is None else bl.grad
+
+
+NAMES = ("loss", "lse", "d_input", "d_weight", "d_bias")
+
+
+def check_against_torch(x, w, b, t, grad_out, *, impl, chunk_size=None, **opts):
+    """Our loss, lse and gradients against float64 torch; half precision also against torch's
+    own error in that dtype (Apple's check). Returns ours, as run_ours."""
+    dtype = x.dtype
+    ours = run_ours(x, w, b, t, grad_out, impl=impl, chunk_size=chunk_size, **opts)
+    want = run_torch(x, w, b, t, grad_out, torch.float64, **opts)
+    assert ours[0].dtype == torch.float32, "the loss is float32 for every input dtype"
+    assert ours[0].shape == want[0].shape
+    if dtype == torch.float32:
+        for name, got, exp in zip(NAMES, ours, want, strict=True):
+            if exp is None:
+                continue
+            tol = LOSS_RTOL if name in ("loss", "lse") else GRAD_RTOL[dtype]
+            err = rel_err(got, exp)
+            assert err <= tol, f"{name}: rel err {err:.3g} > {tol}"
+        return ours
+    theirs = run_torch(x, w, b, t, grad_out, dtype, **opts)
+    for name, got, lowp, exp in zip(NAMES, ours, theirs, want, strict=True):
+        if exp is None:
+            continue
+        err, torch_err = rel_err(got, exp), rel_err(lowp, exp)
+        bound = TORCH_ERR_FACTOR * torch_err + TORCH_EPS
+        assert err <= bound, f"{name}: rel err {err:.3g} > torch's own {torch_err:.3g} x1.5"
+    return ours
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Loss, lse and gradients against torch
+# --------------------------------------------------------------------------------------------
+
+
+def impl_params(cases, on_triton=lambda *case: True):
+    """Every case on the reference (cheap), those ``on_triton`` accepts on the kernels too (each
+    interpreted case costs about a second)."""
+    return [
+        pytest.param(impl, *case.values, id=f"{impl}-{case.id}")
+        for impl in IMPLS
+        for case in cases
+        if impl == "reference" or on_triton(*case.values)
+    ]
+
+
+CHUNKS = [
+    5,  # 6 chunks, the last holds one row
+    8,  # 4 chunks, the last holds two rows
+    N,  # exactly one chunk
+    100,  # more than the rows: one chunk, clipped
+    None,  # pick_chunk_size: all 26 rows at this vocabulary
+]
+CHUNK_CASES = [
+    pytest.param(chunk, reduction, id=f"chunk{chunk}-{reduction}")
+    for chunk in CHUNKS
+    for reduction in REDUCTIONS
+]
+
+
+# On the kernels: chunks of 5 (the one-row last chunk) with every reduction, chunks of 8 through
+# the backward kernel, one whole chunk (26, 100 and None give the kernels the same slices).
+_TRITON_CHUNKS = {(5, "mean"), (5, "sum"), (5, "none"), (8, "none"), (None, "mean")}
+
+
+@pytest.mark.parametrize(
+    "impl, chunk_size, reduction", impl_params(CHUNK_CASES, lambda *c: c in _TRITON_CHUNKS)
+)
+def test_chunks(impl, chunk_size, reduction):
+    """Every chunking gives torch's loss and gradients; three ignored rows (one in the partial
+    last chunk of 5 and of 8) and a random incoming gradient."""
+    seed = _seed("chunks", chunk_size, reduction)
+    x, w, b, t = make_case((N,), V, D, torch.float32, seed, ignored=(0, 11, 25))
+    check_against_torch(
+        x, w, b, t, grad_out_for(reduction, t.shape, seed), impl=impl, chunk_size=chunk_size,
+        reduction=reduction,
+    )  # fmt: skip
+
+
+LEADS = {
+    "2d": (N,),  # (N, D) hidden states
+    "3d": (2, 13),  # (B, T, D): 26 rows; a chunk of 8 straddles the two sequences
+}
+LAYOUT_CASES = [
+    pytest.param(dtype, lead, bias, reduction, id=f"{dtype_id(dtype)}-{lead}-{b_id}-{reduction}")
+    for dtype in (torch.float32, *LOW_PRECISION)
+    for lead in LEADS
+    for bias, b_id in ((True, "bias"), (False, "no_bias"))
+    for reduction in ("mean", "none")
+]
+
+
+# On the kernels: every dtype, once 2-D with bias through the fused forward ("mean") and once
+# 3-D without bias through the backward kernel ("none").
+@pytest.mark.parametrize(
+    "impl, dtype, lead, bias, reduction",
+    impl_params(
+        LAYOUT_CASES, lambda dt, lead, bias, r: (lead, bias, r) in (("2d", True, "mean"),
+                                                                    ("3d", False, "none"))
+    ),
+)  # fmt: skip
+def test_dtypes_shapes_bias(impl, dtype, lead, bias, reduction):
+    seed = _seed("dtypes", dtype, bias, lead, reduction)
+    x, w, b, t = make_case(LEADS[lead], V, D, dtype, seed, bias=bias, ignored=(3,))
+    check_against_torch(
+        x, w, b, t, grad_out_for(reduction, t.shape, seed), impl=impl, chunk_size=8,
+        reduction=reduction,
+    )  # fmt: skip
+
+
+OPTIONS = {
+    "label_smoothing": SMOOTHING,
+    "softcap": SOFTCAP,
+    "logit_scale": LOGIT_SCALE,
+    "lse_square_scale": Z_LOSS,
+    "all": ALL_OPTIONS,
+}
+OPTION_CASES = [
+    pytest.param(name, dtype, reduction, id=f"{name}-{dtype_id(dtype)}-{reduction}")
+    for name, dtype in [*((name, torch.float32) for name in OPTIONS), ("all", torch.bfloat16)]
+    for reduction in ("mean", "none")
+]
+# On the kernels: each option alone through one of the two kernels (fused forward for "mean",
+# backward for "none"), all of them together through both in float32, and in bfloat16 once.
+_ONE_KERNEL = {"label_smoothing": "mean", "softcap": "none", "logit_scale": "mean",
+               "lse_square_scale": "none"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "impl, name, dtype, reduction",
+    impl_params(
+        OPTION_CASES,
+        lambda name, dt, r: (
+            (name, dt, r) == ("all", torch.bfloat16, "mean")
+            or (name == "all" and dt == torch.float32)
+            or _ONE_KERNEL.get(name) == r
+        ),
+    ),
+)
+def test_llm_options(impl, name, dtype, reduction):
+    """The options against the formula, lse included (that of the transformed logits z)."""
+    seed = _seed("options", name, dtype, reduction)
+    x, w, b, t = make_case((N,), V, D, dtype, seed, ignored=(4, 20))
+    check_against_torch(
+        x, w, b, t, grad_out_for(reduction, t.shape, seed), impl=impl, chunk_size=8,
+        reduction=reduction, **OPTIONS[name],
+    )  # fmt: skip
+
+
+IGNORE_CASES = [
+    "all_ignored",  # mean: 0/0 = NaN (as torch), gradients exactly zero
+    "custom_index",  # ignore_index = 7, a valid class: rows with target 7 drop out
+    "no_rows",  # (0, D) input: nothing to chunk
+]
+
+
+# On the kernels: a custom ignore_index through each of the two kernels.
+@pytest.mark.parametrize(
+    "impl, case, reduction",
+    impl_params(
+        [pytest.param(c, r, id=f"{c}-{r}") for c in IGNORE_CASES for r in REDUCTIONS],
+        lambda c, r: c != "custom_index" or r != "sum",
+    ),
+)
+def test_ignored_rows(impl, case, reduction):
+    n = 0 if case == "no_rows" else 8  # 8 rows in chunks of 5: a partial last chunk
+    seed = _seed("ignore", case, reduction)
+    x, w, b, t = make_case((n,), V, D, torch.float32, seed)
+    ignore_index = -100
+    if case == "all_ignored":
+        t.fill_(ignore_index)
+    elif case == "custom_index":
+        ignore_index = 7
+        t[[1, 5, 7]] = 7
+    grad_out = grad_out_for(reduction, t.shape, seed)
+    ours = check_against_torch(
+        x, w, b, t, grad_out, impl=impl, chunk_size=5, reduction=reduction,
+        ignore_index=ignore_index, **Z_LOSS,
+    )  # fmt: skip
+    if case != "custom_index":
+        if reduction == "mean":
+            assert ours[0].isnan(), "mean over no rows is 0/0 = NaN, as torch"
+        else:
+            assert (ours[0] == 0).all()
+        for grad in ours[2:]:
+            assert (grad == 0).all(), "no row counts: every gradient is exactly zero"
+
+
+def test_float64_on_the_reference():
+    """float64 runs on the reference (a tight oracle for the chunking itself); Triton refuses."""
+    seed = _seed("float64")
+    x, w, b, t = make_case((N,), V, D, torch.float64, seed, ignored=(2,))
+    grad_out = grad_out_for("mean", (), seed).double()
+    xl, wl, bl = _leaves(x, w, b)
+    loss, lse = linear_cross_entropy(
+        xl, wl, t, bl, chunk_size=5, return_lse=True, impl="reference", **ALL_OPTIONS
+    )
+    backward(loss, grad_out)
+    want = run_torch(x, w, b, t, grad_out, torch.float64, **ALL_OPTIONS)
+    assert loss.dtype == torch.float64
+    for name, got, exp in zip(NAMES, (loss, lse, xl.grad, wl.grad, bl.grad), want, strict=True):
+        assert rel_err(got, exp) <= 1e-12, name
+    with pytest.raises(TypeError, match="impl='triton'"):
+        linear_cross_entropy(x, w, t, b, impl="triton")
+
+
+def _relayout(layout, x, w, b, t):
+    """The same values in another memory layout (torch's ops accept them all)."""
+    if layout == "strided_input":  # every other hidden unit of a wider buffer: not dense
+        wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
+        wide[..., ::2] = x
+        x = wide[..., ::2]
+    elif layout == "column_major_input":  # dense, but the hidden dimension is not innermost
+        x = x.t().contiguous().t()
+    elif layout == "column_major_weight":  # a head stored as (D, V), transposed
+        w = w.t().contiguous().t()
+    elif layout == "offset_weight":  # a slice of a bigger buffer: nonzero storage offset
+        tall = torch.zeros(w.shape[0] + 3, w.shape[1], dtype=w.dtype, device=w.device)
+        tall[3:] = w
+        w = tall[3:]
+    elif layout == "strided_int32_target":
+        wide = torch.zeros(2 * t.shape[0], dtype=torch.int32, device=t.device)
+        wide[::2] = t
+        t = wide[::2]
+    return x, w, b, t
+
+
+LAYOUT_CASES = [
+    pytest.param(
+        impl, layout, reduction, id=f"{impl}-{layout}-{reduction}",
+    )
+    for impl in IMPLS
+    for layout in ("strided_input", "column_major_input", "column_major_weight", "offset_weight",
+                   "strided_int32_target")
+    for reduction in ("mean", "none")
+    # The kernels see contiguous logits whatever the weight's layout: only the reference for those.
+    if impl == "reference" or "weight" not in layout
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("impl, layout, reduction", LAYOUT_CASES)
+def test_layouts(impl, layout, reduction):
+    n = 8  # a partial last chunk of 5
+    seed = _seed("layout", layout, reduction)
+    x, w, b, t = _relayout(layout, *make_case((n,), V, D, torch.float32, seed, ignored=(1,)))
+    check_against_torch(
+        x, w, b, t, grad_out_for(reduction, t.shape, seed), impl=impl, chunk_size=5,
+        reduction=reduction,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_target_out_of_range(impl):
+    """As cross_entropy: the reference raises IndexError; the kernels give that row a NaN loss
+    without reading out of bounds, and leave the other rows alone."""
+    x, w, b, t = make_case((6,), V, D, torch.float32, _seed("out_of_range"))
+    t[2] = V
+    if impl == "reference":
+        with pytest.raises(IndexError, match="outside"):
+            linear_cross_entropy(x, w, t, b, reduction="none", chunk_size=4, impl=impl)
+        return
+    loss = linear_cross_entropy(x, w, t, b, reduction="none", chunk_size=4, impl=impl)
+    assert loss[2].isnan() and loss[[0, 1, 3, 4, 5]].isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_auto_on_cpu_is_the_reference(dtype):
+    if DEVICE.type == "cuda":
+        pytest.skip("on CUDA impl='auto' picks the kernels")
+    seed = _seed("auto", dtype)
+    x, w, b, t = make_case((N,), V, D, dtype, seed)
+    auto = run_ours(x, w, b, t, torch.ones(()), impl="auto", chunk_size=8)
+    ref = run_ours(x, w, b, t, torch.ones(()), impl="reference", chunk_size=8)
+    for name, a, r in zip(NAMES, auto, ref, strict=True):
+        assert torch.equal(a, r), name
+
+
+def test_module_matches_functional():
+    options = dict(reduction="none", ignore_index=5, chunk_size=8, impl="reference", **ALL_OPTIONS)
+    module = LinearCrossEntropyLoss(return_lse=True, **options)
+    assert "chunk_size=8" in repr(module) and "impl='reference'" in repr(module)
+    seed = _seed("module")
+    x, w, b, t = make_case((2, 13), V, D, torch.float32, seed, ignored=(0, 9), ignore_index=5)
+    for bias in (b, None):
+        got_loss, got_lse = module(x, w, t, bias)
+        want_loss, want_lse = linear_cross_entropy(x, w, t, bias, return_lse=True, **options)
+        assert torch.equal(got_loss, want_loss) and torch.equal(got_lse, want_lse)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("wanted", ["input", "weight", "bias", "weight+bias"])
+def test_some_leaves_need_grad(wanted, reduction):
+    """Only the leaves that require grad get one (a frozen head, frozen hidden states); the
+    others stay None, and the ones computed are torch's."""
+    seed = _seed("leaves", wanted, reduction)
+    x, w, b, t = make_case((N,), V, D, torch.float32, seed, ignored=(6,))
+    grad_out = grad_out_for(reduction, t.shape, seed)
+    leaves = dict(zip(("input", "weight", "bias"), (x.clone(), w.clone(), b.clone()), strict=True))
+    for name, leaf in leaves.items():
+        leaf.requires_grad_(name in wanted.split("+"))
+    loss = linear_cross_entropy(
+        leaves["input"], leaves["weight"], t, leaves["bias"], reduction=reduction, chunk_size=5,
+        impl="reference",
+    )  # fmt: skip
+    backward(loss, grad_out)
+    want = dict(zip(("input", "weight", "bias"), run_torch(
+        x, w, b, t, grad_out, torch.float64, reduction=reduction)[2:], strict=True))  # fmt: skip
+    for name, leaf in leaves.items():
+        if leaf.requires_grad:
+            assert rel_err(leaf.grad, want[name]) <= GRAD_RTOL[torch.float32], name
+        else:
+            assert leaf.grad is None, name
+
+
+# --------------------------------------------------------------------------------------------
+# 2. fp32_weight_grad: the weight gradient summed over many chunks
+# --------------------------------------------------------------------------------------------
+
+FP32_WGRAD_CASES = [
+    pytest.param("reference", torch.bfloat16, "mean"),
+    pytest.param("reference", torch.bfloat16, "none"),  # accumulated in the backward instead
+    pytest.param("reference", torch.float16, "mean"),
+    pytest.param("triton", torch.bfloat16, "mean"),
+]
+
+
+@pytest.mark.parametrize("impl, dtype, reduction", FP32_WGRAD_CASES)
+def test_fp32_weight_grad(impl, dtype, reduction):
+    """Summing 16 chunk products in float32 rounds d_weight once, as torch's single product
+    does; summing in the weight's dtype rounds it 16 times (measured: 1.3-1.5x the error).
+    d_bias is summed in float32 either way."""
+    n, chunk = 32, 2  # 16 chunks of 2 rows: 16 roundings of d_weight with fp32_weight_grad=False
+    seed = _seed("fp32_wgrad", impl, dtype, reduction)
+    x, w, b, t = make_case((n,), V, D, dtype, seed, ignored=(9,))
+    grad_out = grad_out_for(reduction, t.shape, seed)
+    want = run_torch(x, w, b, t, grad_out, torch.float64, reduction=reduction)
+    theirs = run_torch(x, w, b, t, grad_out, dtype, reduction=reduction)
+    errs = {}
+    for fp32 in (True, False):
+        got = run_ours(
+            x, w, b, t, grad_out, impl=impl, chunk_size=chunk, fp32_weight_grad=fp32,
+            reduction=reduction,
+        )  # fmt: skip
+        errs[fp32] = [rel_err(got[i], want[i]) for i in (3, 4)]  # d_weight, d_bias
+    for i, name in enumerate(("d_weight", "d_bias")):
+        torch_err = rel_err(theirs[3 + i], want[3 + i])
+        assert errs[True][i] <= errs[False][i], f"{name}: float32 accumulation is less accurate"
+        if name == "d_weight":
+            assert errs[True][i] < errs[False][i], "fp32_weight_grad made no difference"
+        bound = TORCH_ERR_FACTOR * torch_err + TORCH_EPS
+        assert errs[True][i] <= bound, f"{name}: {errs[True][i]:.3g} > torch's {torch_err:.3g}"
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Autograd corners: loss only, retain_graph, create_graph
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("mode", ["no_grad", "nothing_requires_grad"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_loss_only(impl, mode, reduction):
+    n = 12  # a partial last chunk of 5; loss only, so one pass
+    seed = _seed("loss_only", mode, reduction)
+    x, w, b, t = make_case((n,), V, D, torch.float32, seed, ignored=(2,))
+    want = run_torch(x, w, b, t, torch.ones(()), torch.float64, reduction=reduction)
+    if mode == "no_grad":
+        x, w, b = _leaves(x, w, b)
+    with torch.no_grad() if mode == "no_grad" else torch.enable_grad():
+        loss, lse = linear_cross_entropy(
+            x, w, t, b, reduction=reduction, chunk_size=5, return_lse=True, impl=impl
+        )
+    assert loss.grad_fn is None and not loss.requires_grad
+    assert rel_err(loss, want[0]) <= LOSS_RTOL and rel_err(lse, want[1]) <= LOSS_RTOL
+    assert all(a.grad is None for a in (x, w, b))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_retain_graph(reduction):
+    """mean/sum hand out gradients computed in the forward once: a second backward raises.
+    "none" recomputes in its backward, so a second one works and accumulates."""
+    seed = _seed("retain", reduction)
+    x, w, b, t = make_case((N,), V, D, torch.float32, seed)
+    x, w, b = _leaves(x, w, b)
+    loss = linear_cross_entropy(x, w, t, b, reduction=reduction, chunk_size=8, impl="reference")
+    loss.sum().backward(retain_graph=True)
+    first = [a.grad.clone() for a in (x, w, b)]
+    if reduction == "none":
+        loss.sum().backward()
+        for a, g in zip((x, w, b), first, strict=True):
+            assert torch.allclose(a.grad, 2 * g, rtol=1e-6, atol=0)
+    else:
+        with pytest.raises(RuntimeError, match="backward ran twice"):
+            loss.sum().backward()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_create_graph_raises(reduction):
+    seed = _seed("create_graph", reduction)
+    x, w, b, t = make_case((N,), V, D, torch.float32, seed)
+    x, w, b = _leaves(x, w, b)
+    loss = linear_cross_entropy(x, w, t, b, reduction=reduction, chunk_size=8, impl="reference")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss.sum(), (x, w), create_graph=True)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Memory: the full (N, V) logits never exist
+# --------------------------------------------------------------------------------------------
+
+# Runs in a fresh interpreter so that this process's allocations do not blur the peak. Writing
+# "5" to /proc/self/clear_refs resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0).
+_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    import torch
+    from fused_xent import linear_cross_entropy
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+
+    def reset_peak():
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return status("VmRSS")
+
+    n, v, d, chunk, reduction = json.loads(sys.argv[1])
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=gen).requires_grad_()
+    w = (torch.randn(v, d, generator=gen) * 0.5).requires_grad_()
+    t = torch.randint(0, v, (n,), generator=gen)
+    # Warm-up on a few rows: thread pools, lazy imports and first-call buffers are not the loss's.
+    linear_cross_entropy(x[:2], w, t[:2], reduction=reduction, impl="reference").sum().backward()
+    x.grad = w.grad = None
+    try:
+        base = reset_peak()
+    except OSError as exc:
+        print(json.dumps(dict(skip=f"cannot reset the peak RSS: {exc}")))
+        sys.exit()
+    start = time.perf_counter()
+    loss = linear_cross_entropy(x, w, t, reduction=reduction, chunk_size=chunk, impl="reference")
+    loss.sum().backward()
+    seconds = time.perf_counter() - start
+    fused = status("VmHWM") - base
+    finite = all(bool(a.isfinite().all()) for a in (loss, x.grad, w.grad))
+    del loss
+    base = reset_peak()
+    full = torch.ones(n, v)  # the control: the full logits, which this measurement must see
+    control = status("VmHWM") - base
+    print(json.dumps(dict(fused=fused, control=control, seconds=seconds, finite=finite)))
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_peak_memory_cpu(reduction):
+    """Peak RSS growth over a forward + backward stays well under the full logits' size."""
+    # float32 logits of 1024 x 32768 = 128 MiB in full; chunks of 16 rows hold 2 MiB, and the
+    # reference's float32 temporaries about 6 chunks (measured: 11% of the full logits). One
+    # thread, a few seconds of compute: more threads only contend with the test workers.
+    n, v, d, chunk = 1024, 32768, 16, 16
+    full = n * v * 4
+    # glibc's dynamic mmap threshold keeps freed chunk buffers on the heap, where the peak then
+    # measures the allocator's retention; a fixed threshold returns them, as the package does.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT, json.dumps([n, v, d, chunk, reduction])],
+        capture_output=True, text=True, timeout=120, check=True, env=env,
+    )  # fmt: skip
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "skip" in result:
+        pytest.skip(result["skip"])
+    assert result["finite"]
+    assert result["control"] >= 0.9 * full, "the measurement must see a full-logits allocation"
+    assert result["fused"] < 0.4 * full, (
+        f"peak RSS grew {result['fused'] / 2**20:.0f} MiB; the full logits are {full / 2**20:.0f}"
+    )
+
+
+@requires_cuda
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_peak_memory_cuda(reduction):
+    """The kernel path with the default chunk: peak allocation far below the full logits."""
+    # float32 logits of 4096 x 131072 = 2 GiB in full; the default chunk holds 128 MiB, and the
+    # float32 weight gradient 128 MiB.
+    n, v, d = 4096, 131072, 256
+    full = n * v * 4
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(n, d, device="cuda", generator=gen).requires_grad_()
+    w = (torch.randn(v, d, device="cuda", generator=gen) * 0.1).requires_grad_()
+    t = torch.randint(0, v, (n,), device="cuda", generator=gen)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = linear_cross_entropy(x, w, t, reduction=reduction)
+    loss.sum().backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert loss.isfinite().all() and x.grad.isfinite().all() and w.grad.isfinite().all()
+    assert peak < 0.4 * full, f"peak {peak / 2**20:.0f} MiB; the full logits are {full / 2**20:.0f}"
+
+
+def test_pick_chunk_size():
+    """About 128 MiB of logits per chunk, a multiple of 128 rows, at least 128 or all rows."""
+    cpu = torch.device("cpu")
+    assert pick_chunk_size(26, 100, torch.float32, cpu) == 26  # a small batch: one chunk
+    # 128 MiB of float32 rows of 32768 logits = 1024 rows; bfloat16 rows are half the size
+    assert pick_chunk_size(10_000, 32768, torch.float32, cpu) == 1024
+    assert pick_chunk_size(10_000, 32768, torch.bfloat16, cpu) == 2048
+    # 300_000 float32 logits a row: 111 rows fit, rounded down to 0, raised to the minimum 128
+    assert pick_chunk_size(10_000, 300_000, torch.float32, cpu) == 128
+    assert pick_chunk_size(50, 300_000, torch.float32, cpu) == 50
+    assert pick_chunk_size(0, 100, torch.float32, cpu) == 1  # no rows: still a valid step
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Bad input: a clear error that names the argument
+# --------------------------------------------------------------------------------------------
+
+
+def _bad_args(**changes):
+    x, w, b, t = make_case((4,), 10, 8, torch.float32, 0)  # D = 8, V = 10, 4 rows
+    args = dict(input=x, weight=w, target=t, bias=b)
+    args.update(changes)
+    return args
+
+
+def _on_device(*shape, dtype=torch.float32):
+    return torch.zeros(*shape, dtype=dtype, device=DEVICE)
+
+
+# (changed arguments, exception, message): each message names the argument at fault.
+BAD_INPUTS = {
+    "mismatched_D": (
+        dict(weight=_on_device(10, 7)), ValueError,
+        r"weight must have shape \(V, D\) with D = input.shape\[-1\] = 8, got \(10, 7\)",
+    ),
+    "weight_1d": (dict(weight=_on_device(10)), ValueError, "weight must be 2-D"),
+    "weight_3d": (dict(weight=_on_device(2, 10, 8)), ValueError, "weight must be 2-D"),
+    "weight_empty": (dict(weight=_on_device(0, 8)), ValueError, r"weight must have at least one"),
+    "weight_list": (dict(weight=[[1.0] * 8] * 10), TypeError, "weight must be a torch.Tensor"),
+    "weight_dtype": (
+        dict(weight=_on_device(10, 8, dtype=torch.float64)), TypeError,
+        "weight must have the input's dtype",
+    ),
+    "bias_size": (dict(bias=_on_device(9)), ValueError, r"bias must have shape \(V,\) = \(10,\)"),
+    "bias_2d": (dict(bias=_on_device(10, 1)), ValueError, r"bias must have shape \(V,\)"),
+    "bias_dtype": (
+        dict(bias=_on_device(10, dtype=torch.bfloat16)), TypeError,
+        "bias must have the input's dtype",
+    ),
+    "target_rows": (
+        dict(target=_on_device(5, dtype=torch.long)), ValueError,
+        r"target must have shape \(4,\) \(input's leading dims\)",
+    ),
+    "target_ndim": (
+        dict(target=_on_device(4, 1, dtype=torch.long)), ValueError,
+        r"target must have shape \(4,\)",
+    ),
+    "float_target": (dict(target=_on_device(4)), TypeError, "target must hold int64 or int32"),
+    "uint8_target": (
+        dict(target=_on_device(4, dtype=torch.uint8)), TypeError, "target must hold int64 or int32"
+    ),
+    "int_input": (dict(input=_on_device(4, 8, dtype=torch.int32)), TypeError, "input must be"),
+    "reduction": (dict(reduction="avg"), ValueError, "reduction must be one of"),
+    "impl": (dict(impl="cuda"), ValueError, "impl must be one of"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input(case):
+    changes, exc, match = BAD_INPUTS[case]
+    with pytest.raises(exc, match=match):
+        linear_cross_entropy(**_bad_args(**changes))
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, 2.5, True, "8"], ids=repr)
+def test_bad_chunk_size(chunk_size):
+    """True is an int to Python, but not a row count."""
+    with pytest.raises((ValueError, TypeError), match="chunk_size must be a positive int"):
+        linear_cross_entropy(**_bad_args(), chunk_size=chunk_size)
+    with pytest.raises((ValueError, TypeError), match="chunk_size must be a positive int"):
+        LinearCrossEntropyLoss(chunk_size=chunk_size)(*_bad_args().values())
