@@ -68,6 +68,41 @@ def forward_no_grad(logits, target, opts, reduction, backend):
     return _reduce(loss, target, opts, logits.shape[1], reduction), _lse(stats)
 
 
+def refuse_double_backward() -> None:
+    """create_graph=True: the gradients computed here are not themselves differentiable, and a
+    gradient penalty built on them would silently be a constant; refuse instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "fused_xent: double backward (create_graph=True) is not supported; its gradient "
+            "is not differentiable. Use torch.nn.functional.cross_entropy for that step."
+        )
+
+
+def save_forward_grads(ctx, grads) -> None:
+    """Keep the gradients a forward computed (None where not wanted) for the backward."""
+    ctx.have = tuple(g is not None for g in grads)
+    ctx.save_for_backward(*(g for g in grads if g is not None))
+    ctx.consumed = False
+
+
+def take_forward_grads(ctx, grad_loss, call: str) -> list:
+    """Those gradients scaled by the incoming scalar on the device (nothing moves when it is 1);
+    they are handed out once, so a second backward (retain_graph) is refused."""
+    if ctx.consumed:
+        raise RuntimeError(
+            f"fused_xent: backward ran twice through one {call} call (retain_graph); its "
+            "gradient is computed in the forward and handed out once. Call the loss again, or "
+            "use reduction='none' without inplace_backward."
+        )
+    ctx.consumed = True
+    saved = iter(ctx.saved_tensors)
+    grads = [next(saved) if have else None for have in ctx.have]
+    for g in grads:
+        if g is not None:
+            ctx.backend.scale_grad_(g if g.dim() == 2 else g[None], grad_loss)
+    return grads
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, opts, reduction, inplace_backward, backend):
@@ -85,7 +120,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             backend.xent_forward(logits, target, opts, loss, stats, grad, grad_scale)
             if inplace_backward:
                 torch.autograd.graph.increment_version(logits)
-            ctx.save_for_backward(grad)
+            save_forward_grads(ctx, [grad])
         else:
             backend.xent_forward(logits, target, opts, loss, stats)
             ctx.save_for_backward(logits, target, stats)
@@ -96,23 +131,9 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
         del grad_lse  # lse is returned for logging; it is not differentiable
-        if torch.is_grad_enabled():
-            # create_graph=True: the gradient computed here is not itself differentiable, and a
-            # gradient penalty built on it would silently be a constant.
-            raise RuntimeError(
-                "fused_xent: double backward (create_graph=True) is not supported; its gradient "
-                "is not differentiable. Use torch.nn.functional.cross_entropy for that step."
-            )
+        refuse_double_backward()
         if ctx.fused:
-            if ctx.consumed:
-                raise RuntimeError(
-                    "fused_xent: backward ran twice through one cross_entropy call (retain_graph); "
-                    "its gradient is computed in the forward and handed out once. Call the loss "
-                    "again, or use reduction='none' and reduce it yourself."
-                )
-            ctx.consumed = True
-            (grad,) = ctx.saved_tensors
-            ctx.backend.scale_grad_(grad, grad_loss)
+            (grad,) = take_forward_grads(ctx, grad_loss, "cross_entropy")
         else:
             if ctx.inplace_backward and ctx.consumed:
                 raise RuntimeError(
@@ -234,9 +255,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 hidden, weight, bias, target, opts, chunk_size, fp32_wgrad, backend, need_h,
                 need_w, need_b, loss=loss, stats=stats, grad_scale=grad_scale,
             )  # fmt: skip
-            ctx.save_for_backward(*(g for g in grads if g is not None))
-            ctx.have = tuple(g is not None for g in grads)
-            ctx.consumed = False
+            save_forward_grads(ctx, grads)
         else:
             loss, stats = linear_loss_rows(hidden, weight, bias, target, opts, chunk_size, backend)
             ctx.save_for_backward(hidden, weight, bias, target, stats)
@@ -247,23 +266,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
         del grad_lse
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "fused_xent: double backward (create_graph=True) is not supported; its gradient "
-                "is not differentiable."
-            )
+        refuse_double_backward()
         if ctx.fused:
-            if ctx.consumed:
-                raise RuntimeError(
-                    "fused_xent: backward ran twice through one linear_cross_entropy call "
-                    "(retain_graph); its gradients are computed in the forward and handed out once."
-                )
-            ctx.consumed = True
-            saved = iter(ctx.saved_tensors)
-            grads = [next(saved) if have else None for have in ctx.have]
-            for g in grads:
-                if g is not None:
-                    ctx.backend.scale_grad_(g if g.dim() == 2 else g[None], grad_loss)
+            grads = take_forward_grads(ctx, grad_loss, "linear_cross_entropy")
         else:
             hidden, weight, bias, target, stats = ctx.saved_tensors
             need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -272,6 +277,42 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 ctx.backend, need_h, need_w, need_b, stats=stats, dloss=grad_loss,
             )  # fmt: skip
         return (*grads, None, None, None, None, None, None)
+
+
+def linear_grad_buffers(hidden, weight, bias, need, fp32_wgrad):
+    """d_hidden (row-major whatever the input's layout: the kernels scale it row by row), and the
+    d_weight / d_bias accumulators (float32 for a half-precision weight when ``fp32_wgrad``; the
+    bias, V floats, always), each None where not wanted."""
+    need_h, need_w, need_b = need
+    low_precision = weight.dtype in (torch.float16, torch.bfloat16)
+    acc_dtype = torch.float32 if (low_precision and fp32_wgrad) else weight.dtype
+    d_hidden = _alloc.empty(hidden.shape, hidden.dtype, hidden.device) if need_h else None
+    d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
+    d_bias = None
+    if need_b and bias is not None:
+        bias_dtype = torch.float32 if low_precision else weight.dtype
+        d_bias = torch.zeros(weight.shape[:1], dtype=bias_dtype, device=weight.device)
+    return d_hidden, d_weight, d_bias
+
+
+def accumulate_chunk_grads(grads, chunk_grad, hidden, weight, rows) -> None:
+    """Add one chunk's d(loss)/d(logits) to d_hidden (its rows), d_weight and d_bias."""
+    d_hidden, d_weight, d_bias = grads
+    if d_hidden is not None:
+        torch.mm(chunk_grad, weight, out=d_hidden[rows])
+    if d_weight is not None:
+        _accumulate_mm(d_weight, chunk_grad.t(), hidden[rows])
+    if d_bias is not None:
+        d_bias += chunk_grad.sum(dim=0, dtype=d_bias.dtype)
+
+
+def cast_linear_grads(d_hidden, d_weight, d_bias, weight, bias):
+    """The accumulators rounded once to the parameters' dtypes."""
+    if d_weight is not None:
+        d_weight = d_weight.to(weight.dtype)
+    if d_bias is not None:
+        d_bias = d_bias.to(bias.dtype)
+    return d_hidden, d_weight, d_bias
 
 
 def _linear_xent_grads(
@@ -284,18 +325,8 @@ def _linear_xent_grads(
     gradient is scaled by ``grad_scale``; otherwise (the backward of "none") the forward's
     ``stats`` and the incoming per-row ``dloss`` give it.
     """
-    n_rows = hidden.shape[0]
-    low_precision = weight.dtype in (torch.float16, torch.bfloat16)
-    acc_dtype = torch.float32 if (low_precision and fp32_wgrad) else weight.dtype
-    # Row-major whatever the input's layout: the kernels scale it row by row.
-    d_hidden = _alloc.empty(hidden.shape, hidden.dtype, hidden.device) if need_h else None
-    d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
-    d_bias = (
-        torch.zeros(weight.shape[:1], dtype=torch.float32 if low_precision else weight.dtype,
-                    device=weight.device)
-        if (need_b and bias is not None) else None
-    )  # fmt: skip
-    for start, end in _chunks(n_rows, chunk_size):
+    grads = linear_grad_buffers(hidden, weight, bias, (need_h, need_w, need_b), fp32_wgrad)
+    for start, end in _chunks(hidden.shape[0], chunk_size):
         logits = _chunk_logits(hidden, weight, bias, start, end)
         rows = slice(start, end)
         if loss is not None:
@@ -305,14 +336,5 @@ def _linear_xent_grads(
         else:
             backend.xent_backward(logits, target[rows], opts, stats[:, rows], dloss[rows], logits)
         # logits now hold d(loss)/d(logits) of this chunk.
-        if d_hidden is not None:
-            torch.mm(logits, weight, out=d_hidden[rows])
-        if d_weight is not None:
-            _accumulate_mm(d_weight, logits.t(), hidden[rows])
-        if d_bias is not None:
-            d_bias += logits.sum(dim=0, dtype=d_bias.dtype)
-    if d_weight is not None:
-        d_weight = d_weight.to(weight.dtype)
-    if d_bias is not None:
-        d_bias = d_bias.to(bias.dtype)
-    return d_hidden, d_weight, d_bias
+        accumulate_chunk_grads(grads, logits, hidden, weight, rows)
+    return cast_linear_grads(*grads, weight, bias)

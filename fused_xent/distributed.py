@@ -33,7 +33,17 @@ import torch
 import torch.distributed as dist
 
 from . import _alloc
-from .autograd import _accumulate_mm, _chunk_logits, _chunks, _row_outputs
+from .autograd import (
+    _chunk_logits,
+    _chunks,
+    _row_outputs,
+    accumulate_chunk_grads,
+    cast_linear_grads,
+    linear_grad_buffers,
+    refuse_double_backward,
+    save_forward_grads,
+    take_forward_grads,
+)
 
 _REDUCTION_CODE = {"mean": 0.0, "sum": 1.0, "none": 2.0}
 
@@ -165,11 +175,7 @@ class ShardedCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
         del grad_lse
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "fused_xent: double backward (create_graph=True) is not supported; its gradient "
-                "is not differentiable."
-            )
+        refuse_double_backward()
         logits, target, stats, denominator = ctx.saved_tensors
         dloss = _incoming_per_row(grad_loss, denominator, ctx.reduction, logits.shape[0])
         grad = logits if ctx.inplace_backward else _alloc.empty_like(logits)
@@ -207,37 +213,17 @@ def _sharded_linear_pass(hidden, weight, bias, target, opts, chunk_size, backend
         denominator += den
         if grads is None:
             continue
-        d_hidden, d_weight, d_bias, dloss = grads
+        *bufs, dloss = grads
         backend.xent_backward(logits, target[rows], opts, stats[:, rows], dloss[rows], logits)
-        if d_hidden is not None:
-            torch.mm(logits, weight, out=d_hidden[rows])
-        if d_weight is not None:
-            _accumulate_mm(d_weight, logits.t(), hidden[rows])
-        if d_bias is not None:
-            d_bias += logits.sum(dim=0, dtype=d_bias.dtype)
+        accumulate_chunk_grads(bufs, logits, hidden, weight, rows)
     return loss, stats, denominator
 
 
-def _grad_buffers(hidden, weight, bias, need, fp32_wgrad):
-    need_h, need_w, need_b = need
-    low = weight.dtype in (torch.float16, torch.bfloat16)
-    acc = torch.float32 if (low and fp32_wgrad) else weight.dtype
-    d_hidden = _alloc.empty(hidden.shape, hidden.dtype, hidden.device) if need_h else None
-    d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-    d_bias = None
-    if need_b and bias is not None:
-        d_bias = torch.zeros(weight.shape[:1], dtype=torch.float32, device=weight.device)
-    return d_hidden, d_weight, d_bias
-
-
 def _finish_grads(d_hidden, d_weight, d_bias, weight, bias, group):
+    """The hidden gradient summed over the ranks; the accumulators in the parameters' dtypes."""
     if d_hidden is not None:
         dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=group)
-    if d_weight is not None:
-        d_weight = d_weight.to(weight.dtype)
-    if d_bias is not None:
-        d_bias = d_bias.to(bias.dtype)
-    return d_hidden, d_weight, d_bias
+    return cast_linear_grads(d_hidden, d_weight, d_bias, weight, bias)
 
 
 class ShardedLinearCrossEntropyFunction(torch.autograd.Function):
@@ -260,7 +246,7 @@ class ShardedLinearCrossEntropyFunction(torch.autograd.Function):
         if ctx.fused:
             # The denominator is only known after the pass, so the gradients are computed with
             # an incoming gradient of 1 per row and divided by it afterwards, on the device.
-            bufs = _grad_buffers(hidden, weight, bias, need, fp32_wgrad)
+            bufs = linear_grad_buffers(hidden, weight, bias, need, fp32_wgrad)
             ones = torch.ones(hidden.shape[0], dtype=torch.float32, device=hidden.device)
             loss, stats, denominator = _sharded_linear_pass(
                 hidden, weight, bias, target, opts, chunk_size, backend, group, (*bufs, ones)
@@ -270,9 +256,7 @@ class ShardedLinearCrossEntropyFunction(torch.autograd.Function):
                 for g in grads:
                     if g is not None:
                         g.div_(denominator.to(g.dtype))
-            ctx.have = tuple(g is not None for g in grads)
-            ctx.save_for_backward(*(g for g in grads if g is not None))
-            ctx.consumed = False
+            save_forward_grads(ctx, grads)
         else:
             loss, stats, denominator = _sharded_linear_pass(
                 hidden, weight, bias, target, opts, chunk_size, backend, group, None
@@ -285,26 +269,12 @@ class ShardedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
         del grad_lse
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "fused_xent: double backward (create_graph=True) is not supported; its gradient "
-                "is not differentiable."
-            )
+        refuse_double_backward()
         if ctx.fused:
-            if ctx.consumed:
-                raise RuntimeError(
-                    "fused_xent: backward ran twice through one linear_cross_entropy call "
-                    "(retain_graph); its gradients are computed in the forward and handed out once."
-                )
-            ctx.consumed = True
-            saved = iter(ctx.saved_tensors)
-            grads = [next(saved) if have else None for have in ctx.have]
-            for g in grads:
-                if g is not None:
-                    ctx.backend.scale_grad_(g if g.dim() == 2 else g[None], grad_loss)
+            grads = take_forward_grads(ctx, grad_loss, "linear_cross_entropy")
             return (*grads, None, None, None, None, None, None, None)
         hidden, weight, bias, target = ctx.saved_tensors
-        bufs = _grad_buffers(hidden, weight, bias, ctx.needs_input_grad[:3], ctx.fp32_wgrad)
+        bufs = linear_grad_buffers(hidden, weight, bias, ctx.needs_input_grad[:3], ctx.fp32_wgrad)
         _sharded_linear_pass(
             hidden, weight, bias, target, ctx.opts, ctx.chunk_size, ctx.backend, ctx.group,
             (*bufs, grad_loss),
