@@ -120,7 +120,6 @@ def test_logits_shape(script):
     assert model.head(h.reshape(rows, cfg.d_model)).shape == (rows, len(vocab))
     with torch.no_grad():
         losses = [
-            script.compute_loss(model, x, y, name, "auto", 256).item()
-            for name in script.LOSSES
+            script.compute_loss(model, x, y, name, "auto", 256).item() for name in script.LOSSES
         ]
     assert max(losses) - min(losses) <= 1e-6 * losses[0]
