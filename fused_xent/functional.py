@@ -32,20 +32,24 @@ def _check_float(name: str, value, low: float = -math.inf, high: float = math.in
     return value
 
 
-def _check_tensors(input, target, weight, reduction, impl, sharded=False) -> None:
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+def _check_common(tensors: dict, reduction, impl) -> None:
+    """What both losses check first: tensor arguments, reduction, impl, the input's dtype."""
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if input.dtype not in _INPUT_DTYPES:
+    if tensors["input"].dtype not in _INPUT_DTYPES:
         raise TypeError(
             "input must be float32, float16 or bfloat16 (float64 on the reference path), "
-            f"got {input.dtype}"
+            f"got {tensors['input'].dtype}"
         )
+
+
+def _check_tensors(input, target, weight, reduction, impl, sharded=False) -> None:
+    _check_common({"input": input, "target": target}, reduction, impl)
     if input.dim() == 0:
         raise ValueError("input must have a class dimension: (C,), (N, C) or (N, C, d1, ...)")
     class_dim = 0 if input.dim() == 1 else 1
@@ -251,19 +255,8 @@ def cross_entropy(
     return (loss, lse.reshape(row_shape)) if return_lse else loss
 
 
-def _check_linear(input, weight, target, bias, reduction, impl, chunk_size, sharded=False):
-    for name, value in (("input", input), ("weight", weight), ("target", target)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if input.dtype not in _INPUT_DTYPES:
-        raise TypeError(
-            "input must be float32, float16 or bfloat16 (float64 on the reference path), "
-            f"got {input.dtype}"
-        )
+def _check_linear(input, weight, target, bias, chunk_size, sharded=False):
+    """After _check_common (and autocast's casts): shapes, dtypes, devices, chunk_size."""
     if input.dim() < 1:
         raise ValueError("input must have shape (..., D), got a 0-dim tensor")
     if weight.dim() != 2:
@@ -359,6 +352,7 @@ def linear_cross_entropy(
     by the incoming gradient, on the device); for "none" the backward recomputes each chunk's
     logits once more.
     """
+    _check_common({"input": input, "weight": weight, "target": target}, reduction, impl)
     device_type = input.device.type
     if torch.is_autocast_enabled(device_type):
         # As F.linear under autocast: the product runs in the autocast dtype; the loss itself
@@ -366,9 +360,7 @@ def linear_cross_entropy(
         dtype = torch.get_autocast_dtype(device_type)
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if isinstance(bias, torch.Tensor) else bias
-    _check_linear(
-        input, weight, target, bias, reduction, impl, chunk_size, process_group is not None
-    )
+    _check_linear(input, weight, target, bias, chunk_size, process_group is not None)
     opts = _options(ignore_index, None, label_smoothing, lse_square_scale, softcap, logit_scale)
     backend = _backend(impl, input)
     hidden = input.reshape(-1, input.shape[-1])
