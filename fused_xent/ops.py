@@ -5,7 +5,10 @@ kernel launch (with a fake implementation for tracing) instead of tracing into l
 outputs passed in and written) on top of the ops; the autograd layer drives it like a module.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here, and Optional rather than `X | None`: torch's
+# custom-op schema inference reads these annotations, and older releases (the GPU machine runs
+# torch 2.11) know only real typing objects.
+from typing import Optional
 
 import torch
 
@@ -42,16 +45,16 @@ def _opts(weight, ignore_index, label_smoothing, lse_square_scale, logit_scale, 
 def _xent_forward(
     logits: torch.Tensor,
     target: torch.Tensor,
-    weight: torch.Tensor | None,
+    weight: Optional[torch.Tensor],
     loss: torch.Tensor,
     stats: torch.Tensor,
-    grad: torch.Tensor | None,
-    grad_scale: torch.Tensor | None,
+    grad: Optional[torch.Tensor],
+    grad_scale: Optional[torch.Tensor],
     ignore_index: int,
     label_smoothing: float,
     lse_square_scale: float,
     logit_scale: float,
-    softcap: float | None,
+    softcap: Optional[float],
     class_offset: int,
     n_classes: int,
     impl: str,
@@ -70,14 +73,14 @@ def _(*args, **kwargs) -> None:
 def _xent_backward(
     logits: torch.Tensor,
     target: torch.Tensor,
-    weight: torch.Tensor | None,
+    weight: Optional[torch.Tensor],
     stats: torch.Tensor,
     dloss: torch.Tensor,
     grad: torch.Tensor,
     ignore_index: int,
     label_smoothing: float,
     logit_scale: float,
-    softcap: float | None,
+    softcap: Optional[float],
     class_offset: int,
     n_classes: int,
     impl: str,
