@@ -86,6 +86,22 @@ def _tanh(u):
 
 
 @triton.jit
+def _transform(x, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """z = softcap * tanh(logit_scale * x / softcap), or logit_scale * x without a softcap."""
+    z = x.to(tl.float32) * logit_scale
+    if HAS_SOFTCAP:
+        z = softcap * _tanh(z / softcap)
+    return z
+
+
+@triton.jit
+def _class_row_scale(scale, valid, ignored):
+    """A class-index row's gradient scale: 0 when ignored, NaN when its target is invalid."""
+    scale = tl.where(valid, scale, float("nan"))
+    return tl.where(ignored, 0.0, scale)
+
+
+@triton.jit
 def _load_block(
     x_row_ptr,
     t_row_ptr,
@@ -100,9 +116,9 @@ def _load_block(
 ):
     """One block of a row: z (lanes past the row are -inf, after the softcap), w, t and the mask."""
     mask = offs < n_cols
-    z = tl.load(x_row_ptr + offs, mask=mask, other=0.0).to(tl.float32) * logit_scale
-    if HAS_SOFTCAP:
-        z = softcap * _tanh(z / softcap)
+    z = _transform(
+        tl.load(x_row_ptr + offs, mask=mask, other=0.0), logit_scale, softcap, HAS_SOFTCAP
+    )
     # Masked lanes become -inf only now: -inf through the tanh would come out as -softcap and
     # leak probability mass into lanes that do not exist.
     z = tl.where(mask, z, float("-inf"))
@@ -323,13 +339,9 @@ def _xent_fwd_kernel(
             ignore_index,
             HAS_WEIGHT,
         )
-        z_target = z_target * logit_scale
-        if HAS_SOFTCAP:
-            z_target = softcap * _tanh(z_target / softcap)
+        z_target = _transform(z_target, logit_scale, softcap, HAS_SOFTCAP)
     # The option sums are taken relative to the row's first logit (any finite logit would do).
-    shift = tl.load(x_row_ptr).to(tl.float32) * logit_scale
-    if HAS_SOFTCAP:
-        shift = softcap * _tanh(shift / softcap)
+    shift = _transform(tl.load(x_row_ptr), logit_scale, softcap, HAS_SOFTCAP)
     shift = tl.where(shift == float("-inf"), 0.0, shift)
 
     # Pass 1: per-lane online max and sum of exponentials, and the sums the options need.
@@ -403,8 +415,7 @@ def _xent_fwd_kernel(
     if WRITE_GRAD:
         row_scale = tl.load(grad_scale_ptr).to(tl.float32)
         if not PROB_TARGET:
-            row_scale = tl.where(valid, row_scale, float("nan"))
-            row_scale = tl.where(ignored, 0.0, row_scale)
+            row_scale = _class_row_scale(row_scale, valid, ignored)
         dx_row_ptr = grad_ptr + row * stride_grad_row
         if SINGLE_BLOCK:
             dx = _block_grad(
@@ -471,8 +482,7 @@ def _xent_bwd_kernel(
             ignore_index,
             HAS_WEIGHT,
         )
-        row_scale = tl.where(valid, row_scale, float("nan"))
-        row_scale = tl.where(ignored, 0.0, row_scale)
+        row_scale = _class_row_scale(row_scale, valid, ignored)
     row_max = tl.load(stats_ptr + row)
     log_sum = tl.load(stats_ptr + stride_stats + row)
     coef = tl.load(stats_ptr + 2 * stride_stats + row)
