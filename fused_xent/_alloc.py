@@ -17,3 +17,18 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 def empty_like(t: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(t)
     return out.fill_(float("nan")) if POISON else out
+
+
+def grad_like(logits: torch.Tensor) -> torch.Tensor:
+    """An (N, C) buffer for the gradient of ``logits`` with the same 16-byte alignment row by row,
+    so the kernels cut a gradient row into 16-byte vectors exactly as its logits row: contiguous
+    for contiguous logits; a row-strided view ``big[:, :C]`` gets rows padded by fewer than 16
+    bytes, not ``big``'s stride."""
+    n_rows, n_cols = logits.shape
+    size = logits.element_size()
+    vec = 16 // size
+    lead = (logits.data_ptr() % 16) // size
+    stride = logits.stride(0) if n_rows > 1 else n_cols
+    row = n_cols + (stride - n_cols) % vec
+    flat = empty((n_rows * row + lead,), logits.dtype, logits.device)
+    return flat.as_strided((n_rows, n_cols), (row, 1), lead)

@@ -1,19 +1,22 @@
 """The autograd Function behind ``fused_xent.cross_entropy``: no kernel code, no reference code.
 
 It drives a *backend* (``fused_xent.kernels.xent`` or ``fused_xent.reference``), both of which
-offer ``xent_forward``, ``xent_backward`` and ``scale_grad_`` with one contract, on (N, C) logits;
-the functional layer has already flattened any other shape to that.
+offer ``xent_prologue``, ``xent_forward``, ``xent_backward`` and ``scale_grad_`` with one
+contract, on (N, C) logits; the functional layer has already flattened any other shape to that.
 
-Two schedules, chosen by what the forward can know:
+The schedules, chosen by what the forward can know:
 
-* "mean" / "sum" with a gradient wanted: the incoming gradient is one scalar, so the forward
-  writes the gradient divided by the "mean" denominator in the same launch that computes the
-  loss, and the backward multiplies it by that scalar on the device (a no-op when it is 1).
-* "none": the per-row incoming gradient is only known in the backward, so the forward stores three
-  floats per row (``stats``: max, log-sum, softmax coefficient) and the backward makes one more
-  pass over the logits.
+* "mean" / "sum" with a gradient wanted (and not in place): the prologue zeroes the reduction's
+  counter and computes the "mean" denominator, then one launch computes the rows' losses, the
+  reduced loss and the gradient for an incoming gradient of 1. The backward is one launch that
+  checks the incoming gradient on the device: 1 leaves the gradient as it is; anything else
+  recomputes it from the logits with that gradient applied, so it is rounded once.
+* "none", and every reduction with ``inplace_backward``: the forward stores three floats per row
+  (``stats``: max, log-sum, softmax coefficient) and the backward makes one more pass over the
+  logits, writing the gradient (into the logits' own storage when in place) rounded once.
 
-With ``inplace_backward=True`` the gradient is written into the logits' own storage and the
+So forward + backward are at most three launches ("none": two), and nothing is computed that
+was not asked for (the log-sum-exp only with ``return_lse``). With ``inplace_backward=True`` the
 logits' version counter is bumped, so any autograd node that saved the logits raises instead of
 silently reading gradients.
 """
@@ -49,23 +52,30 @@ def _row_outputs(logits):
     )
 
 
-def _lse(stats):
+def lse_of(stats):
+    """The per-row log-sum-exp from the backends' statistics (max + log-sum)."""
     return stats[0] + stats[1]
 
 
-def _reduce(loss, target, opts, n_cols, reduction):
+def _forward(logits, target, opts, reduction, backend, grad=None):
+    """The forward launches: (loss, per-row stats, "mean" denominator or None)."""
+    loss, stats = _row_outputs(logits)
     if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / _mean_denominator(target, opts, n_cols, loss.dtype)
+        backend.xent_forward(logits, target, opts, loss, stats, grad)
+        return loss, stats, None
+    device, dtype = logits.device, loss.dtype
+    total, den = _alloc.empty((), dtype, device), _alloc.empty((), dtype, device)
+    counter = torch.empty((), dtype=torch.int32, device=device)
+    backend.xent_prologue(target, opts, logits.shape[1], reduction, den, counter)
+    backend.xent_forward(logits, target, opts, loss, stats, grad, None, reduction, total, den,
+                         counter)  # fmt: skip
+    return total, stats, den if reduction == "mean" else None
 
 
 def forward_no_grad(logits, target, opts, reduction, backend):
-    """(loss, lse) alone: one read of the logits, no gradient written."""
-    loss, stats = _row_outputs(logits)
-    backend.xent_forward(logits, target, opts, loss, stats)
-    return _reduce(loss, target, opts, logits.shape[1], reduction), _lse(stats)
+    """(loss, stats) alone: one read of the logits, no gradient written."""
+    loss, stats, _ = _forward(logits, target, opts, reduction, backend)
+    return loss, stats
 
 
 def refuse_double_backward() -> None:
@@ -78,6 +88,14 @@ def refuse_double_backward() -> None:
         )
 
 
+def _refuse_second_backward(ctx, call: str, why: str) -> None:
+    if ctx.consumed:
+        raise RuntimeError(
+            f"fused_xent: backward ran twice through one {call} call (retain_graph); {why}"
+        )
+    ctx.consumed = True
+
+
 def save_forward_grads(ctx, grads) -> None:
     """Keep the gradients a forward computed (None where not wanted) for the backward."""
     ctx.have = tuple(g is not None for g in grads)
@@ -88,13 +106,10 @@ def save_forward_grads(ctx, grads) -> None:
 def take_forward_grads(ctx, grad_loss, call: str) -> list:
     """Those gradients scaled by the incoming scalar on the device (nothing moves when it is 1);
     they are handed out once, so a second backward (retain_graph) is refused."""
-    if ctx.consumed:
-        raise RuntimeError(
-            f"fused_xent: backward ran twice through one {call} call (retain_graph); its "
-            "gradient is computed in the forward and handed out once. Call the loss again, or "
-            "use reduction='none' without inplace_backward."
-        )
-    ctx.consumed = True
+    _refuse_second_backward(
+        ctx, call, "its gradient is computed in the forward and handed out once. Call the loss "
+        "again, or use reduction='none' without inplace_backward.",
+    )  # fmt: skip
     saved = iter(ctx.saved_tensors)
     grads = [next(saved) if have else None for have in ctx.have]
     for g in grads:
@@ -105,49 +120,46 @@ def take_forward_grads(ctx, grad_loss, call: str) -> list:
 
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, opts, reduction, inplace_backward, backend):
-        loss, stats = _row_outputs(logits)
-        n_cols = logits.shape[1]
-        ctx.backend, ctx.opts, ctx.inplace_backward = backend, opts, inplace_backward
-        ctx.fused = reduction != "none"
-        ctx.consumed = False
-        if ctx.fused:
-            if reduction == "mean":
-                grad_scale = 1.0 / _mean_denominator(target, opts, n_cols, loss.dtype)
-            else:
-                grad_scale = torch.ones((), dtype=loss.dtype, device=logits.device)
-            grad = logits if inplace_backward else _alloc.empty_like(logits)
-            backend.xent_forward(logits, target, opts, loss, stats, grad, grad_scale)
-            if inplace_backward:
-                torch.autograd.graph.increment_version(logits)
-            save_forward_grads(ctx, [grad])
-        else:
-            backend.xent_forward(logits, target, opts, loss, stats)
-            ctx.save_for_backward(logits, target, stats)
-        lse = _lse(stats)
+    def forward(ctx, logits, target, opts, reduction, inplace_backward, backend, return_lse):
+        ctx.backend, ctx.opts, ctx.reduction = backend, opts, reduction
+        ctx.inplace_backward, ctx.consumed = inplace_backward, False
+        # The gradient in the forward: for a reduced loss, unless it goes into the logits (which
+        # the backward still reads when the incoming gradient is not 1).
+        ctx.fused = reduction != "none" and not inplace_backward
+        grad = _alloc.grad_like(logits) if ctx.fused else None
+        loss, stats, den = _forward(logits, target, opts, reduction, backend, grad)
+        ctx.save_for_backward(logits, target, stats, den, grad)
+        # No zeros are made for the gradient of an output the caller did not use.
+        ctx.set_materialize_grads(False)
+        if not return_lse:
+            return loss
+        lse = lse_of(stats)
         ctx.mark_non_differentiable(lse)
-        return _reduce(loss, target, opts, n_cols, reduction), lse
+        return loss, lse
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_lse):
-        del grad_lse  # lse is returned for logging; it is not differentiable
+    def backward(ctx, grad_loss, *unused):
         refuse_double_backward()
+        if grad_loss is None:
+            return (None,) * 7
+        logits, target, stats, den, grad = ctx.saved_tensors
         if ctx.fused:
-            (grad,) = take_forward_grads(ctx, grad_loss, "cross_entropy")
+            why = "its gradient is computed in the forward and handed out once. Call the loss "
+            why += "again, or use reduction='none'."
         else:
-            if ctx.inplace_backward and ctx.consumed:
-                raise RuntimeError(
-                    "fused_xent: backward ran twice through one cross_entropy call "
-                    "(retain_graph) with inplace_backward=True; the first backward overwrote "
-                    "the logits with their gradient. Use inplace_backward=False to backward twice."
-                )
-            ctx.consumed = True
-            logits, target, stats = ctx.saved_tensors
-            grad = logits if ctx.inplace_backward else _alloc.empty_like(logits)
-            ctx.backend.xent_backward(logits, target, ctx.opts, stats, grad_loss, grad)
-            if ctx.inplace_backward:
-                torch.autograd.graph.increment_version(logits)
-        return grad, None, None, None, None, None
+            why = "with inplace_backward=True the first backward overwrote the logits with their "
+            why += "gradient. Use inplace_backward=False to backward twice."
+        if ctx.fused or ctx.inplace_backward:
+            _refuse_second_backward(ctx, "cross_entropy", why)
+        if ctx.inplace_backward:
+            grad = logits
+        elif grad is None:
+            grad = _alloc.grad_like(logits)
+        ctx.backend.xent_backward(logits, target, ctx.opts, stats, grad_loss, grad, ctx.reduction,
+                                  den, skip_if_one=ctx.fused)  # fmt: skip
+        if ctx.inplace_backward:
+            torch.autograd.graph.increment_version(logits)
+        return grad, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,10 +226,18 @@ def linear_loss_rows(hidden, weight, bias, target, opts, chunk_size, backend):
     return loss, stats
 
 
+def _reduce(loss, target, opts, n_cols, reduction):
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / _mean_denominator(target, opts, n_cols, loss.dtype)
+
+
 def linear_forward_no_grad(hidden, weight, bias, target, opts, reduction, chunk_size, backend):
     """(loss, lse) alone: each chunk's logits are read once, no gradient written."""
     loss, stats = linear_loss_rows(hidden, weight, bias, target, opts, chunk_size, backend)
-    return _reduce(loss, target, opts, weight.shape[0], reduction), _lse(stats)
+    return _reduce(loss, target, opts, weight.shape[0], reduction), lse_of(stats)
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -259,7 +279,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         else:
             loss, stats = linear_loss_rows(hidden, weight, bias, target, opts, chunk_size, backend)
             ctx.save_for_backward(hidden, weight, bias, target, stats)
-        lse = _lse(stats)
+        lse = lse_of(stats)
         ctx.mark_non_differentiable(lse)
         return _reduce(loss, target, opts, vocab, reduction), lse
 

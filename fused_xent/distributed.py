@@ -178,7 +178,7 @@ class ShardedCrossEntropyFunction(torch.autograd.Function):
         refuse_double_backward()
         logits, target, stats, denominator = ctx.saved_tensors
         dloss = _incoming_per_row(grad_loss, denominator, ctx.reduction, logits.shape[0])
-        grad = logits if ctx.inplace_backward else _alloc.empty_like(logits)
+        grad = logits if ctx.inplace_backward else _alloc.grad_like(logits)
         ctx.backend.xent_backward(logits, target, ctx.opts, stats, dloss, grad)
         if ctx.inplace_backward:
             torch.autograd.graph.increment_version(logits)

@@ -13,6 +13,7 @@ from .autograd import (
     LinearCrossEntropyFunction,
     forward_no_grad,
     linear_forward_no_grad,
+    lse_of,
     pick_chunk_size,
 )
 
@@ -244,11 +245,13 @@ def cross_entropy(
                 rows, row_target, opts, reduction, backend, process_group
             )
     elif wants_grad:
-        loss, lse = CrossEntropyFunction.apply(
-            rows, row_target, opts, reduction, inplace_backward, backend
+        out = CrossEntropyFunction.apply(
+            rows, row_target, opts, reduction, inplace_backward, backend, return_lse
         )
+        loss, lse = out if return_lse else (out, None)
     else:
-        loss, lse = forward_no_grad(rows, row_target, opts, reduction, backend)
+        loss, stats = forward_no_grad(rows, row_target, opts, reduction, backend)
+        lse = lse_of(stats) if return_lse else None
     row_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
     if reduction == "none":
         loss = loss.reshape(row_shape)

@@ -1,8 +1,13 @@
 """The backends as ``torch.library`` custom ops, so ``torch.compile`` sees one opaque call per
 kernel launch (with a fake implementation for tracing) instead of tracing into launchers.
 
-``OpBackend`` offers the backend contract (``xent_forward``, ``xent_backward``, ``scale_grad_``,
-outputs passed in and written) on top of the ops; the autograd layer drives it like a module.
+Every op declares exactly the tensors it writes. Writing the gradient into the logits' own
+storage is a separate op (``*_inplace``) that declares the logits mutated, so a compiled graph
+knows the gradient aliases them (and copies nothing) while the other ops leave them read-only.
+
+``OpBackend`` offers the backend contract (``xent_prologue``, ``xent_forward``,
+``xent_backward``, ``scale_grad_``, outputs passed in and written) on top of the ops; the
+autograd layer drives it like a module.
 """
 
 # No `from __future__ import annotations` here, and Optional rather than `X | None`: torch's
@@ -25,8 +30,8 @@ def _module(impl: str):
     return xent
 
 
-def _opts(weight, ignore_index, label_smoothing, lse_square_scale, logit_scale, softcap,
-          class_offset, n_classes) -> LossOptions:  # fmt: skip
+def _opts(weight, ignore_index, label_smoothing=0.0, lse_square_scale=0.0, logit_scale=1.0,
+          softcap=None, class_offset=0, n_classes=0) -> LossOptions:  # fmt: skip
     return LossOptions(
         ignore_index=ignore_index,
         weight=weight,
@@ -39,8 +44,43 @@ def _opts(weight, ignore_index, label_smoothing, lse_square_scale, logit_scale, 
     )
 
 
+def _noop_fake(*args, **kwargs) -> None:
+    return None
+
+
 @torch.library.custom_op(
-    "fused_xent::xent_forward", mutates_args=("loss", "stats", "grad"), device_types=None
+    "fused_xent::xent_prologue", mutates_args=("den", "counter"), device_types=None
+)
+def _xent_prologue(
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    den: torch.Tensor,
+    counter: torch.Tensor,
+    n_cols: int,
+    reduction: str,
+    ignore_index: int,
+    impl: str,
+) -> None:
+    _module(impl).xent_prologue(target, _opts(weight, ignore_index), n_cols, reduction, den,
+                                counter)  # fmt: skip
+
+
+_xent_prologue.register_fake(_noop_fake)
+
+
+def _forward(logits, target, weight, loss, stats, grad, grad_scale, total, den, counter,
+             reduction, ignore_index, label_smoothing, lse_square_scale, logit_scale, softcap,
+             class_offset, n_classes, impl):  # fmt: skip
+    opts = _opts(weight, ignore_index, label_smoothing, lse_square_scale, logit_scale, softcap,
+                 class_offset, n_classes)  # fmt: skip
+    _module(impl).xent_forward(logits, target, opts, loss, stats, grad, grad_scale, reduction,
+                               total, den, counter)  # fmt: skip
+
+
+@torch.library.custom_op(
+    "fused_xent::xent_forward",
+    mutates_args=("loss", "stats", "grad", "total", "counter"),
+    device_types=None,
 )
 def _xent_forward(
     logits: torch.Tensor,
@@ -49,6 +89,37 @@ def _xent_forward(
     loss: torch.Tensor,
     stats: torch.Tensor,
     grad: Optional[torch.Tensor],
+    grad_scale: Optional[torch.Tensor],
+    total: Optional[torch.Tensor],
+    den: Optional[torch.Tensor],
+    counter: Optional[torch.Tensor],
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    lse_square_scale: float,
+    logit_scale: float,
+    softcap: Optional[float],
+    class_offset: int,
+    n_classes: int,
+    impl: str,
+) -> None:
+    _forward(logits, target, weight, loss, stats, grad, grad_scale, total, den, counter,
+             reduction, ignore_index, label_smoothing, lse_square_scale, logit_scale, softcap,
+             class_offset, n_classes, impl)  # fmt: skip
+
+
+_xent_forward.register_fake(_noop_fake)
+
+
+@torch.library.custom_op(
+    "fused_xent::xent_forward_inplace", mutates_args=("logits", "loss", "stats"), device_types=None
+)
+def _xent_forward_inplace(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    loss: torch.Tensor,
+    stats: torch.Tensor,
     grad_scale: Optional[torch.Tensor],
     ignore_index: int,
     label_smoothing: float,
@@ -59,14 +130,22 @@ def _xent_forward(
     n_classes: int,
     impl: str,
 ) -> None:
-    opts = _opts(weight, ignore_index, label_smoothing, lse_square_scale, logit_scale, softcap,
-                 class_offset, n_classes)  # fmt: skip
-    _module(impl).xent_forward(logits, target, opts, loss, stats, grad, grad_scale)
+    """Per-row loss and statistics, and the gradient written over the logits."""
+    _forward(logits, target, weight, loss, stats, logits, grad_scale, None, None, None, "none",
+             ignore_index, label_smoothing, lse_square_scale, logit_scale, softcap, class_offset,
+             n_classes, impl)  # fmt: skip
 
 
-@_xent_forward.register_fake
-def _(*args, **kwargs) -> None:
-    return None
+_xent_forward_inplace.register_fake(_noop_fake)
+
+
+def _backward(logits, target, weight, stats, dloss, den, grad, reduction, skip_if_one,
+              ignore_index, label_smoothing, logit_scale, softcap, class_offset, n_classes,
+              impl):  # fmt: skip
+    opts = _opts(weight, ignore_index, label_smoothing, 0.0, logit_scale, softcap, class_offset,
+                 n_classes)  # fmt: skip
+    _module(impl).xent_backward(logits, target, opts, stats, dloss, grad, reduction, den,
+                                skip_if_one)  # fmt: skip
 
 
 @torch.library.custom_op("fused_xent::xent_backward", mutates_args=("grad",), device_types=None)
@@ -76,7 +155,10 @@ def _xent_backward(
     weight: Optional[torch.Tensor],
     stats: torch.Tensor,
     dloss: torch.Tensor,
+    den: Optional[torch.Tensor],
     grad: torch.Tensor,
+    reduction: str,
+    skip_if_one: bool,
     ignore_index: int,
     label_smoothing: float,
     logit_scale: float,
@@ -85,14 +167,39 @@ def _xent_backward(
     n_classes: int,
     impl: str,
 ) -> None:
-    opts = _opts(weight, ignore_index, label_smoothing, 0.0, logit_scale, softcap, class_offset,
-                 n_classes)  # fmt: skip
-    _module(impl).xent_backward(logits, target, opts, stats, dloss, grad)
+    _backward(logits, target, weight, stats, dloss, den, grad, reduction, skip_if_one,
+              ignore_index, label_smoothing, logit_scale, softcap, class_offset, n_classes,
+              impl)  # fmt: skip
 
 
-@_xent_backward.register_fake
-def _(*args, **kwargs) -> None:
-    return None
+_xent_backward.register_fake(_noop_fake)
+
+
+@torch.library.custom_op(
+    "fused_xent::xent_backward_inplace", mutates_args=("logits",), device_types=None
+)
+def _xent_backward_inplace(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    stats: torch.Tensor,
+    dloss: torch.Tensor,
+    den: Optional[torch.Tensor],
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    logit_scale: float,
+    softcap: Optional[float],
+    class_offset: int,
+    n_classes: int,
+    impl: str,
+) -> None:
+    """The gradient written over the logits."""
+    _backward(logits, target, weight, stats, dloss, den, logits, reduction, False, ignore_index,
+              label_smoothing, logit_scale, softcap, class_offset, n_classes, impl)  # fmt: skip
+
+
+_xent_backward_inplace.register_fake(_noop_fake)
 
 
 @torch.library.custom_op("fused_xent::scale_grad_", mutates_args=("grad",), device_types=None)
@@ -100,13 +207,19 @@ def _scale_grad(grad: torch.Tensor, g: torch.Tensor, impl: str) -> None:
     _module(impl).scale_grad_(grad, g)
 
 
-@_scale_grad.register_fake
-def _(*args, **kwargs) -> None:
-    return None
+_scale_grad.register_fake(_noop_fake)
+
+
+def _option_args(opts, forward: bool) -> tuple:
+    z_loss = (opts.lse_square_scale,) if forward else ()
+    return (opts.ignore_index, opts.label_smoothing, *z_loss, opts.logit_scale, opts.softcap,
+            opts.class_offset, opts.n_classes or 0)  # fmt: skip
 
 
 class OpBackend:
-    """The backend contract of ``kernels/xent.py`` and ``reference.py``, through the ops."""
+    """The backend contract of ``kernels/xent.py`` and ``reference.py``, through the ops.
+
+    A ``grad`` that is the logits tensor itself goes to the ``*_inplace`` ops."""
 
     def __init__(self, impl: str) -> None:
         self.impl = impl
@@ -114,19 +227,37 @@ class OpBackend:
     def __repr__(self) -> str:
         return f"OpBackend({self.impl!r})"
 
-    def xent_forward(self, logits, target, opts, loss, stats, grad=None, grad_scale=None):
-        torch.ops.fused_xent.xent_forward(
-            logits, target, opts.weight, loss, stats, grad, grad_scale, opts.ignore_index,
-            opts.label_smoothing, opts.lse_square_scale, opts.logit_scale, opts.softcap,
-            opts.class_offset, opts.n_classes or 0, self.impl,
-        )  # fmt: skip
+    def xent_prologue(self, target, opts, n_cols, reduction, den, counter):
+        torch.ops.fused_xent.xent_prologue(
+            target, opts.weight, den, counter, n_cols, reduction, opts.ignore_index, self.impl
+        )
 
-    def xent_backward(self, logits, target, opts, stats, dloss, grad):
-        torch.ops.fused_xent.xent_backward(
-            logits, target, opts.weight, stats, dloss, grad, opts.ignore_index,
-            opts.label_smoothing, opts.logit_scale, opts.softcap, opts.class_offset,
-            opts.n_classes or 0, self.impl,
-        )  # fmt: skip
+    def xent_forward(self, logits, target, opts, loss, stats, grad=None, grad_scale=None,
+                     reduction="none", total=None, den=None, counter=None):  # fmt: skip
+        if grad is logits:
+            assert reduction == "none", "an in-place forward gradient has no reduction here"
+            torch.ops.fused_xent.xent_forward_inplace(
+                logits, target, opts.weight, loss, stats, grad_scale,
+                *_option_args(opts, True), self.impl,
+            )  # fmt: skip
+        else:
+            torch.ops.fused_xent.xent_forward(
+                logits, target, opts.weight, loss, stats, grad, grad_scale, total, den, counter,
+                reduction, *_option_args(opts, True), self.impl,
+            )  # fmt: skip
+
+    def xent_backward(self, logits, target, opts, stats, dloss, grad, reduction="none",
+                      den=None, skip_if_one=False):  # fmt: skip
+        if grad is logits:
+            torch.ops.fused_xent.xent_backward_inplace(
+                logits, target, opts.weight, stats, dloss, den, reduction,
+                *_option_args(opts, False), self.impl,
+            )  # fmt: skip
+        else:
+            torch.ops.fused_xent.xent_backward(
+                logits, target, opts.weight, stats, dloss, den, grad, reduction, skip_if_one,
+                *_option_args(opts, False), self.impl,
+            )  # fmt: skip
 
     def scale_grad_(self, grad, g):
         torch.ops.fused_xent.scale_grad_(grad, g, self.impl)

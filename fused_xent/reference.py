@@ -88,23 +88,69 @@ def _grad(z, wt, ignored, row_max, log_sum, coef, row_scale, opts):
     return dz.masked_fill_(ignored[:, None] | (row_scale == 0)[:, None], 0.0)
 
 
-def xent_forward(logits, target, opts, loss, stats, grad=None, grad_scale=None) -> None:
-    """Per-row loss and statistics (max, log-sum, coefficient); the gradient if ``grad`` given."""
+def mean_denominator(target, opts, n_cols, dtype) -> torch.Tensor:
+    """What "mean" divides by, as torch does; stays on the device (no host synchronisation)."""
+    if target.is_floating_point():
+        return torch.full((), float(target.shape[0]), dtype=dtype, device=target.device)
+    kept = target != opts.ignore_index
+    if opts.weight is None:
+        return kept.sum().to(dtype)
+    # Out-of-range targets are clamped only to keep this gather in bounds; their loss is NaN.
+    w_target = opts.weight.to(dtype).gather(0, target.long().clamp(0, n_cols - 1))
+    return torch.where(kept, w_target, 0.0).sum()
+
+
+def xent_prologue(target, opts, n_cols, reduction, den, counter) -> None:
+    """The "mean" denominator into ``den`` (``counter`` is the kernels' workspace, unused)."""
+    del counter
+    if reduction == "mean":
+        den.copy_(mean_denominator(target, opts, n_cols, den.dtype))
+
+
+def xent_forward(
+    logits, target, opts, loss, stats, grad=None, grad_scale=None, reduction="none",
+    total=None, den=None, counter=None,
+) -> None:  # fmt: skip
+    """Per-row loss and statistics (max, log-sum, coefficient); the gradient if ``grad`` given
+    (for an incoming gradient of 1, times ``grad_scale``); the reduced loss into ``total``."""
+    del counter
     z, wt, ignored = _rows(logits, target, opts)
     row_max, log_sum = _stats(z)
     row_loss, coef = _loss_and_coef(z, wt, row_max, log_sum, opts)
     loss.copy_(row_loss.masked_fill(ignored, 0.0))
     stats.copy_(torch.stack([row_max, log_sum, coef]))
     if grad is not None:
-        row_scale = grad_scale.to(z.dtype).expand(len(z))
+        scale = torch.ones((), dtype=z.dtype, device=z.device)
+        if grad_scale is not None:
+            scale = scale * grad_scale.to(z.dtype).reshape(())
+        if reduction == "mean":
+            scale = scale / den.to(z.dtype)
+        row_scale = scale.expand(len(z))
         grad.copy_(_grad(z, wt, ignored, row_max, log_sum, coef, row_scale, opts))
+    if reduction != "none":
+        total.copy_(loss.sum() / den if reduction == "mean" else loss.sum())
 
 
-def xent_backward(logits, target, opts, stats, dloss, grad) -> None:
-    """grad = d(sum_i dloss_i * loss_i) / d logits, from the forward's per-row statistics."""
+def xent_backward(
+    logits, target, opts, stats, dloss, grad, reduction="none", den=None, skip_if_one=False
+) -> None:
+    """grad = d(loss) / d logits from the forward's per-row statistics: ``dloss`` per row for
+    "none", else the reduced loss's incoming gradient ("mean" divides it by ``den``). With
+    ``skip_if_one`` ``grad`` already holds the gradient for an incoming gradient of 1."""
+    if skip_if_one and not dloss.is_cuda and float(dloss) == 1.0:
+        return  # a host read costs nothing on the CPU
     z, wt, ignored = _rows(logits, target, opts)
     row_max, log_sum, coef = stats.to(z.dtype)
-    grad.copy_(_grad(z, wt, ignored, row_max, log_sum, coef, dloss.to(z.dtype), opts))
+    if reduction == "none":
+        row_scale = dloss.to(z.dtype)
+    else:
+        g = dloss.to(z.dtype).reshape(())
+        row_scale = (g / den.to(z.dtype) if reduction == "mean" else g).expand(len(z))
+    new = _grad(z, wt, ignored, row_max, log_sum, coef, row_scale, opts)
+    if skip_if_one:
+        # Decided on the device, as the kernels do: no host synchronisation.
+        new = torch.where(dloss.reshape(()) == 1, grad, new)
+    grad.copy_(new)
 
 
 def scale_grad_(grad: torch.Tensor, g: torch.Tensor) -> None:

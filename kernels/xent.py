@@ -18,25 +18,42 @@ Rows whose class-index target equals ``ignore_index`` have loss 0 and gradient 0
 ``[0, C)`` that is not ``ignore_index`` is never used as an address: that row gets a NaN loss and a
 NaN gradient, so the error shows up in the loss instead of as an out-of-bounds access.
 
-Memory traffic, per logit element (``b`` = bytes of the logits dtype; probability targets add the
-same again for the targets, class weights are a C-vector shared by all rows and live in L2):
+How a row is computed (what ``bench/static.py`` counts in the compiled code):
 
-* ``_xent_fwd_kernel`` with ``WRITE_GRAD=False`` (forward only): one read, ``b`` bytes.
-  ``lse`` is kept as ``max + log(sum(exp(z - max)))`` with its two parts apart, and the loss is
-  ``(max - z_y) + log(...)``, so that large logits (1e4) lose no accuracy to a rounded ``lse``.
-* ``_xent_fwd_kernel`` with ``WRITE_GRAD=True`` (forward of a "mean"/"sum" loss that needs a
-  gradient): the gradient is written in the same launch, scaled by ``grad_scale`` (``1/denominator``
-  for "mean", ``1`` for "sum"). A row that fits one block is read once and written once from
-  registers; a longer row is read twice (the second read of a recently read row is mostly served
-  by L2) and written once.
-* ``_scale_grad_kernel`` (backward of that loss): reads the incoming scalar gradient ``g`` on the
-  GPU and touches the gradient only when ``g != 1``, so ``loss.backward()`` costs no extra pass
-  and no host synchronisation.
-* ``_xent_bwd_kernel`` (backward of a "none" loss, whose per-row incoming gradient is unknown at
-  forward time): one read of the logits and one write of the gradient; the forward stored three
-  floats per row for it (max, log of the shifted sum, and ``A``).
+* One ``exp2`` per logit and pass: a block's max first, then ``e = 2**((z - max) * log2(e))``
+  (a subtraction that is exact near the max, a multiply and one ``ex2.approx.ftz``); the row's
+  sum is ``sum(e)`` and ``p = e / sum``, so the gradient reuses ``e`` where the row is still in
+  registers. The statistics kept for the backward are ``max``, ``log_sum = log(sum exp(z - max))``
+  and ``A``, with ``lse = max + log_sum`` kept apart so that logits offset by 1e4 lose no accuracy
+  (and a row of one class has a loss of exactly 0).
+* The one-hot term is not compared per logit: the gradient of the target column is stored once
+  more, after a barrier, with its own value.
+* 16-byte loads and stores at every ``C``: a row is cut into a head (up to the first 16-byte
+  boundary), a body (whole 16-byte vectors) and a tail; the head and tail (fewer than 16 bytes
+  each) go through a small separate vector of ``2 * VEC`` lanes. The gradient buffers the
+  package allocates have the logits' alignment (``grad_like``), so the cut is the same for both.
+* Rows that fit one block are read once and written once from registers. Longer rows are read
+  twice: once for the max and sum (blocks kept in L2 with ``evict_last``), then once more in
+  reverse block order for the gradient, so the blocks read last are re-read first.
+* Reductions ("mean", "sum") finish in the same launch: every program adds 1 to an int32 counter
+  after storing its row's loss, and the program that arrives last sums the rows' losses in a fixed
+  order (deterministic; no float atomics) and divides by the denominator. A one-program prologue
+  (``_prologue_kernel``) zeroes the counter and computes the "mean" denominator first, because
+  the gradient written in the forward needs it.
 
-So a forward plus ``loss.backward()`` reads the logits at most twice and writes them once.
+Memory traffic, per logit (``b`` = bytes of the logits dtype; probability targets add the same
+again for the targets, class weights are a C-vector shared by all rows and live in L2):
+
+* ``_xent_fwd_kernel`` without a gradient: one read, ``b`` bytes.
+* ``_xent_fwd_kernel`` with ``WRITE_GRAD`` (forward of "mean"/"sum" when the gradient is wanted):
+  the gradient for an incoming gradient of 1 is written in the same launch: one read (two for
+  rows longer than a block), one write.
+* ``_xent_bwd_kernel``: for "none" (and every in-place gradient) one read of the logits and one
+  write of the gradient from the forward's three floats per row. After a ``WRITE_GRAD`` forward it
+  reads the incoming gradient ``g`` on the GPU and does nothing when ``g == 1``; otherwise it
+  recomputes the gradient from the logits with ``g`` applied, so the gradient is rounded to its
+  dtype once, after every scale (a float16 gradient of a GradScaler-scaled loss does not
+  underflow, a bfloat16 one is not rounded twice).
 """
 
 from __future__ import annotations
@@ -50,10 +67,40 @@ import triton.language as tl
 
 # Triton decides at decoration time whether a kernel is compiled or interpreted on the CPU.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# PTX's approximate ftz forms where compiled (one MUFU instruction each, without the four fix-up
+# instructions of the non-ftz forms); the interpreter has no inline assembly.
+_PTX_APPROX = tl.constexpr(not INTERPRET)
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+# Reduction codes of the REDUCE meta-parameter.
+NONE, SUM, MEAN = 0, 1, 2
+_REDUCE_CODE = {"none": NONE, "sum": SUM, "mean": MEAN}
 
 # --------------------------------------------------------------------------------------------
-# Kernels
+# Kernels: elementwise helpers
 # --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _exp2(x):
+    if _PTX_APPROX:
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _rcp(x):
+    if _PTX_APPROX:
+        return tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return 1.0 / x
 
 
 @triton.jit
@@ -79,131 +126,91 @@ def _tanh(u):
     series = u * (
         1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0 + u2 * (62.0 / 2835.0))))
     )
-    e = tl.exp(-2.0 * tl.abs(u))
-    th = (1.0 - e) / (1.0 + e)
+    e = _exp2((-2.0 * LOG2E) * tl.abs(u))
+    th = (1.0 - e) * _rcp(1.0 + e)
     th = tl.where(u < 0, -th, th)
     return tl.where(tl.abs(u) < 0.25, series, th)
 
 
 @triton.jit
-def _transform(x, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
-    """z = softcap * tanh(logit_scale * x / softcap), or logit_scale * x without a softcap."""
-    z = x.to(tl.float32) * logit_scale
+def _transform(x, mask, logit_scale, softcap, inv_softcap, SCALE: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+    """z of loaded logits (masked lanes were loaded as -inf and stay -inf)."""
+    z = x.to(tl.float32)
     if HAS_SOFTCAP:
-        z = softcap * _tanh(z / softcap)
+        if SCALE:
+            z = z * (logit_scale * inv_softcap)
+        else:
+            z = z * inv_softcap
+        z = softcap * _tanh(z)
+        if MASKED:
+            # -inf through the tanh would come out as -softcap and leak probability mass into
+            # lanes that do not exist.
+            z = tl.where(mask, z, float("-inf"))
+    elif SCALE:
+        z = z * logit_scale
     return z
 
 
 @triton.jit
-def _class_row_scale(scale, valid, ignored):
-    """A class-index row's gradient scale: 0 when ignored, NaN when its target is invalid."""
-    scale = tl.where(valid, scale, float("nan"))
-    return tl.where(ignored, 0.0, scale)
+def _dz_dx(z, logit_scale, inv_softcap, SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """dz/dx without logit_scale (folded into the row's factor): 1 - (z / softcap)**2."""
+    # |z| <= softcap on real lanes; the clamp keeps lanes past the row (z = -inf) at 0, not NaN.
+    zc = tl.minimum(tl.abs(z * inv_softcap), 1.0)
+    return 1.0 - zc * zc
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels: the pieces of a row
+# --------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _load_block(
-    x_row_ptr,
-    t_row_ptr,
-    weight_ptr,
-    offs,
-    n_cols,
-    logit_scale,
-    softcap,
-    HAS_SOFTCAP: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    PROB_TARGET: tl.constexpr,
-):
-    """One block of a row: z (lanes past the row are -inf, after the softcap), w, t and the mask."""
-    mask = offs < n_cols
-    z = _transform(
-        tl.load(x_row_ptr + offs, mask=mask, other=0.0), logit_scale, softcap, HAS_SOFTCAP
-    )
-    # Masked lanes become -inf only now: -inf through the tanh would come out as -softcap and
-    # leak probability mass into lanes that do not exist.
-    z = tl.where(mask, z, float("-inf"))
+def _row_layout(start, n_cols, VEC: tl.constexpr, EDGES: tl.constexpr):
+    """Cut a row starting ``start`` elements past a 16-byte aligned base into head, body, tail.
+
+    The body starts at a multiple of VEC elements (16 bytes) and holds whole vectors, so Triton
+    can prove its loads and stores 16-byte aligned; head and tail have fewer than VEC elements.
+    Returns (body start, head length, body length, tail length)."""
+    if EDGES:
+        a = (start + (VEC - 1)) // VEC * VEC
+        head = tl.minimum(a - start, n_cols)
+        body = (n_cols - head) // VEC * VEC
+        return a, head, body, n_cols - head - body
+    else:
+        return start, 0, n_cols, 0
+
+
+@triton.jit
+def _edge_cols(head, body, tail, VEC: tl.constexpr):
+    """The 2*VEC lanes of a row's head and tail: their columns in the row, and the lanes that
+    exist."""
+    lanes = tl.arange(0, 2 * VEC)
+    in_head = lanes < VEC
+    cols = tl.where(in_head, lanes, head + body + lanes - VEC)
+    mask = tl.where(in_head, lanes < head, lanes - VEC < tail)
+    return cols, mask
+
+
+@triton.jit
+def _load_opts(w_ptr, t_ptr, cols, mask, HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr):
+    """Class weights and probability targets of some columns (0 where masked)."""
     if HAS_WEIGHT:
-        w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     else:
         w = tl.where(mask, 1.0, 0.0)
     if PROB_TARGET:
-        t = tl.load(t_row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        t = tl.load(t_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     else:
-        t = tl.zeros_like(z)
-    return z, w, t, mask
+        t = w
+    return w, t
 
 
 @triton.jit
-def _block_grad(
-    z,
-    w,
-    t,
-    offs,
-    target,
-    row_max,
-    log_sum,
-    coef,
-    row_scale,
-    w_target,
-    label_smoothing,
-    smooth_c,
-    logit_scale,
-    softcap,
-    HAS_SOFTCAP: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr,
-    PROB_TARGET: tl.constexpr,
-):
-    """dx of one block (see the module docstring), already multiplied by row_scale.
-
-    ``smooth_c`` is ``label_smoothing / C`` with C the whole vocabulary (not this block's row
-    slice, when the vocabulary is sharded across ranks).
-    """
-    # p = exp(z - lse) with lse = row_max + log_sum kept apart: at large logits a rounded lse
-    # would cost the gradient its accuracy.
-    dz = coef * tl.exp((z - row_max) - log_sum)
-    if PROB_TARGET:
-        if HAS_SMOOTHING:
-            t = (1.0 - label_smoothing) * t + smooth_c
-        dz -= w * t
-    else:
-        if HAS_SMOOTHING:
-            dz -= smooth_c * w
-        dz = tl.where(offs == target, dz - (1.0 - label_smoothing) * w_target, dz)
-    dz *= row_scale * logit_scale
-    if HAS_SOFTCAP:
-        # |z| <= softcap on real lanes; the clamp keeps lanes past the row (z = -inf) at 0, not NaN.
-        zc = tl.minimum(tl.abs(z / softcap), 1.0)
-        dz *= 1.0 - zc * zc
-    # A zero scale (ignored row, zero incoming gradient) gives exact zeros, even where the
-    # logits are -inf or NaN.
-    return tl.where(row_scale == 0.0, 0.0, dz)
-
-
-@triton.jit
-def _accumulate(
-    z,
-    w,
-    t,
-    mask,
-    shift,
-    m_vec,
-    s_vec,
-    sum_w,
-    sum_wz,
-    sum_wt,
-    sum_wtz,
-    HAS_SMOOTHING: tl.constexpr,
-    PROB_TARGET: tl.constexpr,
-):
-    """Fold one block into the per-lane online max / sum and the option sums of the row.
-
-    The option sums take ``z - shift`` (shift: a logit of the same row), so that at large logits
-    ``sum_w * lse - sum_wz`` does not cancel away the loss.
-    """
-    m_new = tl.maximum(m_vec, z)
-    # A lane that has seen only -inf keeps m = -inf; shifting by 0 there avoids -inf - -inf.
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    s_vec = s_vec * tl.exp(m_vec - m_shift) + tl.exp(z - m_shift)
+def _option_sums(z, w, t, mask, shift, sum_w, sum_wz, sum_wt, sum_wtz,
+                 HAS_SMOOTHING: tl.constexpr, PROB_TARGET: tl.constexpr):  # fmt: skip
+    """Add a block to the sums the options need, taken of ``z - shift`` (shift: a logit of the
+    row) so that at large logits ``sum_w * lse - sum_wz`` does not cancel away the loss."""
     z_finite = tl.where(mask, z - shift, 0.0)
     if HAS_SMOOTHING:
         sum_w += tl.sum(w, axis=0)
@@ -213,22 +220,47 @@ def _accumulate(
         sum_wt += tl.sum(wt, axis=0)
         # A class with no target mass adds nothing, even where its logit is -inf (masked vocab).
         sum_wtz += tl.sum(tl.where(wt == 0.0, 0.0, wt * z_finite), axis=0)
-    return m_new, s_vec, sum_w, sum_wz, sum_wt, sum_wtz
+    return sum_w, sum_wz, sum_wt, sum_wtz
 
 
 @triton.jit
-def _row_target(
-    x_row_ptr,
-    t_row_ptr,
-    weight_ptr,
-    n_cols,
-    class_offset,
-    n_classes,
-    ignore_index,
-    HAS_WEIGHT: tl.constexpr,
-):
-    """A class-index row's target, as a column of this row (-1 when it is not in this row's
-    columns), whether it is ignored / valid, x[target] and weight[target] (0 when elsewhere).
+def _grad(e, z, w, t, k, label_smoothing, smooth_c, row_scale, inv_softcap,
+          HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, PROB_TARGET: tl.constexpr,
+          HAS_WEIGHT: tl.constexpr):  # fmt: skip
+    """dx of a block without the one-hot term: ``e * k`` is ``A * p`` times the row's scale.
+
+    ``k`` = A * row_scale * logit_scale / sum; ``row_scale * logit_scale`` is ``row_scale`` here.
+    """
+    dx = e * k
+    if PROB_TARGET:
+        if HAS_SMOOTHING:
+            t = (1.0 - label_smoothing) * t + smooth_c
+        dx -= (w * t) * row_scale
+    elif HAS_SMOOTHING:
+        if HAS_WEIGHT:
+            dx -= w * (smooth_c * row_scale)
+        else:
+            dx -= smooth_c * row_scale
+    if HAS_SOFTCAP:
+        dx *= _dz_dx(z, 1.0, inv_softcap, False, True)
+    return dx
+
+
+@triton.jit
+def _rescale(m, shift, s, block_max):
+    """The running max m after one more block, the shift of the exponentials (m, or 0 while m is
+    -inf), and the running sum of exp(z - shift) moved to the new shift."""
+    m_new = tl.maximum(m, block_max)
+    shift_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.where(m == float("-inf"), 0.0, _exp2((shift - shift_new) * LOG2E))
+    return m_new, shift_new, s
+
+
+@triton.jit
+def _row_target(x_row_ptr, t_row_ptr, weight_ptr, n_cols, class_offset, n_classes, ignore_index,
+                HAS_WEIGHT: tl.constexpr):  # fmt: skip
+    """A class-index row's target: its column in this row (0 when not here), whether it is here,
+    ignored, valid, x[target] and weight[target] (0 when elsewhere).
 
     The row holds classes [class_offset, class_offset + n_cols) of n_classes: all of them, or
     one rank's slice of a sharded vocabulary.
@@ -239,52 +271,160 @@ def _row_target(
     col = target - class_offset
     here = valid & (col >= 0) & (col < n_cols)
     # Scalar loads, only at a valid address.
-    safe_col = tl.where(here, col, 0)
-    x_target = tl.load(x_row_ptr + safe_col, mask=here, other=0.0).to(tl.float32)
+    col = tl.where(here, col, 0)
+    x_target = tl.load(x_row_ptr + col, mask=here, other=0.0)
     if HAS_WEIGHT:
-        w_target = tl.load(weight_ptr + safe_col, mask=here, other=0.0).to(tl.float32)
+        w_target = tl.load(weight_ptr + col, mask=here, other=0.0).to(tl.float32)
     else:
         w_target = tl.where(here, 1.0, 0.0)
-    return tl.where(here, col, -1), ignored, valid, x_target, w_target
+    return col, here, ignored, valid, x_target, w_target
 
 
 @triton.jit
-def _write_row_grad(
-    x_row_ptr,
-    t_row_ptr,
+def _class_row_scale(scale, valid, ignored):
+    """A class-index row's gradient scale: 0 when ignored, NaN when its target is invalid."""
+    scale = tl.where(valid, scale, float("nan"))
+    return tl.where(ignored, 0.0, scale)
+
+
+@triton.jit
+def _write_target_grad(g_row_ptr, col, here, z_t, row_max, inv_sum, coef, row_scale, w_target,
+                       label_smoothing, smooth_c, inv_softcap, HAS_SOFTCAP: tl.constexpr,
+                       ROUND_BF16: tl.constexpr):  # fmt: skip
+    """The target column's gradient, stored over what the block store wrote there."""
+    p_t = _exp2((z_t - row_max) * LOG2E) * inv_sum
+    dx_t = (coef * p_t - (1.0 - label_smoothing) * w_target - smooth_c * w_target) * row_scale
+    if HAS_SOFTCAP:
+        dx_t *= _dz_dx(z_t, 1.0, inv_softcap, False, True)
+    # The block stores of other threads to this address come first.
+    tl.debug_barrier()
+    tl.store(g_row_ptr + col, _to_out(dx_t, g_row_ptr, ROUND_BF16), mask=here)
+
+
+@triton.jit
+def _grad_pass(x_row, g_row, x_body, g_body, w_row, t_row, head, body, tail, row_max, k,
+               label_smoothing, smooth_c, row_scale, logit_scale, softcap, inv_softcap,
+               BLOCK: tl.constexpr, VEC: tl.constexpr, EDGES: tl.constexpr, SCALE: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, PROB_TARGET: tl.constexpr,
+               HAS_WEIGHT: tl.constexpr, ROUND_BF16: tl.constexpr):  # fmt: skip
+    """Read a row once more and write its gradient (without the one-hot term): the partial
+    block first, then the whole blocks from the last to the first (the blocks read last are the
+    likeliest still in L2), then the head and tail."""
+    offs = tl.arange(0, BLOCK)
+    n_full = body // BLOCK
+    cols = n_full * BLOCK + offs
+    mask = cols < body
+    x = tl.load(x_body + cols, mask=mask, other=float("-inf"), eviction_policy="evict_first")
+    z = _transform(x, mask, logit_scale, softcap, inv_softcap, SCALE, HAS_SOFTCAP, True)
+    w, t = _load_opts(w_row + head, t_row + head, cols, mask, HAS_WEIGHT, PROB_TARGET)
+    e = _exp2((z - row_max) * LOG2E)
+    dx = _grad(e, z, w, t, k, label_smoothing, smooth_c, row_scale, inv_softcap,
+               HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT)  # fmt: skip
+    tl.store(g_body + cols, _to_out(dx, g_body, ROUND_BF16), mask=mask)
+    for i in range(0, n_full):
+        cols = (n_full - 1 - i) * BLOCK + offs
+        x = tl.load(x_body + cols, eviction_policy="evict_first")
+        z = _transform(x, offs >= 0, logit_scale, softcap, inv_softcap, SCALE, HAS_SOFTCAP, False)
+        w, t = _load_opts(w_row + head, t_row + head, cols, offs >= 0, HAS_WEIGHT, PROB_TARGET)
+        e = _exp2((z - row_max) * LOG2E)
+        dx = _grad(e, z, w, t, k, label_smoothing, smooth_c, row_scale, inv_softcap,
+                   HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT)  # fmt: skip
+        tl.store(g_body + cols, _to_out(dx, g_body, ROUND_BF16))
+    if EDGES:
+        cols, mask = _edge_cols(head, body, tail, VEC)
+        x = tl.load(x_row + cols, mask=mask, other=float("-inf"))
+        z = _transform(x, mask, logit_scale, softcap, inv_softcap, SCALE, HAS_SOFTCAP, True)
+        w, t = _load_opts(w_row, t_row, cols, mask, HAS_WEIGHT, PROB_TARGET)
+        e = _exp2((z - row_max) * LOG2E)
+        dx = _grad(e, z, w, t, k, label_smoothing, smooth_c, row_scale, inv_softcap,
+                   HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT)  # fmt: skip
+        tl.store(g_row + cols, _to_out(dx, g_row, ROUND_BF16), mask=mask)
+
+
+@triton.jit
+def _zero_row(g_row, g_body, head, body, tail, BLOCK: tl.constexpr, VEC: tl.constexpr,
+              EDGES: tl.constexpr):  # fmt: skip
+    """A gradient row of exact zeros (ignored row, zero incoming gradient), logits unread."""
+    offs = tl.arange(0, BLOCK)
+    zero = tl.zeros([BLOCK], tl.float32).to(g_body.dtype.element_ty)
+    for start in range(0, body, BLOCK):
+        tl.store(g_body + start + offs, zero, mask=start + offs < body)
+    if EDGES:
+        cols, mask = _edge_cols(head, body, tail, VEC)
+        tl.store(g_row + cols, tl.zeros([2 * VEC], tl.float32).to(g_body.dtype.element_ty),
+                 mask=mask)  # fmt: skip
+
+
+@triton.jit
+def _finish_reduction(loss_ptr, target_ptr, stride_target_row, weight_ptr, total_ptr, den_ptr,
+                      counter_ptr, n_rows, n_cols, ignore_index, REDUCE: tl.constexpr,
+                      PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                      RBLOCK: tl.constexpr):  # fmt: skip
+    """The program that stores the last row's loss adds them all up (fixed order) into total."""
+    # Every thread's stores of this program come before the counter's release.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if arrived == n_rows - 1:
+        offs = tl.arange(0, RBLOCK)
+        acc = tl.zeros([RBLOCK], tl.float32)
+        for start in range(0, n_rows, RBLOCK):
+            rows = start + offs
+            acc += tl.load(loss_ptr + rows, mask=rows < n_rows, other=0.0, cache_modifier=".cg")
+        total = tl.sum(acc, axis=0)
+        if REDUCE == 2:
+            total = total / tl.load(den_ptr)
+        tl.store(total_ptr, total)
+
+
+@triton.jit
+def _prologue_kernel(
+    # pointers
+    target_ptr,
     weight_ptr,
-    dx_row_ptr,
-    target,
-    row_max,
-    log_sum,
-    coef,
-    row_scale,
-    w_target,
+    den_ptr,
+    counter_ptr,
+    # sizes
+    n_rows,
     n_cols,
-    label_smoothing,
-    smooth_c,
-    logit_scale,
-    softcap,
-    BLOCK: tl.constexpr,
+    # strides
+    stride_target_row,
+    # options
+    ignore_index,
+    # meta-parameters
+    REDUCE: tl.constexpr,
     PROB_TARGET: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
+    RBLOCK: tl.constexpr,
 ):
-    """The gradient of a row that spans several blocks: one more read, one write."""
-    for start in range(0, n_cols, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        z, w, t, mask = _load_block(
-            x_row_ptr, t_row_ptr, weight_ptr, offs, n_cols, logit_scale, softcap,
-            HAS_SOFTCAP, HAS_WEIGHT, PROB_TARGET,
-        )  # fmt: skip
-        dx = _block_grad(
-            z, w, t, offs, target, row_max, log_sum, coef, row_scale, w_target,
-            label_smoothing, smooth_c, logit_scale, softcap, HAS_SOFTCAP, HAS_SMOOTHING,
-            PROB_TARGET,
-        )  # fmt: skip
-        tl.store(dx_row_ptr + offs, _to_out(dx, dx_row_ptr, ROUND_BF16), mask=mask)
+    """One program: zero the reduction's arrival counter and, for "mean", write the denominator
+    (torch's: the kept rows, or the sum of weight[target] over them; the rows with probability
+    targets)."""
+    tl.store(counter_ptr, 0)
+    if REDUCE == 2:
+        offs = tl.arange(0, RBLOCK)
+        acc = tl.zeros([RBLOCK], tl.float32)
+        if PROB_TARGET:
+            den = tl.sum(acc, axis=0) + n_rows
+        else:
+            for start in range(0, n_rows, RBLOCK):
+                rows = start + offs
+                t = tl.load(target_ptr + rows.to(tl.int64) * stride_target_row,
+                            mask=rows < n_rows, other=ignore_index).to(tl.int64)  # fmt: skip
+                kept = t != ignore_index
+                if HAS_WEIGHT:
+                    # Out-of-range targets are clamped only to keep this load in bounds; their
+                    # rows' loss is NaN.
+                    col = tl.minimum(tl.maximum(t, 0), n_cols - 1)
+                    acc += tl.where(kept, tl.load(weight_ptr + col).to(tl.float32), 0.0)
+                else:
+                    acc += tl.where(kept, 1.0, 0.0)
+            den = tl.sum(acc, axis=0)
+        tl.store(den_ptr, den)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels: forward and backward
+# --------------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -297,10 +437,15 @@ def _xent_fwd_kernel(
     stats_ptr,
     grad_ptr,
     grad_scale_ptr,
+    total_ptr,
+    den_ptr,
+    counter_ptr,
     # sizes
+    n_rows,
     n_cols,
     class_offset,
     n_classes,
+    offset0,
     # strides
     stride_logits_row,
     stride_target_row,
@@ -312,10 +457,17 @@ def _xent_fwd_kernel(
     lse_square_scale,
     logit_scale,
     softcap,
+    inv_softcap,
     # meta-parameters
     BLOCK: tl.constexpr,
+    VEC: tl.constexpr,
+    EDGES: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    REDUCE: tl.constexpr,
+    RBLOCK: tl.constexpr,
+    SCALE: tl.constexpr,
     PROB_TARGET: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
@@ -323,68 +475,122 @@ def _xent_fwd_kernel(
     ROUND_BF16: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    x_row_ptr = logits_ptr + row * stride_logits_row
+    # The logits pointer and offset0 (< VEC) locate the row on 16-byte boundaries.
+    start = offset0 + row * stride_logits_row
+    body0, head, body, tail = _row_layout(start, n_cols, VEC, EDGES)
+    x_body = logits_ptr + body0
+    x_row_ptr = logits_ptr + start
     t_row_ptr = target_ptr + row * stride_target_row
     if PROB_TARGET:
-        target = -1  # no class index, and every row counts
-        w_target = 0.0
+        t_cols_ptr = t_row_ptr
     else:
-        target, ignored, valid, z_target, w_target = _row_target(
-            x_row_ptr,
-            t_row_ptr,
-            weight_ptr,
-            n_cols,
-            class_offset,
-            n_classes,
-            ignore_index,
+        t_cols_ptr = weight_ptr  # unread
+        col, here, ignored, valid, x_t, w_target = _row_target(
+            x_row_ptr, t_row_ptr, weight_ptr, n_cols, class_offset, n_classes, ignore_index,
             HAS_WEIGHT,
-        )
-        z_target = _transform(z_target, logit_scale, softcap, HAS_SOFTCAP)
-    # The option sums are taken relative to the row's first logit (any finite logit would do).
-    shift = _transform(tl.load(x_row_ptr), logit_scale, softcap, HAS_SOFTCAP)
-    shift = tl.where(shift == float("-inf"), 0.0, shift)
+        )  # fmt: skip
+        z_t = _transform(x_t, True, logit_scale, softcap, inv_softcap, SCALE, HAS_SOFTCAP, False)
+    if HAS_SMOOTHING or PROB_TARGET:
+        # The option sums are taken relative to the row's first logit (any finite one would do).
+        shift = _transform(tl.load(x_row_ptr), True, logit_scale, softcap, inv_softcap, SCALE,
+                           HAS_SOFTCAP, False)  # fmt: skip
+        shift = tl.where(shift == float("-inf"), 0.0, shift)
+    else:
+        shift = 0.0
+    zero = tl.sum(tl.zeros([VEC], tl.float32), axis=0)
+    sum_w, sum_wz, sum_wt, sum_wtz = zero, zero, zero, zero
 
-    # Pass 1: per-lane online max and sum of exponentials, and the sums the options need.
-    m_vec = tl.full([BLOCK], float("-inf"), tl.float32)
-    s_vec = tl.zeros([BLOCK], tl.float32)
-    sum_w = tl.sum(s_vec, axis=0)
-    sum_wz = sum_w
-    sum_wt = sum_w
-    sum_wtz = sum_w
+    offs = tl.arange(0, BLOCK)
     if SINGLE_BLOCK:
         # The whole row fits one block and stays in registers for the gradient: one read.
-        offs = tl.arange(0, BLOCK)
-        z, w, t, mask = _load_block(
-            x_row_ptr, t_row_ptr, weight_ptr, offs, n_cols, logit_scale, softcap,
-            HAS_SOFTCAP, HAS_WEIGHT, PROB_TARGET,
-        )  # fmt: skip
-        m_vec, s_vec, sum_w, sum_wz, sum_wt, sum_wtz = _accumulate(
-            z, w, t, mask, shift, m_vec, s_vec, sum_w, sum_wz, sum_wt, sum_wtz,
-            HAS_SMOOTHING, PROB_TARGET,
-        )  # fmt: skip
+        bmask = offs < body
+        x = tl.load(x_body + offs, mask=bmask, other=float("-inf"), eviction_policy="evict_first")
+        z = _transform(x, bmask, logit_scale, softcap, inv_softcap, SCALE, HAS_SOFTCAP, True)
+        w, t = _load_opts(weight_ptr + head, t_cols_ptr + head, offs, bmask, HAS_WEIGHT,
+                          PROB_TARGET)  # fmt: skip
+        m = tl.max(z, axis=0)
+        if EDGES:
+            ecols, emask = _edge_cols(head, body, tail, VEC)
+            ex = tl.load(x_row_ptr + ecols, mask=emask, other=float("-inf"))
+            ez = _transform(ex, emask, logit_scale, softcap, inv_softcap, SCALE, HAS_SOFTCAP,
+                            True)  # fmt: skip
+            ew, et = _load_opts(weight_ptr, t_cols_ptr, ecols, emask, HAS_WEIGHT,
+                                PROB_TARGET)  # fmt: skip
+            m = tl.maximum(m, tl.max(ez, axis=0))
+        row_max = tl.where(m == float("-inf"), 0.0, m)
+        e = _exp2((z - row_max) * LOG2E)
+        s = tl.sum(e, axis=0)
+        if HAS_SMOOTHING or PROB_TARGET:
+            sum_w, sum_wz, sum_wt, sum_wtz = _option_sums(
+                z, w, t, bmask, shift, sum_w, sum_wz, sum_wt, sum_wtz, HAS_SMOOTHING, PROB_TARGET
+            )
+        if EDGES:
+            ee = _exp2((ez - row_max) * LOG2E)
+            s += tl.sum(ee, axis=0)
+            if HAS_SMOOTHING or PROB_TARGET:
+                sum_w, sum_wz, sum_wt, sum_wtz = _option_sums(
+                    ez, ew, et, emask, shift, sum_w, sum_wz, sum_wt, sum_wtz, HAS_SMOOTHING,
+                    PROB_TARGET,
+                )  # fmt: skip
     else:
-        for start in range(0, n_cols, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            z, w, t, mask = _load_block(
-                x_row_ptr, t_row_ptr, weight_ptr, offs, n_cols, logit_scale, softcap,
-                HAS_SOFTCAP, HAS_WEIGHT, PROB_TARGET,
-            )  # fmt: skip
-            m_vec, s_vec, sum_w, sum_wz, sum_wt, sum_wtz = _accumulate(
-                z, w, t, mask, shift, m_vec, s_vec, sum_w, sum_wz, sum_wt, sum_wtz,
-                HAS_SMOOTHING, PROB_TARGET,
-            )  # fmt: skip
-    row_max = tl.max(m_vec, axis=0)
-    row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
-    log_sum = tl.log(tl.sum(s_vec * tl.exp(m_vec - row_max), axis=0))
+        # Pass 1 over the blocks: a block's max, then its exponentials relative to the running
+        # max (the running sum is rescaled once per block, not per logit).
+        m = zero + float("-inf")
+        shift_e = zero
+        s = zero
+        n_full = body // BLOCK
+        for i in range(0, n_full):
+            x = tl.load(x_body + i * BLOCK + offs, eviction_policy="evict_last")
+            z = _transform(x, True, logit_scale, softcap, inv_softcap, SCALE, HAS_SOFTCAP, False)
+            m, shift_e, s = _rescale(m, shift_e, s, tl.max(z, axis=0))
+            s += tl.sum(_exp2((z - shift_e) * LOG2E), axis=0)
+            if HAS_SMOOTHING or PROB_TARGET:
+                w, t = _load_opts(weight_ptr + head, t_cols_ptr + head, i * BLOCK + offs,
+                                  offs >= 0, HAS_WEIGHT, PROB_TARGET)  # fmt: skip
+                sum_w, sum_wz, sum_wt, sum_wtz = _option_sums(
+                    z, w, t, offs >= 0, shift, sum_w, sum_wz, sum_wt, sum_wtz, HAS_SMOOTHING,
+                    PROB_TARGET,
+                )  # fmt: skip
+        # The partial last block, then the head and tail, all masked.
+        cols = n_full * BLOCK + offs
+        bmask = cols < body
+        x = tl.load(x_body + cols, mask=bmask, other=float("-inf"), eviction_policy="evict_last")
+        z = _transform(x, bmask, logit_scale, softcap, inv_softcap, SCALE, HAS_SOFTCAP, True)
+        bm = tl.max(z, axis=0)
+        if EDGES:
+            ecols, emask = _edge_cols(head, body, tail, VEC)
+            ex = tl.load(x_row_ptr + ecols, mask=emask, other=float("-inf"))
+            ez = _transform(ex, emask, logit_scale, softcap, inv_softcap, SCALE, HAS_SOFTCAP,
+                            True)  # fmt: skip
+            bm = tl.maximum(bm, tl.max(ez, axis=0))
+        m, row_max, s = _rescale(m, shift_e, s, bm)
+        s += tl.sum(_exp2((z - row_max) * LOG2E), axis=0)
+        if EDGES:
+            s += tl.sum(_exp2((ez - row_max) * LOG2E), axis=0)
+        if HAS_SMOOTHING or PROB_TARGET:
+            w, t = _load_opts(weight_ptr + head, t_cols_ptr + head, cols, bmask, HAS_WEIGHT,
+                              PROB_TARGET)  # fmt: skip
+            sum_w, sum_wz, sum_wt, sum_wtz = _option_sums(
+                z, w, t, bmask, shift, sum_w, sum_wz, sum_wt, sum_wtz, HAS_SMOOTHING, PROB_TARGET
+            )
+            if EDGES:
+                ew, et = _load_opts(weight_ptr, t_cols_ptr, ecols, emask,
+                                    HAS_WEIGHT, PROB_TARGET)  # fmt: skip
+                sum_w, sum_wz, sum_wt, sum_wtz = _option_sums(
+                    ez, ew, et, emask, shift, sum_w, sum_wz, sum_wt, sum_wtz, HAS_SMOOTHING,
+                    PROB_TARGET,
+                )  # fmt: skip
+
+    log_sum = tl.log2(s) * LN2
     lse = row_max + log_sum
     lse_rel = (row_max - shift) + log_sum  # lse - shift, without rounding lse first
 
     # The row's loss and the coefficient A of p in its gradient (module docstring).
-    eps_c = label_smoothing / n_classes
+    smooth_c = label_smoothing / n_classes
     if PROB_TARGET:
         if HAS_SMOOTHING:
-            sum_wt = (1.0 - label_smoothing) * sum_wt + eps_c * sum_w
-            sum_wtz = (1.0 - label_smoothing) * sum_wtz + eps_c * sum_wz
+            sum_wt = (1.0 - label_smoothing) * sum_wt + smooth_c * sum_w
+            sum_wtz = (1.0 - label_smoothing) * sum_wtz + smooth_c * sum_wz
         loss = sum_wt * lse_rel - sum_wtz
         coef = sum_wt
     else:
@@ -393,12 +599,12 @@ def _xent_fwd_kernel(
         loss = tl.where(
             w_target == 0.0,
             0.0,
-            (1.0 - label_smoothing) * w_target * ((row_max - z_target) + log_sum),
+            (1.0 - label_smoothing) * w_target * ((row_max - z_t) + log_sum),
         )
         coef = (1.0 - label_smoothing) * w_target
         if HAS_SMOOTHING:
-            loss += eps_c * (sum_w * lse_rel - sum_wz)
-            coef += eps_c * sum_w
+            loss += smooth_c * (sum_w * lse_rel - sum_wz)
+            coef += smooth_c * sum_w
     # Without a z-loss nothing is added, even where lse is -inf (a rank's slice of a sharded
     # vocabulary whose logits are all -inf: 0 * inf would be NaN).
     if lse_square_scale != 0.0:
@@ -413,23 +619,52 @@ def _xent_fwd_kernel(
     tl.store(stats_ptr + 2 * stride_stats + row, coef)
 
     if WRITE_GRAD:
-        row_scale = tl.load(grad_scale_ptr).to(tl.float32)
+        row_scale = 1.0
+        if HAS_GRAD_SCALE:
+            row_scale = tl.load(grad_scale_ptr).to(tl.float32)
+        if REDUCE == 2:
+            row_scale = row_scale / tl.load(den_ptr)
         if not PROB_TARGET:
             row_scale = _class_row_scale(row_scale, valid, ignored)
-        dx_row_ptr = grad_ptr + row * stride_grad_row
-        if SINGLE_BLOCK:
-            dx = _block_grad(
-                z, w, t, offs, target, row_max, log_sum, coef, row_scale, w_target,
-                label_smoothing, eps_c, logit_scale, softcap, HAS_SOFTCAP, HAS_SMOOTHING,
-                PROB_TARGET,
-            )  # fmt: skip
-            tl.store(dx_row_ptr + offs, _to_out(dx, dx_row_ptr, ROUND_BF16), mask=mask)
+        gstart = offset0 + row * stride_grad_row
+        g_body = grad_ptr + _row_layout(gstart, n_cols, VEC, EDGES)[0]
+        if row_scale == 0.0:
+            # Exact zeros, even where the logits are -inf or NaN.
+            _zero_row(grad_ptr + gstart, g_body, head, body, tail, BLOCK, VEC, EDGES)
         else:
-            _write_row_grad(
-                x_row_ptr, t_row_ptr, weight_ptr, dx_row_ptr, target, row_max, log_sum, coef,
-                row_scale, w_target, n_cols, label_smoothing, eps_c, logit_scale, softcap,
-                BLOCK, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ROUND_BF16,
-            )  # fmt: skip
+            inv_sum = 1.0 / s
+            row_scale = row_scale * logit_scale
+            k = coef * row_scale * inv_sum
+            if SINGLE_BLOCK:
+                dx = _grad(e, z, w, t, k, label_smoothing, smooth_c, row_scale, inv_softcap,
+                           HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT)  # fmt: skip
+                tl.store(g_body + offs, _to_out(dx, g_body, ROUND_BF16), mask=bmask)
+                if EDGES:
+                    dx = _grad(ee, ez, ew, et, k, label_smoothing, smooth_c, row_scale,
+                               inv_softcap, HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET,
+                               HAS_WEIGHT)  # fmt: skip
+                    tl.store(
+                        grad_ptr + gstart + ecols, _to_out(dx, grad_ptr, ROUND_BF16), mask=emask
+                    )
+            else:
+                _grad_pass(
+                    x_row_ptr, grad_ptr + gstart, x_body, g_body, weight_ptr, t_cols_ptr, head,
+                    body, tail, row_max, k,
+                    label_smoothing, smooth_c, row_scale, logit_scale, softcap, inv_softcap,
+                    BLOCK, VEC, EDGES, SCALE, HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET,
+                    HAS_WEIGHT, ROUND_BF16,
+                )  # fmt: skip
+            if not PROB_TARGET:
+                _write_target_grad(
+                    grad_ptr + gstart, col, here, z_t, row_max, inv_sum, coef, row_scale, w_target,
+                    label_smoothing, smooth_c, inv_softcap, HAS_SOFTCAP, ROUND_BF16,
+                )  # fmt: skip
+
+    if REDUCE != 0:
+        _finish_reduction(
+            loss_ptr, target_ptr, stride_target_row, weight_ptr, total_ptr, den_ptr, counter_ptr,
+            n_rows, n_cols, ignore_index, REDUCE, PROB_TARGET, HAS_WEIGHT, RBLOCK,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -440,11 +675,13 @@ def _xent_bwd_kernel(
     weight_ptr,
     stats_ptr,
     dloss_ptr,
+    den_ptr,
     grad_ptr,
     # sizes
     n_cols,
     class_offset,
     n_classes,
+    offset0,
     # strides
     stride_logits_row,
     stride_target_row,
@@ -456,8 +693,14 @@ def _xent_bwd_kernel(
     label_smoothing,
     logit_scale,
     softcap,
+    inv_softcap,
     # meta-parameters
     BLOCK: tl.constexpr,
+    VEC: tl.constexpr,
+    EDGES: tl.constexpr,
+    REDUCE: tl.constexpr,
+    SKIP_IF_ONE: tl.constexpr,
+    SCALE: tl.constexpr,
     PROB_TARGET: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
@@ -465,33 +708,54 @@ def _xent_bwd_kernel(
     ROUND_BF16: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    x_row_ptr = logits_ptr + row * stride_logits_row
-    t_row_ptr = target_ptr + row * stride_target_row
-    row_scale = tl.load(dloss_ptr + row * stride_dloss).to(tl.float32)
-    if PROB_TARGET:
-        target = -1
-        w_target = 0.0
+    if REDUCE == 0:
+        g = tl.load(dloss_ptr + row * stride_dloss).to(tl.float32)
     else:
-        target, ignored, valid, _, w_target = _row_target(
-            x_row_ptr,
-            t_row_ptr,
-            weight_ptr,
-            n_cols,
-            class_offset,
-            n_classes,
-            ignore_index,
-            HAS_WEIGHT,
-        )
-        row_scale = _class_row_scale(row_scale, valid, ignored)
-    row_max = tl.load(stats_ptr + row)
-    log_sum = tl.load(stats_ptr + stride_stats + row)
-    coef = tl.load(stats_ptr + 2 * stride_stats + row)
-    _write_row_grad(
-        x_row_ptr, t_row_ptr, weight_ptr, grad_ptr + row * stride_grad_row, target, row_max,
-        log_sum, coef, row_scale, w_target, n_cols, label_smoothing,
-        label_smoothing / n_classes, logit_scale, softcap,
-        BLOCK, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ROUND_BF16,
-    )  # fmt: skip
+        g = tl.load(dloss_ptr).to(tl.float32)
+    # After a forward that wrote the gradient for g == 1, g == 1 leaves it as it is; the branch is
+    # taken on the GPU, so the host never waits for g.
+    if (not SKIP_IF_ONE) or (g != 1.0):
+        row_scale = g
+        if REDUCE == 2:
+            row_scale = row_scale / tl.load(den_ptr)
+        start = offset0 + row * stride_logits_row
+        body0, head, body, tail = _row_layout(start, n_cols, VEC, EDGES)
+        x_row_ptr = logits_ptr + start
+        if PROB_TARGET:
+            t_cols_ptr = target_ptr + row * stride_target_row
+        else:
+            t_cols_ptr = weight_ptr  # unread
+            col, here, ignored, valid, x_t, w_target = _row_target(
+                x_row_ptr, target_ptr + row * stride_target_row, weight_ptr, n_cols,
+                class_offset, n_classes, ignore_index, HAS_WEIGHT,
+            )  # fmt: skip
+            row_scale = _class_row_scale(row_scale, valid, ignored)
+        gstart = offset0 + row * stride_grad_row
+        g_body = grad_ptr + _row_layout(gstart, n_cols, VEC, EDGES)[0]
+        if row_scale == 0.0:
+            _zero_row(grad_ptr + gstart, g_body, head, body, tail, BLOCK, VEC, EDGES)
+        else:
+            row_max = tl.load(stats_ptr + row)
+            log_sum = tl.load(stats_ptr + stride_stats + row)
+            coef = tl.load(stats_ptr + 2 * stride_stats + row)
+            inv_sum = _exp2(-log_sum * LOG2E)
+            row_scale = row_scale * logit_scale
+            k = coef * row_scale * inv_sum
+            _grad_pass(
+                x_row_ptr, grad_ptr + gstart, logits_ptr + body0, g_body, weight_ptr, t_cols_ptr,
+                head, body, tail, row_max, k,
+                label_smoothing, label_smoothing / n_classes, row_scale, logit_scale, softcap,
+                inv_softcap, BLOCK, VEC, EDGES, SCALE, HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET,
+                HAS_WEIGHT, ROUND_BF16,
+            )  # fmt: skip
+            if not PROB_TARGET:
+                z_t = _transform(x_t, True, logit_scale, softcap, inv_softcap, SCALE,
+                                 HAS_SOFTCAP, False)  # fmt: skip
+                _write_target_grad(
+                    grad_ptr + gstart, col, here, z_t, row_max, inv_sum, coef, row_scale, w_target,
+                    label_smoothing, label_smoothing / n_classes, inv_softcap, HAS_SOFTCAP,
+                    ROUND_BF16,
+                )  # fmt: skip
 
 
 @triton.jit
@@ -529,32 +793,29 @@ def _scale_grad_kernel(
 # Launch configuration
 # --------------------------------------------------------------------------------------------
 
-# Rows up to this many logits are held in registers whole (read once, gradient from registers).
-# The rows come from the H100 feasibility probe in shared/anchors-h100.md, not yet re-tuned here:
-_SINGLE_BLOCK_MAX = 16384
-_LONG_ROW_BLOCK = {torch.float32: 8192, torch.float16: 16384, torch.bfloat16: 16384}
+# Rows up to this many logits are held in registers whole (read once, gradient from registers);
+# longer rows take two passes over blocks of _LONG_ROW_BLOCK. Chosen from the sm_90 build
+# (bench/static.py): at most 16 logits a thread keep two programs resident per SM.
+_SINGLE_BLOCK_MAX = 8192
+_LONG_ROW_BLOCK = 8192
+# With probability targets, class weights, smoothing or a softcap a block carries more live
+# arrays; half the block keeps those builds within the same registers.
+_OPTIONS_BLOCK_MAX = 4096
+_RBLOCK = 1024  # rows summed per step by the program that finishes a reduction
 
 
 def _launch_config(n_cols: int, dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK, num_warps) for rows of ``n_cols`` logits of ``dtype``."""
-    if n_cols <= 2048:
-        return max(triton.next_power_of_2(n_cols), 16), 4  # whole row in registers: 84% at 2048
     if n_cols <= _SINGLE_BLOCK_MAX:
-        block = triton.next_power_of_2(n_cols)
-        return block, 8 if block <= 8192 else 16
-    return _LONG_ROW_BLOCK[dtype], 16  # two-pass row: 90% at bf16 8192 x 32000, block 16384
+        block = max(triton.next_power_of_2(n_cols), 64)
+        return block, max(min(block // 512, 16), 2)  # 16 logits a thread
+    return _LONG_ROW_BLOCK, 16
 
 
-# With probability targets, class weights, smoothing or a softcap a block carries more live
-# arrays; sm_90 builds (cuobjdump -res-usage) spill at 16384 x 16 warps and fit at 8192.
-_OPTIONS_BLOCK_MAX = 8192
-
-
-def _row_config(n_cols: int, dtype: torch.dtype, target: torch.Tensor, opts) -> tuple[int, int]:
+def _row_config(n_cols: int, dtype: torch.dtype, consts: dict) -> tuple[int, int]:
     block, num_warps = _launch_config(n_cols, dtype)
-    consts = _option_constexprs(target, opts)
-    if any(consts.values()):
-        block = min(block, _OPTIONS_BLOCK_MAX)
+    if any(consts.values()) and block > _OPTIONS_BLOCK_MAX:
+        block, num_warps = _OPTIONS_BLOCK_MAX, max(num_warps // 2, 2)
     return block, num_warps
 
 
@@ -565,6 +826,21 @@ _SCALE_PROGRAMS = 1024  # enough to fill any current GPU; each loops over its sh
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
+
+
+def vector_width(dtype: torch.dtype) -> int:
+    """Elements in 16 bytes."""
+    return 16 // torch.empty((), dtype=dtype).element_size()
+
+
+def _aligned_base(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A view of ``t``'s storage that starts on the 16-byte boundary at or before ``t``, and how
+    many elements before ``t`` it starts (< the vector width)."""
+    size = t.element_size()
+    lead = (t.data_ptr() % 16) // size
+    if t.data_ptr() % size or lead > t.storage_offset():
+        return t, 0  # an odd storage: correct, without 16-byte vectors
+    return t.as_strided((1,), (1,), t.storage_offset() - lead), lead
 
 
 def _round_bf16(out: torch.Tensor) -> bool:
@@ -584,6 +860,7 @@ def _check_launchable(logits: torch.Tensor) -> None:
 def _option_constexprs(target: torch.Tensor, opts) -> dict:
     """The constexprs that switch the options' code on (off costs nothing)."""
     return dict(
+        SCALE=opts.logit_scale != 1.0,
         PROB_TARGET=target.is_floating_point(),
         HAS_WEIGHT=opts.weight is not None,
         HAS_SMOOTHING=opts.label_smoothing > 0.0,
@@ -591,8 +868,60 @@ def _option_constexprs(target: torch.Tensor, opts) -> dict:
     )
 
 
-def xent_forward(logits, target, opts, loss, stats, grad=None, grad_scale=None) -> None:
-    """Per-row loss and statistics, and the gradient when ``grad`` is given.
+def _row_args(logits: torch.Tensor, grad: torch.Tensor | None):
+    """(logits base, grad base, offset0, VEC, EDGES): how the kernels find 16-byte boundaries."""
+    vec = vector_width(logits.dtype)
+    x_base, lead = _aligned_base(logits)
+    n_rows, n_cols = logits.shape
+    x_stride = logits.stride(0) if n_rows > 1 else 0
+    if grad is None or grad is logits:
+        g_base = x_base
+    else:
+        g_base, g_lead = _aligned_base(grad)
+        g_stride = grad.stride(0) if n_rows > 1 else 0
+        if g_lead != lead or (g_stride - x_stride) % vec:
+            # Rows cut differently (a gradient buffer not made by grad_like): element-wise.
+            return logits, grad, 0, 1, False
+    edges = bool(lead or x_stride % vec or n_cols % vec)
+    return x_base, g_base, lead, vec, edges
+
+
+def _common_args(logits, target, opts, consts):
+    block, num_warps = _row_config(logits.shape[1], logits.dtype, consts)
+    softcap = opts.softcap if opts.softcap is not None else 1.0
+    meta = dict(BLOCK=block, num_warps=num_warps, **consts)
+    return block, softcap, meta
+
+
+def xent_prologue(target, opts, n_cols, reduction, den, counter) -> None:
+    """Zero ``counter`` (int32, 1 element) and, for "mean", write torch's denominator to ``den``
+    (float32, 1 element) for targets of rows of ``n_cols`` classes: the reduction that
+    :func:`xent_forward` finishes needs both."""
+    n_rows = target.shape[0]
+    with torch.cuda.device(target.device) if target.is_cuda else nullcontext():
+        _prologue_kernel[(1,)](
+            target,
+            opts.weight if opts.weight is not None else den,  # unread without a weight
+            den,
+            counter,
+            n_rows,
+            n_cols,
+            target.stride(0) if n_rows else 0,
+            opts.ignore_index,
+            REDUCE=_REDUCE_CODE[reduction],
+            PROB_TARGET=target.is_floating_point(),
+            HAS_WEIGHT=opts.weight is not None,
+            RBLOCK=_RBLOCK,
+            num_warps=4,
+        )
+
+
+def xent_forward(
+    logits, target, opts, loss, stats, grad=None, grad_scale=None, reduction="none",
+    total=None, den=None, counter=None,
+) -> None:  # fmt: skip
+    """Per-row loss and statistics; the gradient when ``grad`` is given; the reduced loss when
+    ``reduction`` is "mean" or "sum".
 
     Args:
         logits: (N, C) float32 / float16 / bfloat16, unit stride along C.
@@ -602,28 +931,39 @@ def xent_forward(logits, target, opts, loss, stats, grad=None, grad_scale=None) 
         stats: (3, N) float32 output: the row's max, log of its sum of exp(z - max) (so
             lse = max + that), and the softmax coefficient A of the gradient, kept for
             :func:`xent_backward`.
-        grad: optional (N, C) output of the logits dtype, unit stride along C; may be ``logits``
-            itself (in-place). Receives the gradient of the per-row losses times ``grad_scale``.
-        grad_scale: one-element float32 tensor on the logits' device (no host synchronisation).
+        grad: optional (N, C) output of the logits dtype (``grad_like``, or ``logits`` itself).
+            Receives the gradient of the reduced loss ("none": of the per-row losses) for an
+            incoming gradient of 1, times ``grad_scale`` when given (a one-element float32
+            tensor on the logits' device).
+        reduction: with "mean" / "sum", ``total`` (float32, 1 element) receives the reduced
+            loss; ``den`` and ``counter`` come from :func:`xent_prologue`, run just before.
     """
     _check_launchable(logits)
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
-    block, num_warps = _row_config(n_cols, logits.dtype, target, opts)
+    consts = _option_constexprs(target, opts)
+    block, softcap, meta = _common_args(logits, target, opts, consts)
     write_grad = grad is not None
+    x_base, g_base, lead, vec, edges = _row_args(logits, grad)
+    reduce = _REDUCE_CODE[reduction]
     with torch.cuda.device(logits.device) if logits.is_cuda else nullcontext():
         _xent_fwd_kernel[(n_rows,)](
-            logits,
+            x_base,
             target,
             opts.weight if opts.weight is not None else loss,  # unread without a weight
             loss,
             stats,
-            grad if write_grad else loss,  # unread without WRITE_GRAD
-            grad_scale if write_grad else loss,
+            g_base if write_grad else loss,  # unread without WRITE_GRAD
+            grad_scale if grad_scale is not None else loss,
+            total if reduce else loss,
+            den if reduce == MEAN else loss,
+            counter if reduce else loss,
+            n_rows,
             n_cols,
             opts.class_offset,
             opts.n_classes or n_cols,
+            lead,
             logits.stride(0),
             target.stride(0),
             stats.stride(0),
@@ -632,54 +972,72 @@ def xent_forward(logits, target, opts, loss, stats, grad=None, grad_scale=None) 
             opts.label_smoothing,
             opts.lse_square_scale,
             opts.logit_scale,
-            opts.softcap if opts.softcap is not None else 1.0,
-            BLOCK=block,
+            softcap,
+            1.0 / softcap,
+            VEC=vec,
+            EDGES=edges,
             SINGLE_BLOCK=n_cols <= block,
             WRITE_GRAD=write_grad,
+            HAS_GRAD_SCALE=grad_scale is not None,
+            REDUCE=reduce,
+            RBLOCK=_RBLOCK,
             ROUND_BF16=write_grad and _round_bf16(grad),
-            num_warps=num_warps,
-            **_option_constexprs(target, opts),
+            **meta,
         )
 
 
-def xent_backward(logits, target, opts, stats, dloss, grad) -> None:
-    """grad = d(sum_i dloss_i * loss_i) / d logits, from the forward's per-row statistics.
+def xent_backward(
+    logits, target, opts, stats, dloss, grad, reduction="none", den=None, skip_if_one=False
+) -> None:
+    """grad = d(loss) / d logits, from the forward's per-row statistics, rounded once.
 
     Args:
         logits, target, opts: as given to :func:`xent_forward`.
         stats: (3, N) float32 from :func:`xent_forward`.
-        dloss: (N,) incoming gradient of the per-row loss (any float dtype, any stride).
-        grad: (N, C) output of the logits dtype; may be ``logits`` itself (in-place).
+        dloss: "none": (N,) incoming gradient of the per-row losses (any float dtype, any
+            stride); "mean" / "sum": the one-element incoming gradient of the reduced loss
+            ("mean" divides it by ``den``, the prologue's denominator).
+        grad: (N, C) output of the logits dtype (``grad_like``, or ``logits`` itself).
+        skip_if_one: the forward wrote ``grad`` for an incoming gradient of 1; leave it as it
+            is when ``dloss`` is 1 (decided on the GPU).
     """
     _check_launchable(logits)
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
-    block, num_warps = _row_config(n_cols, logits.dtype, target, opts)
+    consts = _option_constexprs(target, opts)
+    block, softcap, meta = _common_args(logits, target, opts, consts)
+    x_base, g_base, lead, vec, edges = _row_args(logits, grad)
+    reduce = _REDUCE_CODE[reduction]
     with torch.cuda.device(logits.device) if logits.is_cuda else nullcontext():
         _xent_bwd_kernel[(n_rows,)](
-            logits,
+            x_base,
             target,
             opts.weight if opts.weight is not None else stats,  # unread without a weight
             stats,
             dloss,
-            grad,
+            den if reduce == MEAN else stats,
+            g_base,
             n_cols,
             opts.class_offset,
             opts.n_classes or n_cols,
+            lead,
             logits.stride(0),
             target.stride(0),
             stats.stride(0),
-            dloss.stride(0),
+            dloss.stride(0) if dloss.dim() else 0,
             grad.stride(0),
             opts.ignore_index,
             opts.label_smoothing,
             opts.logit_scale,
-            opts.softcap if opts.softcap is not None else 1.0,
-            BLOCK=block,
+            softcap,
+            1.0 / softcap,
+            VEC=vec,
+            EDGES=edges,
+            REDUCE=reduce,
+            SKIP_IF_ONE=skip_if_one,
             ROUND_BF16=_round_bf16(grad),
-            num_warps=num_warps,
-            **_option_constexprs(target, opts),
+            **meta,
         )
 
 
