@@ -27,7 +27,9 @@ def grad_like(logits: torch.Tensor) -> torch.Tensor:
     n_rows, n_cols = logits.shape
     size = logits.element_size()
     vec = 16 // size
-    lead = (logits.data_ptr() % 16) // size
+    # Traced by torch.compile there is no address yet: assume an aligned one (the launcher checks
+    # at run time, and cuts rows element by element if the two were to differ).
+    lead = 0 if torch.compiler.is_compiling() else (logits.data_ptr() % 16) // size
     stride = logits.stride(0) if n_rows > 1 else n_cols
     row = n_cols + (stride - n_cols) % vec
     flat = empty((n_rows * row + lead,), logits.dtype, logits.device)

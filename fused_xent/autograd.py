@@ -142,7 +142,6 @@ class CrossEntropyFunction(torch.autograd.Function):
         refuse_double_backward()
         if grad_loss is None:
             return (None,) * 7
-        logits, target, stats, den, grad = ctx.saved_tensors
         if ctx.fused:
             why = "its gradient is computed in the forward and handed out once. Call the loss "
             why += "again, or use reduction='none'."
@@ -151,6 +150,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             why += "gradient. Use inplace_backward=False to backward twice."
         if ctx.fused or ctx.inplace_backward:
             _refuse_second_backward(ctx, "cross_entropy", why)
+        logits, target, stats, den, grad = ctx.saved_tensors
         if ctx.inplace_backward:
             grad = logits
         elif grad is None:

@@ -126,7 +126,7 @@ def _tanh(u):
     series = u * (
         1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0 + u2 * (62.0 / 2835.0))))
     )
-    e = _exp2((-2.0 * LOG2E) * tl.abs(u))
+    e = _exp2(tl.abs(u) * (-2.0 * LOG2E))
     th = (1.0 - e) * _rcp(1.0 + e)
     th = tl.where(u < 0, -th, th)
     return tl.where(tl.abs(u) < 0.25, series, th)
