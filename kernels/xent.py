@@ -94,6 +94,16 @@ def _exp2(x):
 
 
 @triton.jit
+def _log2(x):
+    if _PTX_APPROX:
+        return tl.inline_asm_elementwise(
+            "lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
 def _rcp(x):
     if _PTX_APPROX:
         return tl.inline_asm_elementwise(
@@ -247,13 +257,16 @@ def _grad(e, z, w, t, k, label_smoothing, smooth_c, row_scale, inv_softcap,
 
 
 @triton.jit
-def _rescale(m, shift, s, block_max):
-    """The running max m after one more block, the shift of the exponentials (m, or 0 while m is
-    -inf), and the running sum of exp(z - shift) moved to the new shift."""
-    m_new = tl.maximum(m, block_max)
-    shift_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-    s = s * tl.where(m == float("-inf"), 0.0, _exp2((shift - shift_new) * LOG2E))
-    return m_new, shift_new, s
+def _move_reference(ref, s, block_max):
+    """The running reference (log2 units, an integer: ceil(max * log2(e)), -inf before any finite
+    logit) after one more block, the shift the block's exponentials use (0 while the reference is
+    -inf), and the running sum of exp2(z * log2(e) - ref) moved to the new reference: a power of
+    two, built from its bits (0 below 2**-126)."""
+    ref_new = tl.maximum(ref, tl.math.ceil(block_max * LOG2E))
+    ref_safe = tl.where(ref_new == float("-inf"), 0.0, ref_new)
+    k = tl.maximum(tl.where(ref == float("-inf"), -127.0, ref - ref_safe), -127.0).to(tl.int32)
+    scale = ((k + 127) << 23).to(tl.float32, bitcast=True)  # 2**k, 0 for k = -127
+    return ref_new, ref_safe, s * scale
 
 
 @triton.jit
@@ -304,7 +317,8 @@ def _write_target_grad(g_row_ptr, col, here, z_t, row_max, inv_sum, coef, row_sc
 @triton.jit
 def _grad_pass(x_row, g_row, x_body, g_body, w_row, t_row, head, body, tail, row_max, k,
                label_smoothing, smooth_c, row_scale, logit_scale, softcap, inv_softcap,
-               BLOCK: tl.constexpr, VEC: tl.constexpr, EDGES: tl.constexpr, SCALE: tl.constexpr,
+               BLOCK: tl.constexpr, VEC: tl.constexpr, EDGES: tl.constexpr,
+               SINGLE_BLOCK: tl.constexpr, SCALE: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, PROB_TARGET: tl.constexpr,
                HAS_WEIGHT: tl.constexpr, ROUND_BF16: tl.constexpr):  # fmt: skip
     """Read a row once more and write its gradient (without the one-hot term): the partial
@@ -321,15 +335,18 @@ def _grad_pass(x_row, g_row, x_body, g_body, w_row, t_row, head, body, tail, row
     dx = _grad(e, z, w, t, k, label_smoothing, smooth_c, row_scale, inv_softcap,
                HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT)  # fmt: skip
     tl.store(g_body + cols, _to_out(dx, g_body, ROUND_BF16), mask=mask)
-    for i in range(0, n_full):
-        cols = (n_full - 1 - i) * BLOCK + offs
-        x = tl.load(x_body + cols, eviction_policy="evict_first")
-        z = _transform(x, offs >= 0, logit_scale, softcap, inv_softcap, SCALE, HAS_SOFTCAP, False)
-        w, t = _load_opts(w_row + head, t_row + head, cols, offs >= 0, HAS_WEIGHT, PROB_TARGET)
-        e = _exp2((z - row_max) * LOG2E)
-        dx = _grad(e, z, w, t, k, label_smoothing, smooth_c, row_scale, inv_softcap,
-                   HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT)  # fmt: skip
-        tl.store(g_body + cols, _to_out(dx, g_body, ROUND_BF16))
+    if not SINGLE_BLOCK:
+        for i in range(0, n_full):
+            cols = (n_full - 1 - i) * BLOCK + offs
+            x = tl.load(x_body + cols, eviction_policy="evict_first")
+            z = _transform(
+                x, offs >= 0, logit_scale, softcap, inv_softcap, SCALE, HAS_SOFTCAP, False
+            )
+            w, t = _load_opts(w_row + head, t_row + head, cols, offs >= 0, HAS_WEIGHT, PROB_TARGET)
+            e = _exp2((z - row_max) * LOG2E)
+            dx = _grad(e, z, w, t, k, label_smoothing, smooth_c, row_scale, inv_softcap,
+                       HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT)  # fmt: skip
+            tl.store(g_body + cols, _to_out(dx, g_body, ROUND_BF16))
     if EDGES:
         cols, mask = _edge_cols(head, body, tail, VEC)
         x = tl.load(x_row + cols, mask=mask, other=float("-inf"))
@@ -520,6 +537,7 @@ def _xent_fwd_kernel(
         row_max = tl.where(m == float("-inf"), 0.0, m)
         e = _exp2((z - row_max) * LOG2E)
         s = tl.sum(e, axis=0)
+        log2_shift = 0.0
         if HAS_SMOOTHING or PROB_TARGET:
             sum_w, sum_wz, sum_wt, sum_wtz = _option_sums(
                 z, w, t, bmask, shift, sum_w, sum_wz, sum_wt, sum_wtz, HAS_SMOOTHING, PROB_TARGET
@@ -533,17 +551,20 @@ def _xent_fwd_kernel(
                     PROB_TARGET,
                 )  # fmt: skip
     else:
-        # Pass 1 over the blocks: a block's max, then its exponentials relative to the running
-        # max (the running sum is rescaled once per block, not per logit).
+        # Pass 1 over the blocks: a block's max, then its exponentials relative to a running
+        # reference on the integer grid of log2 units, so that moving it rescales the running
+        # sum by a power of two built from bits (no exp per block) and the exponent is one FMA.
         m = zero + float("-inf")
-        shift_e = zero
+        ref = zero + float("-inf")
         s = zero
         n_full = body // BLOCK
         for i in range(0, n_full):
             x = tl.load(x_body + i * BLOCK + offs, eviction_policy="evict_last")
             z = _transform(x, True, logit_scale, softcap, inv_softcap, SCALE, HAS_SOFTCAP, False)
-            m, shift_e, s = _rescale(m, shift_e, s, tl.max(z, axis=0))
-            s += tl.sum(_exp2((z - shift_e) * LOG2E), axis=0)
+            bm = tl.max(z, axis=0)
+            m = tl.maximum(m, bm)
+            ref, ref_safe, s = _move_reference(ref, s, bm)
+            s += tl.sum(_exp2(tl.fma(z, LOG2E, -ref_safe)), axis=0)
             if HAS_SMOOTHING or PROB_TARGET:
                 w, t = _load_opts(weight_ptr + head, t_cols_ptr + head, i * BLOCK + offs,
                                   offs >= 0, HAS_WEIGHT, PROB_TARGET)  # fmt: skip
@@ -563,10 +584,14 @@ def _xent_fwd_kernel(
             ez = _transform(ex, emask, logit_scale, softcap, inv_softcap, SCALE, HAS_SOFTCAP,
                             True)  # fmt: skip
             bm = tl.maximum(bm, tl.max(ez, axis=0))
-        m, row_max, s = _rescale(m, shift_e, s, bm)
-        s += tl.sum(_exp2((z - row_max) * LOG2E), axis=0)
+        m = tl.maximum(m, bm)
+        ref, ref_safe, s = _move_reference(ref, s, bm)
+        s += tl.sum(_exp2(tl.fma(z, LOG2E, -ref_safe)), axis=0)
         if EDGES:
-            s += tl.sum(_exp2((ez - row_max) * LOG2E), axis=0)
+            s += tl.sum(_exp2(tl.fma(ez, LOG2E, -ref_safe)), axis=0)
+        row_max = tl.where(m == float("-inf"), 0.0, m)
+        # The sum was taken relative to ref_safe, not to the max: this much, exactly (FMA).
+        log2_shift = tl.fma(row_max, LOG2E, -ref_safe)
         if HAS_SMOOTHING or PROB_TARGET:
             w, t = _load_opts(weight_ptr + head, t_cols_ptr + head, cols, bmask, HAS_WEIGHT,
                               PROB_TARGET)  # fmt: skip
@@ -581,7 +606,7 @@ def _xent_fwd_kernel(
                     PROB_TARGET,
                 )  # fmt: skip
 
-    log_sum = tl.log2(s) * LN2
+    log_sum = (_log2(s) - log2_shift) * LN2
     lse = row_max + log_sum
     lse_rel = (row_max - shift) + log_sum  # lse - shift, without rounding lse first
 
@@ -623,42 +648,39 @@ def _xent_fwd_kernel(
         if HAS_GRAD_SCALE:
             row_scale = tl.load(grad_scale_ptr).to(tl.float32)
         if REDUCE == 2:
-            row_scale = row_scale / tl.load(den_ptr)
+            row_scale = row_scale * _rcp(tl.load(den_ptr))
         if not PROB_TARGET:
             row_scale = _class_row_scale(row_scale, valid, ignored)
         gstart = offset0 + row * stride_grad_row
         g_body = grad_ptr + _row_layout(gstart, n_cols, VEC, EDGES)[0]
-        if row_scale == 0.0:
-            # Exact zeros, even where the logits are -inf or NaN.
+        row_scale = row_scale * logit_scale
+        inv_sum = _exp2(-log_sum * LOG2E)
+        # A zero scale (ignored row, zero incoming gradient) gives zeros, also where the row's
+        # sum is 0 (all -inf); NaN logits stay NaN there, as in torch.
+        k = tl.where(row_scale == 0.0, 0.0, coef * row_scale * inv_sum)
+        if SINGLE_BLOCK:
+            dx = _grad(e, z, w, t, k, label_smoothing, smooth_c, row_scale, inv_softcap,
+                       HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT)  # fmt: skip
+            tl.store(g_body + offs, _to_out(dx, g_body, ROUND_BF16), mask=bmask)
+            if EDGES:
+                dx = _grad(ee, ez, ew, et, k, label_smoothing, smooth_c, row_scale, inv_softcap,
+                           HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT)  # fmt: skip
+                tl.store(grad_ptr + gstart + ecols, _to_out(dx, grad_ptr, ROUND_BF16), mask=emask)
+        elif row_scale == 0.0:
+            # Exact zeros, without reading the logits again.
             _zero_row(grad_ptr + gstart, g_body, head, body, tail, BLOCK, VEC, EDGES)
         else:
-            inv_sum = 1.0 / s
-            row_scale = row_scale * logit_scale
-            k = coef * row_scale * inv_sum
-            if SINGLE_BLOCK:
-                dx = _grad(e, z, w, t, k, label_smoothing, smooth_c, row_scale, inv_softcap,
-                           HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT)  # fmt: skip
-                tl.store(g_body + offs, _to_out(dx, g_body, ROUND_BF16), mask=bmask)
-                if EDGES:
-                    dx = _grad(ee, ez, ew, et, k, label_smoothing, smooth_c, row_scale,
-                               inv_softcap, HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET,
-                               HAS_WEIGHT)  # fmt: skip
-                    tl.store(
-                        grad_ptr + gstart + ecols, _to_out(dx, grad_ptr, ROUND_BF16), mask=emask
-                    )
-            else:
-                _grad_pass(
-                    x_row_ptr, grad_ptr + gstart, x_body, g_body, weight_ptr, t_cols_ptr, head,
-                    body, tail, row_max, k,
-                    label_smoothing, smooth_c, row_scale, logit_scale, softcap, inv_softcap,
-                    BLOCK, VEC, EDGES, SCALE, HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET,
-                    HAS_WEIGHT, ROUND_BF16,
-                )  # fmt: skip
-            if not PROB_TARGET:
-                _write_target_grad(
-                    grad_ptr + gstart, col, here, z_t, row_max, inv_sum, coef, row_scale, w_target,
-                    label_smoothing, smooth_c, inv_softcap, HAS_SOFTCAP, ROUND_BF16,
-                )  # fmt: skip
+            _grad_pass(
+                x_row_ptr, grad_ptr + gstart, x_body, g_body, weight_ptr, t_cols_ptr, head,
+                body, tail, row_max, k, label_smoothing, smooth_c, row_scale, logit_scale,
+                softcap, inv_softcap, BLOCK, VEC, EDGES, False, SCALE, HAS_SOFTCAP,
+                HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT, ROUND_BF16,
+            )  # fmt: skip
+        if not PROB_TARGET:
+            _write_target_grad(
+                grad_ptr + gstart, col, here, z_t, row_max, inv_sum, coef, row_scale, w_target,
+                label_smoothing, smooth_c, inv_softcap, HAS_SOFTCAP, ROUND_BF16,
+            )  # fmt: skip
 
     if REDUCE != 0:
         _finish_reduction(
@@ -698,6 +720,7 @@ def _xent_bwd_kernel(
     BLOCK: tl.constexpr,
     VEC: tl.constexpr,
     EDGES: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
     REDUCE: tl.constexpr,
     SKIP_IF_ONE: tl.constexpr,
     SCALE: tl.constexpr,
@@ -717,7 +740,7 @@ def _xent_bwd_kernel(
     if (not SKIP_IF_ONE) or (g != 1.0):
         row_scale = g
         if REDUCE == 2:
-            row_scale = row_scale / tl.load(den_ptr)
+            row_scale = row_scale * _rcp(tl.load(den_ptr))
         start = offset0 + row * stride_logits_row
         body0, head, body, tail = _row_layout(start, n_cols, VEC, EDGES)
         x_row_ptr = logits_ptr + start
@@ -732,30 +755,29 @@ def _xent_bwd_kernel(
             row_scale = _class_row_scale(row_scale, valid, ignored)
         gstart = offset0 + row * stride_grad_row
         g_body = grad_ptr + _row_layout(gstart, n_cols, VEC, EDGES)[0]
-        if row_scale == 0.0:
+        row_max = tl.load(stats_ptr + row)
+        log_sum = tl.load(stats_ptr + stride_stats + row)
+        coef = tl.load(stats_ptr + 2 * stride_stats + row)
+        row_scale = row_scale * logit_scale
+        inv_sum = _exp2(-log_sum * LOG2E)
+        k = tl.where(row_scale == 0.0, 0.0, coef * row_scale * inv_sum)
+        if (not SINGLE_BLOCK) and (row_scale == 0.0):
             _zero_row(grad_ptr + gstart, g_body, head, body, tail, BLOCK, VEC, EDGES)
         else:
-            row_max = tl.load(stats_ptr + row)
-            log_sum = tl.load(stats_ptr + stride_stats + row)
-            coef = tl.load(stats_ptr + 2 * stride_stats + row)
-            inv_sum = _exp2(-log_sum * LOG2E)
-            row_scale = row_scale * logit_scale
-            k = coef * row_scale * inv_sum
             _grad_pass(
                 x_row_ptr, grad_ptr + gstart, logits_ptr + body0, g_body, weight_ptr, t_cols_ptr,
-                head, body, tail, row_max, k,
-                label_smoothing, label_smoothing / n_classes, row_scale, logit_scale, softcap,
-                inv_softcap, BLOCK, VEC, EDGES, SCALE, HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET,
-                HAS_WEIGHT, ROUND_BF16,
+                head, body, tail, row_max, k, label_smoothing, label_smoothing / n_classes,
+                row_scale, logit_scale, softcap, inv_softcap, BLOCK, VEC, EDGES, SINGLE_BLOCK,
+                SCALE, HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT, ROUND_BF16,
             )  # fmt: skip
-            if not PROB_TARGET:
-                z_t = _transform(x_t, True, logit_scale, softcap, inv_softcap, SCALE,
-                                 HAS_SOFTCAP, False)  # fmt: skip
-                _write_target_grad(
-                    grad_ptr + gstart, col, here, z_t, row_max, inv_sum, coef, row_scale, w_target,
-                    label_smoothing, label_smoothing / n_classes, inv_softcap, HAS_SOFTCAP,
-                    ROUND_BF16,
-                )  # fmt: skip
+        if not PROB_TARGET:
+            z_t = _transform(x_t, True, logit_scale, softcap, inv_softcap, SCALE, HAS_SOFTCAP,
+                             False)  # fmt: skip
+            _write_target_grad(
+                grad_ptr + gstart, col, here, z_t, row_max, inv_sum, coef, row_scale, w_target,
+                label_smoothing, label_smoothing / n_classes, inv_softcap, HAS_SOFTCAP,
+                ROUND_BF16,
+            )  # fmt: skip
 
 
 @triton.jit
@@ -801,15 +823,14 @@ _LONG_ROW_BLOCK = 8192
 # With probability targets, class weights, smoothing or a softcap a block carries more live
 # arrays; half the block keeps those builds within the same registers.
 _OPTIONS_BLOCK_MAX = 4096
-_RBLOCK = 1024  # rows summed per step by the program that finishes a reduction
+_RBLOCK = 1024  # targets read per step by the one-program prologue
 
 
 def _launch_config(n_cols: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK, num_warps) for rows of ``n_cols`` logits of ``dtype``."""
-    if n_cols <= _SINGLE_BLOCK_MAX:
-        block = max(triton.next_power_of_2(n_cols), 64)
-        return block, max(min(block // 512, 16), 2)  # 16 logits a thread
-    return _LONG_ROW_BLOCK, 16
+    """(BLOCK, num_warps) for rows of ``n_cols`` logits of ``dtype``: 32 logits a thread (the
+    per-row work, reductions and target, spread over as many logits as the registers allow)."""
+    block = min(max(triton.next_power_of_2(n_cols), 32), _LONG_ROW_BLOCK)
+    return block, max(block // 2048, 1)
 
 
 def _row_config(n_cols: int, dtype: torch.dtype, consts: dict) -> tuple[int, int]:
@@ -980,7 +1001,7 @@ def xent_forward(
             WRITE_GRAD=write_grad,
             HAS_GRAD_SCALE=grad_scale is not None,
             REDUCE=reduce,
-            RBLOCK=_RBLOCK,
+            RBLOCK=32 * meta["num_warps"],
             ROUND_BF16=write_grad and _round_bf16(grad),
             **meta,
         )
@@ -1034,6 +1055,7 @@ def xent_backward(
             1.0 / softcap,
             VEC=vec,
             EDGES=edges,
+            SINGLE_BLOCK=n_cols <= block,
             REDUCE=reduce,
             SKIP_IF_ONE=skip_if_one,
             ROUND_BF16=_round_bf16(grad),
