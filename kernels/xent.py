@@ -325,7 +325,10 @@ def _grad_pass(x_row, g_row, x_body, g_body, w_row, t_row, head, body, tail, row
     block first, then the whole blocks from the last to the first (the blocks read last are the
     likeliest still in L2), then the head and tail."""
     offs = tl.arange(0, BLOCK)
-    n_full = body // BLOCK
+    if SINGLE_BLOCK:
+        n_full = 0
+    else:
+        n_full = body // BLOCK
     cols = n_full * BLOCK + offs
     mask = cols < body
     x = tl.load(x_body + cols, mask=mask, other=float("-inf"), eviction_policy="evict_first")
@@ -360,12 +363,16 @@ def _grad_pass(x_row, g_row, x_body, g_body, w_row, t_row, head, body, tail, row
 
 @triton.jit
 def _zero_row(g_row, g_body, head, body, tail, BLOCK: tl.constexpr, VEC: tl.constexpr,
-              EDGES: tl.constexpr):  # fmt: skip
-    """A gradient row of exact zeros (ignored row, zero incoming gradient), logits unread."""
+              EDGES: tl.constexpr, SINGLE_BLOCK: tl.constexpr):  # fmt: skip
+    """A gradient row of exact zeros (ignored row, zero incoming gradient), even where the
+    logits are -inf or NaN, without reading them (again)."""
     offs = tl.arange(0, BLOCK)
     zero = tl.zeros([BLOCK], tl.float32).to(g_body.dtype.element_ty)
-    for start in range(0, body, BLOCK):
-        tl.store(g_body + start + offs, zero, mask=start + offs < body)
+    if SINGLE_BLOCK:
+        tl.store(g_body + offs, zero, mask=offs < body)
+    else:
+        for start in range(0, body, BLOCK):
+            tl.store(g_body + start + offs, zero, mask=start + offs < body)
     if EDGES:
         cols, mask = _edge_cols(head, body, tail, VEC)
         tl.store(g_row + cols, tl.zeros([2 * VEC], tl.float32).to(g_body.dtype.element_ty),
@@ -655,10 +662,11 @@ def _xent_fwd_kernel(
         g_body = grad_ptr + _row_layout(gstart, n_cols, VEC, EDGES)[0]
         row_scale = row_scale * logit_scale
         inv_sum = _exp2(-log_sum * LOG2E)
-        # A zero scale (ignored row, zero incoming gradient) gives zeros, also where the row's
-        # sum is 0 (all -inf); NaN logits stay NaN there, as in torch.
-        k = tl.where(row_scale == 0.0, 0.0, coef * row_scale * inv_sum)
-        if SINGLE_BLOCK:
+        k = coef * row_scale * inv_sum
+        if row_scale == 0.0:
+            _zero_row(grad_ptr + gstart, g_body, head, body, tail, BLOCK, VEC, EDGES,
+                      SINGLE_BLOCK)  # fmt: skip
+        elif SINGLE_BLOCK:
             dx = _grad(e, z, w, t, k, label_smoothing, smooth_c, row_scale, inv_softcap,
                        HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT)  # fmt: skip
             tl.store(g_body + offs, _to_out(dx, g_body, ROUND_BF16), mask=bmask)
@@ -666,9 +674,6 @@ def _xent_fwd_kernel(
                 dx = _grad(ee, ez, ew, et, k, label_smoothing, smooth_c, row_scale, inv_softcap,
                            HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT)  # fmt: skip
                 tl.store(grad_ptr + gstart + ecols, _to_out(dx, grad_ptr, ROUND_BF16), mask=emask)
-        elif row_scale == 0.0:
-            # Exact zeros, without reading the logits again.
-            _zero_row(grad_ptr + gstart, g_body, head, body, tail, BLOCK, VEC, EDGES)
         else:
             _grad_pass(
                 x_row_ptr, grad_ptr + gstart, x_body, g_body, weight_ptr, t_cols_ptr, head,
@@ -760,9 +765,10 @@ def _xent_bwd_kernel(
         coef = tl.load(stats_ptr + 2 * stride_stats + row)
         row_scale = row_scale * logit_scale
         inv_sum = _exp2(-log_sum * LOG2E)
-        k = tl.where(row_scale == 0.0, 0.0, coef * row_scale * inv_sum)
-        if (not SINGLE_BLOCK) and (row_scale == 0.0):
-            _zero_row(grad_ptr + gstart, g_body, head, body, tail, BLOCK, VEC, EDGES)
+        k = coef * row_scale * inv_sum
+        if row_scale == 0.0:
+            _zero_row(grad_ptr + gstart, g_body, head, body, tail, BLOCK, VEC, EDGES,
+                      SINGLE_BLOCK)  # fmt: skip
         else:
             _grad_pass(
                 x_row_ptr, grad_ptr + gstart, logits_ptr + body0, g_body, weight_ptr, t_cols_ptr,
