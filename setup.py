@@ -12,9 +12,15 @@ setup(
     # named plain `kernels` lands in site-packages.
     package_dir={"fused_xent": "fused_xent", "fused_xent.kernels": "kernels"},
     # numpy: Triton's CPU interpreter (TRITON_INTERPRET=1) runs kernels with it.
-    install_requires=["torch>=2.1", "triton>=3.0; platform_system == 'Linux'", "numpy"],
+    # torch 2.4: torch.library.custom_op / register_fake (fused_xent/ops.py) and the
+    # device-generic torch.get_autocast_dtype / is_autocast_enabled(device_type) (functional.py).
+    # Triton 3.6: the oldest release the kernels are compiled with (3.6 on the GPU machine, 3.9
+    # from PyPI on the CPU).
+    install_requires=["torch>=2.4", "triton>=3.6; platform_system == 'Linux'", "numpy"],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "hypothesis>=6"],
         "dev": ["ruff>=0.6"],
+        # bench/report.py draws report.png with it (and skips the plot without it).
+        "bench": ["matplotlib>=3.7"],
     },
 )

@@ -19,4 +19,4 @@ if ! python -c "import torch" 2>/dev/null; then
         python -m pip install torch==2.13.0
     fi
 fi
-python -m pip install -e ".[test,dev]"
+python -m pip install -e ".[test,dev,bench]"
