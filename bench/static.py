@@ -105,6 +105,7 @@ from triton.runtime.cache import get_cache_manager
 from triton.runtime.driver import driver as _driver
 from triton.runtime.jit import JITFunction
 
+from fused_xent import _alloc
 from fused_xent._options import LossOptions
 
 # ============================================================================================
@@ -119,30 +120,49 @@ def _row_outputs(n_rows):
     return torch.empty(n_rows), torch.empty(3, n_rows)  # per-row loss, (3, N) statistics
 
 
+def _mean(t, opts, n_cols):
+    """The prologue of a "mean" loss: (total, den, counter) for the forward's reduction."""
+    total, den, counter = torch.empty(()), torch.empty(()), torch.empty((), dtype=torch.int32)
+    xent.xent_prologue(t, opts, n_cols, "mean", den, counter)
+    return dict(reduction="mean", total=total, den=den, counter=counter)
+
+
 def _fwd(x, t, opts):
-    """Forward with no gradient wanted (under no_grad): one read of the logits."""
-    xent.xent_forward(x, t, opts, *_row_outputs(x.shape[0]))
+    """Forward of a "mean" loss with no gradient wanted (under no_grad): one read."""
+    xent.xent_forward(x, t, opts, *_row_outputs(x.shape[0]), **_mean(t, opts, x.shape[1]))
 
 
 def _fwd_grad(x, t, opts):
-    """Forward of a "mean"/"sum" loss: the gradient is written in the same launch."""
+    """Forward of a "mean" loss: the gradient is written in the same launch."""
     loss, stats = _row_outputs(x.shape[0])
-    xent.xent_forward(x, t, opts, loss, stats, torch.empty_like(x), torch.ones(()))
+    grad = _alloc.grad_like(x)
+    xent.xent_forward(x, t, opts, loss, stats, grad, **_mean(t, opts, x.shape[1]))
 
 
 def _bwd(x, t, opts):
-    """Backward of a "none" loss, from the forward's statistics and a per-row dloss."""
+    """Backward of a "none" loss (and of every in-place one): one more read, one write."""
     _, stats = _row_outputs(x.shape[0])
-    xent.xent_backward(x, t, opts, stats, torch.ones(x.shape[0]), torch.empty_like(x))
+    xent.xent_backward(x, t, opts, stats, torch.ones(x.shape[0]), _alloc.grad_like(x))
+
+
+def _bwd_scaled(x, t, opts):
+    """Backward of a "mean" loss after fwd+grad, with an incoming gradient other than 1 (with 1
+    it only reads that gradient): the gradient recomputed from the logits, rounded once."""
+    _, stats = _row_outputs(x.shape[0])
+    xent.xent_backward(x, t, opts, stats, torch.full((), 0.5), _alloc.grad_like(x), "mean",
+                       torch.ones(()), skip_if_one=True)  # fmt: skip
 
 
 def _scale(x, t, opts):
-    """Backward of a "mean"/"sum" loss: the forward's gradient times the incoming scalar."""
+    """The linear form's backward: its forward's gradients times the incoming scalar."""
     xent.scale_grad_(torch.empty_like(x), torch.full((), 0.5))
 
 
 def _row_block(kernel_name: str, constexprs: dict) -> tuple[int, int]:
-    """(rows, cols) one program covers per iteration of its column loop (or in all)."""
+    """(rows, cols) one program covers per iteration of its column loop (or in all); the
+    reduction's prologue reads RBLOCK targets per iteration."""
+    if "BLOCK" not in constexprs:
+        return constexprs["RBLOCK"], 1
     return 1, constexprs["BLOCK"]
 
 
@@ -157,8 +177,9 @@ class Step:
 FWD = Step("fwd", _fwd, writes_grad=False)
 FWD_GRAD = Step("fwd+grad", _fwd_grad, writes_grad=True)
 BWD = Step("bwd", _bwd, writes_grad=True)
+BWD_SCALED = Step("bwd(g!=1)", _bwd_scaled, writes_grad=True)  # g == 1 moves nothing
 SCALE = Step("scale", _scale, writes_grad=True)  # its g != 1 path; g == 1 moves nothing
-STEPS = (FWD, FWD_GRAD, BWD, SCALE)
+STEPS = (FWD, FWD_GRAD, BWD, BWD_SCALED, SCALE)
 
 # LossOptions fields, plus prob_target (a (N, C) probability target of the logits' dtype) and
 # weight=True (a (C,) class weight of the logits' dtype).
@@ -208,6 +229,8 @@ QUICK = {
     (FWD_GRAD, "bf16", 8192, "all"),
     (FWD, "bf16", 128256, "plain"),
     (BWD, "bf16", 128256, "plain"),
+    (FWD_GRAD, "bf16", 2047, "plain"),
+    (FWD_GRAD, "bf16", 50257, "plain"),
 }
 
 
@@ -217,6 +240,7 @@ def _scenarios() -> list[Scenario]:
     keys += [(FWD, "fp32", 128256, "plain")]
     keys += [(BWD, "bf16", c, "plain") for c in (2048, 8192, 16384, 128256)]
     keys += [(BWD, "fp32", 128256, "plain")]
+    keys += [(BWD_SCALED, "bf16", c, "plain") for c in (2048, 128256)]
     keys += [(SCALE, "bf16", c, "plain") for c in (2048, 128256)]
     for opt in ("softcap", "weight+smoothing", "prob-target", "logit-scale", "all"):
         keys += [(FWD_GRAD, "bf16", c, opt) for c in (2048, 8192, 16384, 128256)]
@@ -423,7 +447,8 @@ class Region:
 @dataclass
 class Sass:
     whole: Region
-    loops: list[Region]  # innermost loops, in program order
+    loops: list[Region]  # innermost loops over the logits (they load), in program order
+    row: Region  # what every program runs: the kernel up to a reduction's arrival atomic
 
 
 def parse_sass(text: str, function: str) -> Sass:
@@ -480,14 +505,24 @@ def parse_sass(text: str, function: str) -> Sass:
                     r.local += 1
         return r
 
-    return Sass(region(0, counted[-1][0]), [region(s, e) for s, e in loops])
+    # A reduction finishes in the program that arrives last at an atomic counter: the code from
+    # the first atomic on runs once per launch, not once per row.
+    end = next((a for a, op, _ in counted if op.startswith(("ATOM", "RED"))), None)
+    end = counted[-1][0] if end is None else end - 1
+    # A pass over a row loads its logits; a loop that only stores (a zero gradient row, written
+    # without reading the logits) or comes after the atomic is not one.
+    passes = [r for r in (region(s, e) for s, e in loops) if r.end <= end and sum(r.ldg.values())]
+    return Sass(region(0, counted[-1][0]), passes, region(0, end))
 
 
-def unroll(r: Region, cols: int) -> int:
+def unroll(r: Region, cols: int, itemsize: int) -> int:
     """How many column blocks one trip through the loop covers: the smallest step of an
-    induction variable that is a multiple of the block (Triton's loop counter counts elements),
-    else 1. ptxas unrolls loops with a short body (the scale kernel's: 4 blocks a trip)."""
-    return min((s // cols for s in r.steps if s % cols == 0 and 1 <= s // cols <= 64), default=1)
+    induction variable that is a multiple of the block, else 1. ptxas unrolls loops with a short
+    body (the scale kernel's: 4 blocks a trip). A step of ``cols * itemsize`` is a pointer moving
+    by one block of bytes, not an unrolled element counter, unless nothing else steps."""
+    multiples = [s // cols for s in r.steps if s % cols == 0 and 1 <= s // cols <= 64]
+    counters = [u for u in multiples if u != itemsize]
+    return min(counters or [u // itemsize for u in multiples if u % itemsize == 0] or [1])
 
 
 _STEP = re.compile(r"^U?(?:IADD3|VIADD|IADD|IMAD\.IADD)\b")
@@ -605,15 +640,15 @@ def describe(sc: Scenario, call: Call, arch: Arch) -> dict:
     def region(r: Region, loop: bool) -> dict:
         d = {"instrs": r.instrs, "ex2": r.ex2, "ldg": dict(r.ldg), "stg": dict(r.stg)}
         if loop:
-            d["unroll"] = u = unroll(r, tile_cols)
+            d["unroll"] = u = unroll(r, tile_cols, DTYPES[sc.dtype].itemsize)
             d["instr_per_logit"] = r.instrs / (u * per_thread)
             d["ex2_per_logit"] = r.ex2 / (u * per_thread)
         return d
 
     loops = a.sass.loops
     passes = [region(r, True) for r in loops]
-    if not loops:  # straight-line
-        whole = region(a.sass.whole, False)
+    if not loops:  # straight-line: the whole row, up to a reduction's atomic
+        whole = region(a.sass.row, False)
         passes = [{**whole, "unroll": 1}]
         passes[0]["instr_per_logit"] = whole["instrs"] / per_thread
         passes[0]["ex2_per_logit"] = whole["ex2"] / per_thread
@@ -626,7 +661,7 @@ def describe(sc: Scenario, call: Call, arch: Arch) -> dict:
 
     # The prediction: what one program issues for its tile of rows, times the programs.
     in_loops = sum(r.instrs for r in loops)
-    per_program = a.sass.whole.instrs - in_loops
+    per_program = a.sass.row.instrs - in_loops
     for r, p in zip(loops, passes[: len(loops)], strict=True):
         per_program += math.ceil(sc.n_cols / (p["unroll"] * tile_cols)) * r.instrs
     warp_instrs = per_program * warps * math.ceil(sc.rows / tile_rows)

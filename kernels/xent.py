@@ -826,8 +826,8 @@ def _scale_grad_kernel(
 # (bench/static.py): at most 16 logits a thread keep two programs resident per SM.
 _SINGLE_BLOCK_MAX = 8192
 _LONG_ROW_BLOCK = 8192
-# With probability targets, class weights, smoothing or a softcap a block carries more live
-# arrays; half the block keeps those builds within the same registers.
+# With probability targets, class weights, smoothing, a softcap or a logit scale a block carries
+# more live arrays; half the block and half the logits a thread keep those builds from spilling.
 _OPTIONS_BLOCK_MAX = 4096
 _RBLOCK = 1024  # targets read per step by the one-program prologue
 
@@ -841,8 +841,10 @@ def _launch_config(n_cols: int, dtype: torch.dtype) -> tuple[int, int]:
 
 def _row_config(n_cols: int, dtype: torch.dtype, consts: dict) -> tuple[int, int]:
     block, num_warps = _launch_config(n_cols, dtype)
-    if any(consts.values()) and block > _OPTIONS_BLOCK_MAX:
-        block, num_warps = _OPTIONS_BLOCK_MAX, max(num_warps // 2, 2)
+    if any(consts.values()):
+        # Options carry more live arrays a logit: half the block, 16 logits a thread.
+        block = min(block, _OPTIONS_BLOCK_MAX)
+        num_warps = min(max(block // 512, 1), 8)
     return block, num_warps
 
 
