@@ -53,6 +53,37 @@ def test_compile_fullgraph_cross_entropy(impl):
         assert rel_err(g_c, g_e) <= 1e-6
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compile_inplace_backward_makes_no_copy(reduction):
+    """inplace_backward=True compiled: the custom ops declare that the gradient is written into
+    the logits (``xent_backward_inplace`` mutates them), so the compiled step gives the eager
+    gradients and allocates no second (N, C) buffer for them."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    lin = torch.nn.Linear(C, C).to(DEVICE)
+    x, t = _batch(2)
+
+    def step(x, t):
+        logits = lin(x)
+        return fused_xent.cross_entropy(
+            logits, t, reduction=reduction, inplace_backward=True, impl="reference"
+        )
+
+    def run(fn):
+        lin.zero_grad()
+        loss = fn(x, t)
+        loss.sum().backward()
+        return loss.detach(), lin.weight.grad.clone()
+
+    (l_c, g_c), codes = run_and_get_code(run, torch.compile(step, fullgraph=True))
+    l_e, g_e = run(step)
+    assert rel_err(l_c, l_e) <= 1e-6 and rel_err(g_c, g_e) <= 1e-6
+    backward_code = codes[-1]
+    assert "xent_backward_inplace" in backward_code
+    assert f"empty_strided_{DEVICE.type}(({N}, {C})" not in backward_code, "an (N, C) buffer"
+
+
 def test_compile_fullgraph_linear_cross_entropy():
     """The chunked linear form compiles without graph breaks (reference path on the CPU)."""
     torch._dynamo.reset()
