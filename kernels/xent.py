@@ -833,18 +833,22 @@ _RBLOCK = 1024  # targets read per step by the one-program prologue
 
 
 def _launch_config(n_cols: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK, num_warps) for rows of ``n_cols`` logits of ``dtype``: 32 logits a thread (the
-    per-row work, reductions and target, spread over as many logits as the registers allow)."""
+    """(BLOCK, num_warps) for rows of ``n_cols`` logits of ``dtype``: 64 logits a thread, 32 for
+    float32 (the per-row work, reductions and target, spread over as many logits as the
+    registers allow; float32 at 64 spills in Triton 3.6's long-row build)."""
     block = min(max(triton.next_power_of_2(n_cols), 32), _LONG_ROW_BLOCK)
-    return block, max(block // 2048, 1)
+    per_thread = 32 if dtype == torch.float32 else 64
+    return block, max(block // (32 * per_thread), 1)
 
 
 def _row_config(n_cols: int, dtype: torch.dtype, consts: dict) -> tuple[int, int]:
     block, num_warps = _launch_config(n_cols, dtype)
     if any(consts.values()):
-        # Options carry more live arrays a logit: half the block, 16 logits a thread.
+        # Options carry more live arrays a logit: half the block, 16 logits a thread (8 for
+        # float32, whose softcap two-pass build spills at 16).
         block = min(block, _OPTIONS_BLOCK_MAX)
-        num_warps = min(max(block // 512, 1), 8)
+        per_thread = 8 if dtype == torch.float32 else 16
+        num_warps = min(max(block // (32 * per_thread), 1), 16)
     return block, num_warps
 
 
