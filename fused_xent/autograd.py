@@ -124,8 +124,9 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.backend, ctx.opts, ctx.reduction = backend, opts, reduction
         ctx.inplace_backward, ctx.consumed = inplace_backward, False
         # The gradient in the forward: for a reduced loss, unless it goes into the logits (which
-        # the backward still reads when the incoming gradient is not 1).
-        ctx.fused = reduction != "none" and not inplace_backward
+        # the backward still reads when the incoming gradient is not 1) or a probability target
+        # wants one too (written in the backward, beside the logits').
+        ctx.fused = reduction != "none" and not inplace_backward and not ctx.needs_input_grad[1]
         grad = _alloc.grad_like(logits) if ctx.fused else None
         loss, stats, den = _forward(logits, target, opts, reduction, backend, grad)
         ctx.save_for_backward(logits, target, stats, den, grad)
@@ -151,15 +152,20 @@ class CrossEntropyFunction(torch.autograd.Function):
         if ctx.fused or ctx.inplace_backward:
             _refuse_second_backward(ctx, "cross_entropy", why)
         logits, target, stats, den, grad = ctx.saved_tensors
-        if ctx.inplace_backward:
+        want_dx, want_dt = ctx.needs_input_grad[:2]
+        if not want_dx:
+            grad = None
+        elif ctx.inplace_backward:
             grad = logits
         elif grad is None:
             grad = _alloc.grad_like(logits)
+        # d loss / d (probability target), in the same pass, only when asked for.
+        target_grad = _alloc.empty(target.shape, target.dtype, target.device) if want_dt else None
         ctx.backend.xent_backward(logits, target, ctx.opts, stats, grad_loss, grad, ctx.reduction,
-                                  den, skip_if_one=ctx.fused)  # fmt: skip
-        if ctx.inplace_backward:
+                                  den, ctx.fused, target_grad)  # fmt: skip
+        if ctx.inplace_backward and want_dx:
             torch.autograd.graph.increment_version(logits)
-        return grad, None, None, None, None, None, None
+        return grad, target_grad, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------

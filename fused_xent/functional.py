@@ -81,10 +81,10 @@ def _check_tensors(input, target, weight, reduction, impl, sharded=False) -> Non
                 f"class-index target must have shape {tuple(expected)} to match input "
                 f"{tuple(input.shape)}, got {tuple(target.shape)}"
             )
-    if target.is_floating_point() and target.requires_grad and torch.is_grad_enabled():
+    if sharded and target.is_floating_point() and target.requires_grad and torch.is_grad_enabled():
         raise ValueError(
-            "target requires grad, but fused_xent does not differentiate with respect to "
-            "probability targets; pass target.detach()"
+            "target requires grad, but with process_group fused_xent does not differentiate "
+            "with respect to probability targets; pass target.detach()"
         )
     if weight is not None:
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
@@ -230,7 +230,7 @@ def cross_entropy(
             rows = rows.contiguous()
         if row_target.is_floating_point() and rows.shape[1] > 1 and row_target.stride(1) != 1:
             row_target = row_target.contiguous()
-    wants_grad = torch.is_grad_enabled() and input.requires_grad
+    wants_grad = torch.is_grad_enabled() and (input.requires_grad or target.requires_grad)
     if process_group is not None:
         opts = distributed.shard_options(
             opts, process_group, rows.shape[0], rows.shape[1], row_target.is_floating_point(),

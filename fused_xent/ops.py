@@ -139,16 +139,18 @@ def _xent_forward_inplace(
 _xent_forward_inplace.register_fake(_noop_fake)
 
 
-def _backward(logits, target, weight, stats, dloss, den, grad, reduction, skip_if_one,
-              ignore_index, label_smoothing, logit_scale, softcap, class_offset, n_classes,
-              impl):  # fmt: skip
+def _backward(logits, target, weight, stats, dloss, den, grad, target_grad, reduction,
+              skip_if_one, ignore_index, label_smoothing, logit_scale, softcap, class_offset,
+              n_classes, impl):  # fmt: skip
     opts = _opts(weight, ignore_index, label_smoothing, 0.0, logit_scale, softcap, class_offset,
                  n_classes)  # fmt: skip
     _module(impl).xent_backward(logits, target, opts, stats, dloss, grad, reduction, den,
-                                skip_if_one)  # fmt: skip
+                                skip_if_one, target_grad)  # fmt: skip
 
 
-@torch.library.custom_op("fused_xent::xent_backward", mutates_args=("grad",), device_types=None)
+@torch.library.custom_op(
+    "fused_xent::xent_backward", mutates_args=("grad", "target_grad"), device_types=None
+)
 def _xent_backward(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -156,7 +158,8 @@ def _xent_backward(
     stats: torch.Tensor,
     dloss: torch.Tensor,
     den: Optional[torch.Tensor],
-    grad: torch.Tensor,
+    grad: Optional[torch.Tensor],
+    target_grad: Optional[torch.Tensor],
     reduction: str,
     skip_if_one: bool,
     ignore_index: int,
@@ -167,16 +170,16 @@ def _xent_backward(
     n_classes: int,
     impl: str,
 ) -> None:
-    _backward(logits, target, weight, stats, dloss, den, grad, reduction, skip_if_one,
-              ignore_index, label_smoothing, logit_scale, softcap, class_offset, n_classes,
-              impl)  # fmt: skip
+    _backward(logits, target, weight, stats, dloss, den, grad, target_grad, reduction,
+              skip_if_one, ignore_index, label_smoothing, logit_scale, softcap, class_offset,
+              n_classes, impl)  # fmt: skip
 
 
 _xent_backward.register_fake(_noop_fake)
 
 
 @torch.library.custom_op(
-    "fused_xent::xent_backward_inplace", mutates_args=("logits",), device_types=None
+    "fused_xent::xent_backward_inplace", mutates_args=("logits", "target_grad"), device_types=None
 )
 def _xent_backward_inplace(
     logits: torch.Tensor,
@@ -185,6 +188,7 @@ def _xent_backward_inplace(
     stats: torch.Tensor,
     dloss: torch.Tensor,
     den: Optional[torch.Tensor],
+    target_grad: Optional[torch.Tensor],
     reduction: str,
     ignore_index: int,
     label_smoothing: float,
@@ -195,8 +199,9 @@ def _xent_backward_inplace(
     impl: str,
 ) -> None:
     """The gradient written over the logits."""
-    _backward(logits, target, weight, stats, dloss, den, logits, reduction, False, ignore_index,
-              label_smoothing, logit_scale, softcap, class_offset, n_classes, impl)  # fmt: skip
+    _backward(logits, target, weight, stats, dloss, den, logits, target_grad, reduction, False,
+              ignore_index, label_smoothing, logit_scale, softcap, class_offset, n_classes,
+              impl)  # fmt: skip
 
 
 _xent_backward_inplace.register_fake(_noop_fake)
@@ -247,16 +252,16 @@ class OpBackend:
             )  # fmt: skip
 
     def xent_backward(self, logits, target, opts, stats, dloss, grad, reduction="none",
-                      den=None, skip_if_one=False):  # fmt: skip
+                      den=None, skip_if_one=False, target_grad=None):  # fmt: skip
         if grad is logits:
             torch.ops.fused_xent.xent_backward_inplace(
-                logits, target, opts.weight, stats, dloss, den, reduction,
+                logits, target, opts.weight, stats, dloss, den, target_grad, reduction,
                 *_option_args(opts, False), self.impl,
             )  # fmt: skip
         else:
             torch.ops.fused_xent.xent_backward(
-                logits, target, opts.weight, stats, dloss, den, grad, reduction, skip_if_one,
-                *_option_args(opts, False), self.impl,
+                logits, target, opts.weight, stats, dloss, den, grad, target_grad, reduction,
+                skip_if_one, *_option_args(opts, False), self.impl,
             )  # fmt: skip
 
     def scale_grad_(self, grad, g):

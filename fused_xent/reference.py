@@ -132,11 +132,13 @@ def xent_forward(
 
 
 def xent_backward(
-    logits, target, opts, stats, dloss, grad, reduction="none", den=None, skip_if_one=False
-) -> None:
+    logits, target, opts, stats, dloss, grad, reduction="none", den=None, skip_if_one=False,
+    target_grad=None,
+) -> None:  # fmt: skip
     """grad = d(loss) / d logits from the forward's per-row statistics: ``dloss`` per row for
     "none", else the reduced loss's incoming gradient ("mean" divides it by ``den``). With
-    ``skip_if_one`` ``grad`` already holds the gradient for an incoming gradient of 1."""
+    ``skip_if_one`` ``grad`` already holds the gradient for an incoming gradient of 1.
+    ``target_grad`` (optional) receives d(loss) / d(probability target), ``grad`` may be None."""
     if skip_if_one and not dloss.is_cuda and float(dloss) == 1.0:
         return  # a host read costs nothing on the CPU
     z, wt, ignored = _rows(logits, target, opts)
@@ -146,6 +148,13 @@ def xent_backward(
     else:
         g = dloss.to(z.dtype).reshape(())
         row_scale = (g / den.to(z.dtype) if reduction == "mean" else g).expand(len(z))
+    if target_grad is not None:
+        # loss = sum_c w_c t'_c (lse - z_c) with t' = (1 - eps) t + eps / C.
+        w = opts.weight.to(z.dtype) if opts.weight is not None else 1.0
+        log_p = z - (row_max + log_sum)[:, None]
+        target_grad.copy_(-(1.0 - opts.label_smoothing) * w * log_p * row_scale[:, None])
+    if grad is None:
+        return
     new = _grad(z, wt, ignored, row_max, log_sum, coef, row_scale, opts)
     if skip_if_one:
         # Decided on the device, as the kernels do: no host synchronisation.

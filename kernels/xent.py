@@ -315,50 +315,73 @@ def _write_target_grad(g_row_ptr, col, here, z_t, row_max, inv_sum, coef, row_sc
 
 
 @triton.jit
-def _grad_pass(x_row, g_row, x_body, g_body, w_row, t_row, head, body, tail, row_max, k,
-               label_smoothing, smooth_c, row_scale, logit_scale, softcap, inv_softcap,
-               BLOCK: tl.constexpr, VEC: tl.constexpr, EDGES: tl.constexpr,
-               SINGLE_BLOCK: tl.constexpr, SCALE: tl.constexpr,
-               HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, PROB_TARGET: tl.constexpr,
-               HAS_WEIGHT: tl.constexpr, ROUND_BF16: tl.constexpr):  # fmt: skip
-    """Read a row once more and write its gradient (without the one-hot term): the partial
-    block first, then the whole blocks from the last to the first (the blocks read last are the
-    likeliest still in L2), then the head and tail."""
+def _grad_block(x_ptr, g_ptr, dt_ptr, w_ptr, t_ptr, cols, mask, row_max, lse, k, dt_scale,
+                label_smoothing, smooth_c, row_scale, logit_scale, softcap, inv_softcap,
+                MASKED: tl.constexpr, EVICT: tl.constexpr, SCALE: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, PROB_TARGET: tl.constexpr,
+                HAS_WEIGHT: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DT: tl.constexpr,
+                ROUND_BF16: tl.constexpr):  # fmt: skip
+    """Read some columns of a row and write their gradient (without the one-hot term), and the
+    probability target's gradient ``-(1 - eps) * w * log p`` times the row's scale."""
+    if MASKED:
+        x = tl.load(x_ptr + cols, mask=mask, other=float("-inf"), eviction_policy=EVICT)
+    else:
+        x = tl.load(x_ptr + cols, eviction_policy=EVICT)
+    z = _transform(x, mask, logit_scale, softcap, inv_softcap, SCALE, HAS_SOFTCAP, MASKED)
+    w, t = _load_opts(w_ptr, t_ptr, cols, mask, HAS_WEIGHT, PROB_TARGET)
+    if WRITE_DX:
+        e = _exp2((z - row_max) * LOG2E)
+        dx = _grad(e, z, w, t, k, label_smoothing, smooth_c, row_scale, inv_softcap,
+                   HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT)  # fmt: skip
+        if MASKED:
+            tl.store(g_ptr + cols, _to_out(dx, g_ptr, ROUND_BF16), mask=mask)
+        else:
+            tl.store(g_ptr + cols, _to_out(dx, g_ptr, ROUND_BF16))
+    if WRITE_DT:
+        dt = w * (z - lse) * dt_scale
+        tl.store(dt_ptr + cols, dt.to(dt_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_pass(x_row, g_row, dt_row, x_body, g_body, w_row, t_row, head, body, tail, row_max,
+               lse, k, dt_scale, label_smoothing, smooth_c, row_scale, logit_scale, softcap,
+               inv_softcap, BLOCK: tl.constexpr, VEC: tl.constexpr, EDGES: tl.constexpr,
+               SINGLE_BLOCK: tl.constexpr, SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               HAS_SMOOTHING: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+               WRITE_DX: tl.constexpr, WRITE_DT: tl.constexpr,
+               ROUND_BF16: tl.constexpr):  # fmt: skip
+    """Read a row once more and write its gradients: the partial block first, then the whole
+    blocks from the last to the first (the blocks read last are the likeliest still in L2), then
+    the head and tail."""
     offs = tl.arange(0, BLOCK)
     if SINGLE_BLOCK:
         n_full = 0
     else:
         n_full = body // BLOCK
     cols = n_full * BLOCK + offs
-    mask = cols < body
-    x = tl.load(x_body + cols, mask=mask, other=float("-inf"), eviction_policy="evict_first")
-    z = _transform(x, mask, logit_scale, softcap, inv_softcap, SCALE, HAS_SOFTCAP, True)
-    w, t = _load_opts(w_row + head, t_row + head, cols, mask, HAS_WEIGHT, PROB_TARGET)
-    e = _exp2((z - row_max) * LOG2E)
-    dx = _grad(e, z, w, t, k, label_smoothing, smooth_c, row_scale, inv_softcap,
-               HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT)  # fmt: skip
-    tl.store(g_body + cols, _to_out(dx, g_body, ROUND_BF16), mask=mask)
+    _grad_block(
+        x_body, g_body, dt_row + head, w_row + head, t_row + head, cols, cols < body, row_max,
+        lse, k, dt_scale, label_smoothing, smooth_c, row_scale, logit_scale, softcap, inv_softcap,
+        True, "evict_first", SCALE, HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT,
+        WRITE_DX, WRITE_DT, ROUND_BF16,
+    )  # fmt: skip
     if not SINGLE_BLOCK:
         for i in range(0, n_full):
-            cols = (n_full - 1 - i) * BLOCK + offs
-            x = tl.load(x_body + cols, eviction_policy="evict_first")
-            z = _transform(
-                x, offs >= 0, logit_scale, softcap, inv_softcap, SCALE, HAS_SOFTCAP, False
-            )
-            w, t = _load_opts(w_row + head, t_row + head, cols, offs >= 0, HAS_WEIGHT, PROB_TARGET)
-            e = _exp2((z - row_max) * LOG2E)
-            dx = _grad(e, z, w, t, k, label_smoothing, smooth_c, row_scale, inv_softcap,
-                       HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT)  # fmt: skip
-            tl.store(g_body + cols, _to_out(dx, g_body, ROUND_BF16))
+            _grad_block(
+                x_body, g_body, dt_row + head, w_row + head, t_row + head,
+                (n_full - 1 - i) * BLOCK + offs, offs >= 0, row_max, lse, k, dt_scale,
+                label_smoothing, smooth_c, row_scale, logit_scale, softcap, inv_softcap, False,
+                "evict_first", SCALE, HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT,
+                WRITE_DX, WRITE_DT, ROUND_BF16,
+            )  # fmt: skip
     if EDGES:
         cols, mask = _edge_cols(head, body, tail, VEC)
-        x = tl.load(x_row + cols, mask=mask, other=float("-inf"))
-        z = _transform(x, mask, logit_scale, softcap, inv_softcap, SCALE, HAS_SOFTCAP, True)
-        w, t = _load_opts(w_row, t_row, cols, mask, HAS_WEIGHT, PROB_TARGET)
-        e = _exp2((z - row_max) * LOG2E)
-        dx = _grad(e, z, w, t, k, label_smoothing, smooth_c, row_scale, inv_softcap,
-                   HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT)  # fmt: skip
-        tl.store(g_row + cols, _to_out(dx, g_row, ROUND_BF16), mask=mask)
+        _grad_block(
+            x_row, g_row, dt_row, w_row, t_row, cols, mask, row_max, lse, k, dt_scale,
+            label_smoothing, smooth_c, row_scale, logit_scale, softcap, inv_softcap, True, "",
+            SCALE, HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT, WRITE_DX, WRITE_DT,
+            ROUND_BF16,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -676,10 +699,10 @@ def _xent_fwd_kernel(
                 tl.store(grad_ptr + gstart + ecols, _to_out(dx, grad_ptr, ROUND_BF16), mask=emask)
         else:
             _grad_pass(
-                x_row_ptr, grad_ptr + gstart, x_body, g_body, weight_ptr, t_cols_ptr, head,
-                body, tail, row_max, k, label_smoothing, smooth_c, row_scale, logit_scale,
-                softcap, inv_softcap, BLOCK, VEC, EDGES, False, SCALE, HAS_SOFTCAP,
-                HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT, ROUND_BF16,
+                x_row_ptr, grad_ptr + gstart, grad_ptr, x_body, g_body, weight_ptr, t_cols_ptr,
+                head, body, tail, row_max, lse, k, 0.0, label_smoothing, smooth_c, row_scale,
+                logit_scale, softcap, inv_softcap, BLOCK, VEC, EDGES, False, SCALE,
+                HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT, True, False, ROUND_BF16,
             )  # fmt: skip
         if not PROB_TARGET:
             _write_target_grad(
@@ -704,6 +727,7 @@ def _xent_bwd_kernel(
     dloss_ptr,
     den_ptr,
     grad_ptr,
+    target_grad_ptr,
     # sizes
     n_cols,
     class_offset,
@@ -715,6 +739,7 @@ def _xent_bwd_kernel(
     stride_stats,
     stride_dloss,
     stride_grad_row,
+    stride_target_grad_row,
     # options
     ignore_index,
     label_smoothing,
@@ -733,6 +758,8 @@ def _xent_bwd_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    WRITE_DX: tl.constexpr,
+    WRITE_DT: tl.constexpr,
     ROUND_BF16: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -763,18 +790,22 @@ def _xent_bwd_kernel(
         row_max = tl.load(stats_ptr + row)
         log_sum = tl.load(stats_ptr + stride_stats + row)
         coef = tl.load(stats_ptr + 2 * stride_stats + row)
+        # d loss / d t = -(1 - eps) * w * log p, times the row's incoming gradient.
+        dt_scale = -(1.0 - label_smoothing) * row_scale
         row_scale = row_scale * logit_scale
         inv_sum = _exp2(-log_sum * LOG2E)
-        k = coef * row_scale * inv_sum
-        if row_scale == 0.0:
+        k = tl.where(row_scale == 0.0, 0.0, coef * row_scale * inv_sum)
+        if (row_scale == 0.0) and (not WRITE_DT):
             _zero_row(grad_ptr + gstart, g_body, head, body, tail, BLOCK, VEC, EDGES,
                       SINGLE_BLOCK)  # fmt: skip
         else:
             _grad_pass(
-                x_row_ptr, grad_ptr + gstart, logits_ptr + body0, g_body, weight_ptr, t_cols_ptr,
-                head, body, tail, row_max, k, label_smoothing, label_smoothing / n_classes,
+                x_row_ptr, grad_ptr + gstart, target_grad_ptr + row * stride_target_grad_row,
+                logits_ptr + body0, g_body, weight_ptr, t_cols_ptr, head, body, tail, row_max,
+                row_max + log_sum, k, dt_scale, label_smoothing, label_smoothing / n_classes,
                 row_scale, logit_scale, softcap, inv_softcap, BLOCK, VEC, EDGES, SINGLE_BLOCK,
-                SCALE, HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT, ROUND_BF16,
+                SCALE, HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT, WRITE_DX, WRITE_DT,
+                ROUND_BF16,
             )  # fmt: skip
         if not PROB_TARGET:
             z_t = _transform(x_t, True, logit_scale, softcap, inv_softcap, SCALE, HAS_SOFTCAP,
@@ -1020,8 +1051,9 @@ def xent_forward(
 
 
 def xent_backward(
-    logits, target, opts, stats, dloss, grad, reduction="none", den=None, skip_if_one=False
-) -> None:
+    logits, target, opts, stats, dloss, grad, reduction="none", den=None, skip_if_one=False,
+    target_grad=None,
+) -> None:  # fmt: skip
     """grad = d(loss) / d logits, from the forward's per-row statistics, rounded once.
 
     Args:
@@ -1033,6 +1065,9 @@ def xent_backward(
         grad: (N, C) output of the logits dtype (``grad_like``, or ``logits`` itself).
         skip_if_one: the forward wrote ``grad`` for an incoming gradient of 1; leave it as it
             is when ``dloss`` is 1 (decided on the GPU).
+        target_grad: optional (N, C) output for the gradient with respect to a probability
+            target, ``-(1 - eps) * w * log p`` times the incoming gradient. ``grad`` may then be
+            None (the logits need no gradient).
     """
     _check_launchable(logits)
     n_rows, n_cols = logits.shape
@@ -1050,7 +1085,8 @@ def xent_backward(
             stats,
             dloss,
             den if reduce == MEAN else stats,
-            g_base,
+            g_base if grad is not None else logits,  # unwritten without WRITE_DX
+            target_grad if target_grad is not None else stats,  # unwritten without WRITE_DT
             n_cols,
             opts.class_offset,
             opts.n_classes or n_cols,
@@ -1059,7 +1095,8 @@ def xent_backward(
             target.stride(0),
             stats.stride(0),
             dloss.stride(0) if dloss.dim() else 0,
-            grad.stride(0),
+            grad.stride(0) if grad is not None else 0,
+            target_grad.stride(0) if target_grad is not None else 0,
             opts.ignore_index,
             opts.label_smoothing,
             opts.logit_scale,
@@ -1070,7 +1107,9 @@ def xent_backward(
             SINGLE_BLOCK=n_cols <= block,
             REDUCE=reduce,
             SKIP_IF_ONE=skip_if_one,
-            ROUND_BF16=_round_bf16(grad),
+            WRITE_DX=grad is not None,
+            WRITE_DT=target_grad is not None,
+            ROUND_BF16=grad is not None and _round_bf16(grad),
             **meta,
         )
 
