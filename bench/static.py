@@ -665,6 +665,9 @@ def describe(sc: Scenario, call: Call, arch: Arch) -> dict:
     for r, p in zip(loops, passes[: len(loops)], strict=True):
         per_program += math.ceil(sc.n_cols / (p["unroll"] * tile_cols)) * r.instrs
     warp_instrs = per_program * warps * math.ceil(sc.rows / tile_rows)
+    if "BLOCK" not in call.constexprs:  # the reduction's prologue: one program over the rows
+        trips = math.ceil(sc.rows / tile_rows)
+        warp_instrs = (a.sass.row.instrs - in_loops + trips * in_loops) * warps
     return {
         "kernel": md.name,
         "constexprs": call.constexprs,
