@@ -55,8 +55,9 @@ def test_grad_like_keeps_alignment(dtype):
 def test_gradient_buffer_cut_differently():
     """A gradient buffer whose rows are not aligned like the logits' falls back to element-wise
     rows (still exact) instead of cutting the two differently."""
-    from fused_xent._options import LossOptions
     from fused_xent.kernels import xent
+
+    from fused_xent._options import LossOptions
 
     n, c = 4, 21
     values = (torch.randn(n, c, generator=torch.Generator().manual_seed(0)) * 3).to(torch.float16)
