@@ -864,11 +864,11 @@ _RBLOCK = 1024  # targets read per step by the one-program prologue
 
 
 def _launch_config(n_cols: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK, num_warps) for rows of ``n_cols`` logits of ``dtype``: 64 logits a thread, 32 for
-    float32 (the per-row work, reductions and target, spread over as many logits as the
-    registers allow; float32 at 64 spills in Triton 3.6's long-row build)."""
+    """(BLOCK, num_warps) for rows of ``n_cols`` logits of ``dtype``: 64 logits a thread (the
+    per-row work, reductions and target, spread over as many logits as the registers allow),
+    32 for float32's long rows (64 spills in Triton 3.6's two-pass build)."""
     block = min(max(triton.next_power_of_2(n_cols), 32), _LONG_ROW_BLOCK)
-    per_thread = 32 if dtype == torch.float32 else 64
+    per_thread = 32 if dtype == torch.float32 and n_cols > block else 64
     return block, max(block // (32 * per_thread), 1)
 
 
