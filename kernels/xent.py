@@ -84,11 +84,15 @@ _REDUCE_CODE = {"none": NONE, "sum": SUM, "mean": MEAN}
 
 
 @triton.jit
+def _ptx_unary(x, ASM: tl.constexpr):
+    """One approximate PTX instruction on float32 (one MUFU op where compiled)."""
+    return tl.inline_asm_elementwise(ASM, "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _exp2(x):
     if _PTX_APPROX:
-        return tl.inline_asm_elementwise(
-            "ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
-        )
+        return _ptx_unary(x, "ex2.approx.ftz.f32 $0, $1;")
     else:
         return tl.exp2(x)
 
@@ -96,9 +100,7 @@ def _exp2(x):
 @triton.jit
 def _log2(x):
     if _PTX_APPROX:
-        return tl.inline_asm_elementwise(
-            "lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
-        )
+        return _ptx_unary(x, "lg2.approx.ftz.f32 $0, $1;")
     else:
         return tl.log2(x)
 
@@ -106,9 +108,7 @@ def _log2(x):
 @triton.jit
 def _rcp(x):
     if _PTX_APPROX:
-        return tl.inline_asm_elementwise(
-            "rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
-        )
+        return _ptx_unary(x, "rcp.approx.ftz.f32 $0, $1;")
     else:
         return 1.0 / x
 
