@@ -374,8 +374,9 @@ def linear_cross_entropy(
         )
     if chunk_size is None:
         chunk_size = pick_chunk_size(
-            hidden.shape[0], weight.shape[0], input.dtype, input.device, backend is ops.REFERENCE
-        )
+            hidden.shape[0], weight.shape[0], hidden.shape[1], input.dtype,
+            backend is ops.REFERENCE,
+        )  # fmt: skip
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias)
     )
