@@ -392,15 +392,18 @@ def mean_scale(grad_loss, den):
 
 
 def row_scale(dloss):
-    """A per-row incoming gradient as (dloss / s, s), s a power of two at least max |dloss| (1
-    when all are 0), on the device: the chunk gradients the kernel writes with ``dloss / s`` then
-    neither overflow nor underflow more than the unscaled ones, and the accumulators are
+    """A per-row incoming gradient as (dloss / s, s), s the smallest power of two at least
+    max |dloss| (1 when all are 0), on the device: the chunk gradients the kernel writes with
+    ``dloss / s`` (at most 1 in magnitude: a uniform gradient gives exactly the unscaled ones)
+    then neither overflow nor underflow more than the unscaled ones, and the accumulators are
     multiplied by ``s`` once, at the end (exactly: a power of two)."""
     dloss = dloss.to(torch.float64 if dloss.dtype == torch.float64 else torch.float32)
+    one = torch.ones((), dtype=dloss.dtype, device=dloss.device)
     if dloss.numel() == 0:
-        return dloss, torch.ones((), dtype=dloss.dtype, device=dloss.device)
-    _, exponent = torch.frexp(dloss.abs().amax())  # max = m * 2**e, 0.5 <= m < 1
-    s = torch.ldexp(torch.ones((), dtype=dloss.dtype, device=dloss.device), exponent)
+        return dloss, one
+    mantissa, exponent = torch.frexp(dloss.abs().amax())  # max = m * 2**e, 0.5 <= m < 1
+    exponent = exponent - (mantissa == 0.5).to(exponent.dtype)  # max = 2**k: s = max
+    s = torch.ldexp(one, exponent)
     return dloss / s, s
 
 
