@@ -514,6 +514,24 @@ def test_fp32_weight_grad(impl, dtype, reduction):
         assert errs[True][i] <= bound, f"{name}: {errs[True][i]:.3g} > torch's {torch_err:.3g}"
 
 
+def test_float16_weight_grad_in_dtype_stays_in_range():
+    """fp32_weight_grad=False with float16: the chunk gradients are not divided by N, so their
+    running sum over 4096 rows of coherent hidden states (-30 x 4096 for the target class) would
+    pass float16's 65504 although the "mean" gradient (about -30) does not; the accumulator holds
+    the sum over 2**12, so the gradient comes out finite and right."""
+    n, v, d = 4096, 8, 4
+    h = torch.full((n, d), 30.0, dtype=torch.float16, device=DEVICE)
+    w = torch.linspace(-0.5, 0.5, v * d, device=DEVICE).reshape(v, d).half()
+    t = torch.zeros(n, dtype=torch.long, device=DEVICE)
+    wl = w.clone().requires_grad_()
+    linear_cross_entropy(
+        h, wl, t, chunk_size=512, fp32_weight_grad=False, impl="reference"
+    ).backward()
+    _, _, _, want, _ = run_torch(h, w, None, t, torch.ones(()), torch.float64)
+    assert want.abs().max() < 65504 < n * want.abs().max()
+    assert wl.grad.isfinite().all() and rel_err(wl.grad, want) <= GRAD_RTOL[torch.float16]
+
+
 # --------------------------------------------------------------------------------------------
 # 3. Autograd corners: loss only, retain_graph, create_graph
 # --------------------------------------------------------------------------------------------
@@ -649,8 +667,8 @@ def test_peak_memory_cpu(reduction):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_peak_memory_cuda(reduction):
     """The kernel path with the default chunk: peak allocation far below the full logits."""
-    # float32 logits of 4096 x 131072 = 2 GiB in full; the default chunk holds 128 MiB, and the
-    # float32 weight gradient 128 MiB.
+    # float32 logits of 4096 x 131072 = 2 GiB in full; the default chunk (384 rows: 8 D / rows
+    # at most a quarter of 6 x 4 bytes) holds 192 MiB, and the float32 weight gradient 128 MiB.
     n, v, d = 4096, 131072, 256
     full = n * v * 4
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -1073,6 +1091,17 @@ def test_rounded_once(impl, dtype, incoming, reduction):
         lost = int(((got.cpu() == 0) & normal).sum())
         lost_recipe = int(((theirs.cpu() == 0) & normal).sum())
         assert lost <= lost_recipe, f"{name}: {lost} entries flushed to 0, the recipe {lost_recipe}"
+
+
+def test_row_scale():
+    """ "none": the per-row incoming gradient over the smallest power of two at least its largest
+    magnitude (exact), multiplied back once at the end; a uniform gradient gives exactly 1."""
+    for values, s in (([65536.0] * 3, 65536.0), ([1.0], 1.0), ([0.125, -0.2], 0.25),
+                      ([3.0, -5.0], 8.0), ([0.0, 0.0], 1.0), ([], 1.0)):  # fmt: skip
+        dloss = torch.tensor(values, device=DEVICE)
+        scaled, got = autograd.row_scale(dloss)
+        assert got.item() == s and torch.equal(scaled * got, dloss), values
+        assert scaled.abs().max().item() <= 1.0 if values else scaled.numel() == 0
 
 
 def test_the_rounding_case_underflows_without_care():
