@@ -364,7 +364,7 @@ def _chunk_rows(case: LinearCase, device: torch.device) -> int | None:
     try:
         from fused_xent.autograd import pick_chunk_size
 
-        return int(pick_chunk_size(case.n_rows, case.vocab, case.dtype, device))
+        return int(pick_chunk_size(case.n_rows, case.vocab, case.dim, case.dtype))
     except Exception:
         return None
 

@@ -23,6 +23,8 @@ silently reading gradients.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from . import _alloc
@@ -103,19 +105,15 @@ def save_forward_grads(ctx, grads) -> None:
     ctx.consumed = False
 
 
-def take_forward_grads(ctx, grad_loss, call: str) -> list:
-    """Those gradients scaled by the incoming scalar on the device (nothing moves when it is 1);
-    they are handed out once, so a second backward (retain_graph) is refused."""
+def take_forward_grads(ctx, call: str) -> list:
+    """Those tensors (None where not wanted), handed out once: a second backward (retain_graph)
+    is refused, because the first one may have turned them into the gradients in place."""
     _refuse_second_backward(
         ctx, call, "its gradient is computed in the forward and handed out once. Call the loss "
         "again, or use reduction='none' without inplace_backward.",
     )  # fmt: skip
     saved = iter(ctx.saved_tensors)
-    grads = [next(saved) if have else None for have in ctx.have]
-    for g in grads:
-        if g is not None:
-            ctx.backend.scale_grad_(g if g.dim() == 2 else g[None], grad_loss)
-    return grads
+    return [next(saved) if have else None for have in ctx.have]
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -172,45 +170,107 @@ class CrossEntropyFunction(torch.autograd.Function):
 # Fused linear + cross-entropy
 # --------------------------------------------------------------------------------------------
 
-# The logits of one chunk of rows: about this many bytes (128 MiB), so a chunk never holds more
-# than a sliver of the (N, V) logits while its matrix products stay large enough to run at speed.
-CHUNK_BYTES = 128 << 20
+# How many rows go into a chunk is a function of the shapes and this budget alone: no query of
+# the free memory (which ignores torch's cached blocks and changes from call to call), so the
+# chunking, and with it the order in which the weight gradient is summed, is the same on every
+# call, and nothing stops torch.compile or a CUDA graph capture.
+#
+# The trade-off. Per logit a chunk moves about six elements of the logits' dtype (``b`` bytes
+# each): the logits product writes them, the kernel reads them (twice for rows longer than a
+# block, as at LLM vocabularies) and writes the gradient over them, and the d_hidden and d_weight
+# products read that gradient: ``6 b`` bytes, 12 in bfloat16 (a bias adds one more read). The
+# float32 weight-gradient accumulator (V x D) is read and written once per chunk (the first chunk
+# only writes it): ``8 D / rows`` bytes per logit, which only larger chunks shrink (so do the two
+# reads of the weight per chunk, ``2 b D / rows``). Chunks of at least ``32 D / (6 b)`` rows keep
+# the accumulator's traffic to at most a quarter of the rest; they take ``16 V D / 3`` bytes of
+# logits whatever the dtype (4/3 of the float32 accumulator itself). At D = 4096, V = 128256,
+# bfloat16: 128 MiB chunks (512 rows) moved 64 bytes per logit through the accumulator against 12
+# for everything else; the rule asks for 11008 rows (2.98 bytes per logit, 2.6 GiB of logits), so
+# a batch of 8192 rows is one chunk of 1.96 GiB (the accumulator written once: 2 bytes per logit).
+# Chunks never exceed CHUNK_BUDGET_BYTES of logits (the reference counts eight float32 copies per
+# logit, its temporaries), nor go below 128 rows: the rule holds up to V x D = 3/16 of the budget
+# (805 million at 4 GiB; Llama 3 8B's head is 525 million); beyond, the budget wins (Gemma 2 9B,
+# 256000 x 3584 bf16: 8320 rows, 3.4 bytes per logit, 0.29 of the rest). The float32 d_hidden
+# (N x D) and d_bias (V) accumulators cost traffic independent of the chunking.
+CHUNK_BUDGET_BYTES = 4 << 30
 _CHUNK_ROW_MULTIPLE = 128  # keeps the matrix products on tile-friendly sizes
+_CHUNK_PASSES = 6  # elements of the logits' dtype a chunk moves per logit (above)
+_ACC_SHARE = 4  # the accumulator's traffic: at most 1 / _ACC_SHARE of the chunk's own
+_REFERENCE_COPIES = 8  # float32 (float64) temporaries per logit on the reference path
 
 
 def pick_chunk_size(
-    n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device, reference: bool = False
+    n_rows: int, vocab: int, hidden: int, dtype: torch.dtype, reference: bool = False
 ) -> int:
-    """Rows per chunk: the chunk's (rows, V) logits take about ``CHUNK_BYTES`` (less on a GPU with
-    little free memory: at most a sixteenth of it; an eighth of it on the reference path, which
-    keeps several float32 copies of a chunk), rounded down to a multiple of 128 rows, at least
-    128 rows (or all of them)."""
-    budget = CHUNK_BYTES // 8 if reference else CHUNK_BYTES
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = min(budget, free // 16)
-    row_bytes = vocab * torch.empty((), dtype=dtype).element_size()
-    rows = budget // row_bytes // _CHUNK_ROW_MULTIPLE * _CHUNK_ROW_MULTIPLE
-    return max(min(rows, n_rows), min(_CHUNK_ROW_MULTIPLE, n_rows), 1)
+    """Rows per chunk, from the shapes and ``CHUNK_BUDGET_BYTES`` alone (deterministic).
+
+    The fewest rows, in multiples of 128, for which the float32 weight-gradient accumulator's
+    traffic per logit (``8 * hidden / rows`` bytes) is at most a quarter of the chunk's own
+    (``6 * b`` bytes, ``b`` the dtype's size); fewer if the chunk's logits would take more than
+    ``CHUNK_BUDGET_BYTES`` (on the reference path: eight float32 copies of them), but at least 128;
+    at most ``n_rows`` (at least 1). The last chunk holds what is left. See the comment above
+    ``CHUNK_BUDGET_BYTES`` for the numbers.
+    """
+    size = dtype.itemsize
+    multiple = _CHUNK_ROW_MULTIPLE
+    # 8 D / rows <= 6 b / 4  <=>  rows >= 32 D / (6 b), rounded up to a multiple of 128
+    need = -(-8 * _ACC_SHARE * hidden // (_CHUNK_PASSES * size))
+    need = max(-(-need // multiple), 1) * multiple
+    logit_bytes = _REFERENCE_COPIES * max(size, 4) if reference else size
+    fit = CHUNK_BUDGET_BYTES // (max(vocab, 1) * logit_bytes) // multiple * multiple
+    rows = min(need, max(fit, multiple))
+    return max(min(rows, n_rows), 1)
 
 
-_OUT_DTYPE_MM: bool | None = None  # whether torch.addmm(..., out_dtype=, out=) runs on CUDA here
+# Whether torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc) runs on a device type (cuBLAS has
+# it from torch 2.8): probed on first use and remembered. torch 2.13 has no CPU kernel for it, so
+# there the upcast copies are the plan rather than a fallback, and nothing is said.
+_OUT_DTYPE_MM: dict[str, bool] = {"cpu": False}
 
 
-def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b, accumulating in acc's dtype (float32 for a low-precision weight gradient)."""
-    global _OUT_DTYPE_MM
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _out_dtype_mm(acc, a, b, beta, alpha) -> bool:
+    """acc = beta * acc + alpha * a @ b with low-precision a, b and a float32 acc, without
+    upcast copies, where torch can; False (nothing written) where it cannot."""
+    where = acc.device.type
+    known = _OUT_DTYPE_MM.get(where)
+    if known is False:
+        return False
+    if known:
+        torch.addmm(acc, a, b, beta=beta, alpha=alpha, out_dtype=acc.dtype, out=acc)
+        return True
+    try:
+        torch.addmm(acc, a, b, beta=beta, alpha=alpha, out_dtype=acc.dtype, out=acc)
+    except torch.OutOfMemoryError:
+        raise  # says nothing about the op; the caller must see it (and the next call probes)
+    except (RuntimeError, TypeError) as exc:
+        _OUT_DTYPE_MM[where] = False
+        warnings.warn(
+            f"fused_xent: torch.addmm(..., out_dtype={acc.dtype}) failed on {where} "
+            f"({_first_line(exc)}); linear_cross_entropy now accumulates its {acc.dtype} "
+            f"gradients from upcast {acc.dtype} copies of each chunk's operands (more memory "
+            "and time, same result)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    _OUT_DTYPE_MM[where] = True
+    return True
+
+
+def _accumulate_mm(acc, a, b, first: bool = False, alpha: float = 1.0) -> None:
+    """acc = alpha * a @ b (``first``: acc's contents are ignored, never read) or acc += that,
+    accumulating in acc's dtype (float32 for low-precision a, b: cuBLAS's out_dtype products
+    where torch has them, else float32 copies of a and b)."""
+    beta = 0 if first else 1
     if acc.dtype == a.dtype:
-        acc.addmm_(a, b)
-        return
-    if acc.is_cuda and _OUT_DTYPE_MM is not False:
-        try:  # cuBLAS: low-precision inputs, float32 accumulator, no upcast copies
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            _OUT_DTYPE_MM = True
-            return
-        except (RuntimeError, TypeError):
-            _OUT_DTYPE_MM = False
-    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+        torch.addmm(acc, a, b, beta=beta, alpha=alpha, out=acc)
+    elif not _out_dtype_mm(acc, a, b, beta, alpha):
+        torch.addmm(acc, a.to(acc.dtype), b.to(acc.dtype), beta=beta, alpha=alpha, out=acc)
 
 
 def _chunks(n_rows: int, chunk_size: int):
@@ -232,30 +292,149 @@ def linear_loss_rows(hidden, weight, bias, target, opts, chunk_size, backend):
     return loss, stats
 
 
-def _reduce(loss, target, opts, n_cols, reduction):
+def _reduce(loss, reduction, den):
     if reduction == "none":
         return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / _mean_denominator(target, opts, n_cols, loss.dtype)
+    return loss.sum() if reduction == "sum" else loss.sum() / den
 
 
 def linear_forward_no_grad(hidden, weight, bias, target, opts, reduction, chunk_size, backend):
     """(loss, lse) alone: each chunk's logits are read once, no gradient written."""
     loss, stats = linear_loss_rows(hidden, weight, bias, target, opts, chunk_size, backend)
-    return _reduce(loss, target, opts, weight.shape[0], reduction), lse_of(stats)
+    den = None
+    if reduction == "mean":
+        den = _mean_denominator(target, opts, weight.shape[0], loss.dtype)
+    return _reduce(loss, reduction, den), lse_of(stats)
+
+
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def linear_grad_buffers(hidden, weight, bias, need, fp32_wgrad):
+    """The accumulators (d_hidden, d_weight, d_bias), each None where not wanted: float32 for
+    half-precision parameters (the parameter's dtype for float32 / float64), except d_weight in
+    the weight's dtype when ``fp32_wgrad`` is off. Left unwritten: the first chunk's products
+    write them (:func:`accumulate_chunk_grads`), no zero-fill."""
+    need_h, need_w, need_b = need
+    device = hidden.device
+    d_hidden = d_weight = d_bias = None
+    if need_h:
+        d_hidden = _alloc.empty(hidden.shape, _accumulator_dtype(hidden.dtype), device)
+    if need_w:
+        w_dtype = _accumulator_dtype(weight.dtype) if fp32_wgrad else weight.dtype
+        d_weight = _alloc.empty(weight.shape, w_dtype, device)
+    if need_b and bias is not None:
+        d_bias = _alloc.empty(weight.shape[:1], _accumulator_dtype(weight.dtype), device)
+    return d_hidden, d_weight, d_bias
+
+
+def weight_sum_scale(d_weight, n_rows: int) -> float:
+    """What a float16 d_weight accumulator holds times the sum: 1 / 2**floor(log2(n_rows)).
+
+    The chunk gradients are not divided by the "mean" denominator (that happens once, at the
+    end), so their sum over many rows can outgrow float16 (65504) where torch's "mean" gradient
+    would not; scaled by about 1 / n_rows (a power of two: exact) it stays that gradient's size.
+    """
+    if d_weight is None or d_weight.dtype != torch.float16:
+        return 1.0
+    return 2.0 ** -max(n_rows.bit_length() - 1, 0)
+
+
+def accumulate_chunk_grads(grads, chunk_grad, hidden, weight, rows, first, w_scale=1.0) -> None:
+    """One chunk's d(loss)/d(logits) into the accumulators: d_hidden's rows (written),
+    d_weight and d_bias (written by the ``first`` chunk, added to by the others; d_weight times
+    ``w_scale``, see :func:`weight_sum_scale`)."""
+    d_hidden, d_weight, d_bias = grads
+    if d_hidden is not None:
+        _accumulate_mm(d_hidden[rows], chunk_grad, weight, first=True)
+    if d_weight is not None:
+        _accumulate_mm(d_weight, chunk_grad.t(), hidden[rows], first=first, alpha=w_scale)
+    if d_bias is not None:
+        if first:
+            torch.sum(chunk_grad, dim=0, dtype=d_bias.dtype, out=d_bias)
+        else:
+            d_bias += chunk_grad.sum(dim=0, dtype=d_bias.dtype)
+
+
+def zero_unwritten(grads) -> None:
+    """No rows, no chunk: the gradients are zero (the one case that fills)."""
+    for g in grads:
+        if g is not None:
+            g.zero_()
+
+
+def finish_linear_grads(grads, scale, dtypes, w_scale=1.0):
+    """Each accumulator times ``scale`` in its parameter's dtype: one op, rounded once after
+    every scale. In place where the accumulator has that dtype, else into a new tensor (the
+    accumulator is not kept). ``scale`` is a device tensor (the incoming gradient over the "mean"
+    denominator), or one per gradient (None: no scale, only the rounding); d_weight is also
+    divided by ``w_scale``."""
+    scales = scale if isinstance(scale, (tuple, list)) else (scale,) * len(grads)
+    out = []
+    for i, (acc, dtype, s) in enumerate(zip(grads, dtypes, scales, strict=True)):
+        if acc is None:
+            out.append(None)
+            continue
+        if s is None and w_scale == 1.0:
+            out.append(acc.to(dtype))
+            continue
+        # A (1,)-shaped factor takes part in type promotion: the product runs in float32 even
+        # where the accumulator is float16 (a 0-dim factor would first be rounded to float16).
+        f = torch.ones(1, dtype=torch.float32, device=acc.device) if s is None else s.reshape(1)
+        if i == 1 and w_scale != 1.0:
+            f = f / w_scale
+        dest = acc if acc.dtype == dtype else _alloc.empty(acc.shape, dtype, acc.device)
+        out.append(torch.mul(acc, f, out=dest))
+    return out
+
+
+def mean_scale(grad_loss, den):
+    """The incoming gradient of a reduced loss over its "mean" denominator (None: "sum"); 0 when
+    no row counts (den = 0), where every accumulated gradient is exactly 0 (as torch)."""
+    if den is None:
+        return grad_loss
+    return torch.where(den == 0, 0.0, grad_loss / den)
+
+
+def row_scale(dloss):
+    """A per-row incoming gradient as (dloss / s, s), s the smallest power of two at least
+    max |dloss| (1 when all are 0), on the device: the chunk gradients the kernel writes with
+    ``dloss / s`` (at most 1 in magnitude: a uniform gradient gives exactly the unscaled ones)
+    then neither overflow nor underflow more than the unscaled ones, and the accumulators are
+    multiplied by ``s`` once, at the end (exactly: a power of two)."""
+    dloss = dloss.to(torch.float64 if dloss.dtype == torch.float64 else torch.float32)
+    one = torch.ones((), dtype=dloss.dtype, device=dloss.device)
+    if dloss.numel() == 0:
+        return dloss, one
+    mantissa, exponent = torch.frexp(dloss.abs().amax())  # max = m * 2**e, 0.5 <= m < 1
+    exponent = exponent - (mantissa == 0.5).to(exponent.dtype)  # max = 2**k: s = max
+    s = torch.ldexp(one, exponent)
+    return dloss / s, s
+
+
+def _param_dtypes(hidden, weight, bias):
+    return hidden.dtype, weight.dtype, None if bias is None else bias.dtype
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """cross_entropy(hidden @ weight.T + bias, target) over chunks of rows.
 
-    For "mean"/"sum" with gradients wanted, everything happens in the forward, one chunk at a
-    time: the chunk's logits (one matrix product), the kernel turning them in place into the
-    gradient of the loss, then that gradient's products into d_hidden (complete per chunk) and
-    d_weight / d_bias (accumulated over chunks, in float32 when the weight is half precision
-    and ``fp32_weight_grad``). The backward scales them by the incoming scalar on the device.
-    For "none" the forward keeps only per-row statistics and the backward recomputes each chunk's
-    logits once more.
+    Every gradient is rounded to its parameter's dtype once, after every scale. Each chunk's
+    logits (one matrix product) are turned in place by the kernel into the gradient of the
+    per-row losses, *not* divided by the "mean" denominator (in float16 ``p / N`` would underflow)
+    nor multiplied by the incoming gradient; two products take it into d_hidden (its rows) and
+    d_weight, a sum into d_bias, all accumulated in float32 (out_dtype products on CUDA, float32
+    copies elsewhere; d_weight in the weight's dtype with ``fp32_wgrad`` off: one rounding per
+    chunk, half the memory). The backward then makes each gradient as ``(acc * (g / den))`` in
+    the parameter's dtype, in one op on the device (g the incoming gradient, den the "mean"
+    denominator; no host synchronisation).
+
+    "mean"/"sum": all that happens in the forward, and the float32 accumulators live until the
+    backward (d_hidden N x D, d_weight V x D, d_bias V). "none": the forward keeps the per-row
+    statistics and the backward recomputes each chunk's logits with the per-row incoming gradient
+    over a power of two (:func:`row_scale`), multiplied back at the end. Never anything of size
+    N x V: one chunk of logits at a time.
     """
 
     @staticmethod
@@ -263,104 +442,72 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx, hidden, weight, bias, target, opts, reduction, chunk_size, fp32_wgrad, backend
     ):
         vocab = weight.shape[0]
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
         ctx.backend, ctx.opts, ctx.chunk_size, ctx.fp32_wgrad = (
             backend,
             opts,
             chunk_size,
             fp32_wgrad,
         )
+        ctx.dtypes = _param_dtypes(hidden, weight, bias)
         ctx.fused = reduction != "none"
+        den = None
         if ctx.fused:
             loss, stats = _row_outputs(hidden)
             if reduction == "mean":
-                grad_scale = 1.0 / _mean_denominator(target, opts, vocab, loss.dtype)
-            else:
-                grad_scale = torch.ones((), dtype=loss.dtype, device=hidden.device)
-            grads = _linear_xent_grads(
-                hidden, weight, bias, target, opts, chunk_size, fp32_wgrad, backend, need_h,
-                need_w, need_b, loss=loss, stats=stats, grad_scale=grad_scale,
+                den = _mean_denominator(target, opts, vocab, loss.dtype)
+            grads, ctx.w_scale = _linear_xent_grads(
+                hidden, weight, bias, target, opts, chunk_size, fp32_wgrad, backend,
+                ctx.needs_input_grad[:3], loss=loss, stats=stats,
             )  # fmt: skip
-            save_forward_grads(ctx, grads)
+            save_forward_grads(ctx, (*grads, den))
         else:
             loss, stats = linear_loss_rows(hidden, weight, bias, target, opts, chunk_size, backend)
             ctx.save_for_backward(hidden, weight, bias, target, stats)
         lse = lse_of(stats)
         ctx.mark_non_differentiable(lse)
-        return _reduce(loss, target, opts, vocab, reduction), lse
+        return _reduce(loss, reduction, den), lse
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
         del grad_lse
         refuse_double_backward()
         if ctx.fused:
-            grads = take_forward_grads(ctx, grad_loss, "linear_cross_entropy")
+            *grads, den = take_forward_grads(ctx, "linear_cross_entropy")
+            scale = mean_scale(grad_loss, den)
         else:
             hidden, weight, bias, target, stats = ctx.saved_tensors
-            need_h, need_w, need_b = ctx.needs_input_grad[:3]
-            grads = _linear_xent_grads(
+            dloss, scale = row_scale(grad_loss)
+            grads, ctx.w_scale = _linear_xent_grads(
                 hidden, weight, bias, target, ctx.opts, ctx.chunk_size, ctx.fp32_wgrad,
-                ctx.backend, need_h, need_w, need_b, stats=stats, dloss=grad_loss,
+                ctx.backend, ctx.needs_input_grad[:3], stats=stats, dloss=dloss,
             )  # fmt: skip
+        grads = finish_linear_grads(grads, scale, ctx.dtypes, ctx.w_scale)
         return (*grads, None, None, None, None, None, None)
 
 
-def linear_grad_buffers(hidden, weight, bias, need, fp32_wgrad):
-    """d_hidden (row-major whatever the input's layout: the kernels scale it row by row), and the
-    d_weight / d_bias accumulators (float32 for a half-precision weight when ``fp32_wgrad``; the
-    bias, V floats, always), each None where not wanted."""
-    need_h, need_w, need_b = need
-    low_precision = weight.dtype in (torch.float16, torch.bfloat16)
-    acc_dtype = torch.float32 if (low_precision and fp32_wgrad) else weight.dtype
-    d_hidden = _alloc.empty(hidden.shape, hidden.dtype, hidden.device) if need_h else None
-    d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
-    d_bias = None
-    if need_b and bias is not None:
-        bias_dtype = torch.float32 if low_precision else weight.dtype
-        d_bias = torch.zeros(weight.shape[:1], dtype=bias_dtype, device=weight.device)
-    return d_hidden, d_weight, d_bias
-
-
-def accumulate_chunk_grads(grads, chunk_grad, hidden, weight, rows) -> None:
-    """Add one chunk's d(loss)/d(logits) to d_hidden (its rows), d_weight and d_bias."""
-    d_hidden, d_weight, d_bias = grads
-    if d_hidden is not None:
-        torch.mm(chunk_grad, weight, out=d_hidden[rows])
-    if d_weight is not None:
-        _accumulate_mm(d_weight, chunk_grad.t(), hidden[rows])
-    if d_bias is not None:
-        d_bias += chunk_grad.sum(dim=0, dtype=d_bias.dtype)
-
-
-def cast_linear_grads(d_hidden, d_weight, d_bias, weight, bias):
-    """The accumulators rounded once to the parameters' dtypes."""
-    if d_weight is not None:
-        d_weight = d_weight.to(weight.dtype)
-    if d_bias is not None:
-        d_bias = d_bias.to(bias.dtype)
-    return d_hidden, d_weight, d_bias
-
-
 def _linear_xent_grads(
-    hidden, weight, bias, target, opts, chunk_size, fp32_wgrad, backend, need_h, need_w, need_b,
-    *, loss=None, stats=None, grad_scale=None, dloss=None,
+    hidden, weight, bias, target, opts, chunk_size, fp32_wgrad, backend, need, *, loss=None,
+    stats=None, dloss=None,
 ):  # fmt: skip
-    """d_hidden, d_weight, d_bias over chunks of rows.
+    """The accumulators (d_hidden, d_weight, d_bias) over chunks of rows, and d_weight's
+    :func:`weight_sum_scale`.
 
-    With ``loss`` given (the fused forward) each chunk's loss and statistics are written and the
-    gradient is scaled by ``grad_scale``; otherwise (the backward of "none") the forward's
-    ``stats`` and the incoming per-row ``dloss`` give it.
+    With ``loss`` given (the fused forward) each chunk's loss and statistics are written and its
+    gradient is that of the per-row losses; otherwise (the backward of "none") the forward's
+    ``stats`` and the per-row ``dloss`` give it.
     """
-    grads = linear_grad_buffers(hidden, weight, bias, (need_h, need_w, need_b), fp32_wgrad)
-    for start, end in _chunks(hidden.shape[0], chunk_size):
+    grads = linear_grad_buffers(hidden, weight, bias, need, fp32_wgrad)
+    n_rows = hidden.shape[0]
+    w_scale = weight_sum_scale(grads[1], n_rows)
+    for start, end in _chunks(n_rows, chunk_size):
         logits = _chunk_logits(hidden, weight, bias, start, end)
         rows = slice(start, end)
         if loss is not None:
-            backend.xent_forward(
-                logits, target[rows], opts, loss[rows], stats[:, rows], logits, grad_scale
-            )
+            backend.xent_forward(logits, target[rows], opts, loss[rows], stats[:, rows], logits)
         else:
             backend.xent_backward(logits, target[rows], opts, stats[:, rows], dloss[rows], logits)
         # logits now hold d(loss)/d(logits) of this chunk.
-        accumulate_chunk_grads(grads, logits, hidden, weight, rows)
-    return cast_linear_grads(*grads, weight, bias)
+        accumulate_chunk_grads(grads, logits, hidden, weight, rows, start == 0, w_scale)
+    if n_rows == 0:
+        zero_unwritten(grads)
+    return grads, w_scale

@@ -21,8 +21,9 @@ class weights under "mean"), plus a check of the layout: an all-gather of a few 
 read on the host, so that ranks that disagree on the rows, the options or the slices get a clear
 ``ValueError`` on every rank instead of a hang. Nothing of size N x C is ever sent. The backward of
 ``cross_entropy`` needs no communication (every rank has the global row statistics and writes the
-gradient of its own slice); the backward of ``linear_cross_entropy`` sums the hidden-state
-gradient over the ranks (one all-reduce of N x D).
+gradient of its own slice); ``linear_cross_entropy`` sums the hidden-state gradient over the ranks
+(one all-reduce of N x D float32, its accumulator: in the forward for "mean"/"sum", in the
+backward for "none").
 """
 
 from __future__ import annotations
@@ -36,13 +37,18 @@ from . import _alloc
 from .autograd import (
     _chunk_logits,
     _chunks,
+    _param_dtypes,
     _row_outputs,
     accumulate_chunk_grads,
-    cast_linear_grads,
+    finish_linear_grads,
     linear_grad_buffers,
+    mean_scale,
     refuse_double_backward,
+    row_scale,
     save_forward_grads,
     take_forward_grads,
+    weight_sum_scale,
+    zero_unwritten,
 )
 
 _REDUCTION_CODE = {"mean": 0.0, "sum": 1.0, "none": 2.0}
@@ -198,8 +204,9 @@ def sharded_forward_no_grad(logits, target, opts, reduction, backend, group):
 
 def _sharded_linear_pass(hidden, weight, bias, target, opts, chunk_size, backend, group, grads):
     """One pass over the chunks: the global per-row loss and statistics, and, when ``grads`` is
-    given as (d_hidden, d_weight, d_bias, per-row incoming gradient or None), this rank's
-    gradients (d_hidden still to be summed over the ranks)."""
+    given as (accumulators from ``linear_grad_buffers``, d_weight's ``weight_sum_scale``, per-row
+    incoming gradient), this rank's accumulated gradients (d_hidden still to be summed over the
+    ranks), as the unsharded pass: the chunk gradients are not divided by the denominator."""
     n_rows, n_local = hidden.shape[0], weight.shape[0]
     loss, stats = _row_outputs(hidden)
     denominator = torch.zeros((), dtype=loss.dtype, device=hidden.device)
@@ -213,26 +220,30 @@ def _sharded_linear_pass(hidden, weight, bias, target, opts, chunk_size, backend
         denominator += den
         if grads is None:
             continue
-        *bufs, dloss = grads
+        bufs, w_scale, dloss = grads
         backend.xent_backward(logits, target[rows], opts, stats[:, rows], dloss[rows], logits)
-        accumulate_chunk_grads(bufs, logits, hidden, weight, rows)
+        accumulate_chunk_grads(bufs, logits, hidden, weight, rows, start == 0, w_scale)
+    if grads is not None and n_rows == 0:
+        zero_unwritten(grads[0])
     return loss, stats, denominator
 
 
-def _finish_grads(d_hidden, d_weight, d_bias, weight, bias, group):
-    """The hidden gradient summed over the ranks; the accumulators in the parameters' dtypes."""
-    if d_hidden is not None:
-        dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=group)
-    return cast_linear_grads(d_hidden, d_weight, d_bias, weight, bias)
+def _sum_hidden_grad(bufs, group):
+    """The hidden-state gradient summed over the ranks, in its float32 accumulator (the sum of
+    the ranks' unrounded shares, rounded once afterwards)."""
+    if bufs[0] is not None:
+        dist.all_reduce(bufs[0], op=dist.ReduceOp.SUM, group=group)
 
 
 class ShardedLinearCrossEntropyFunction(torch.autograd.Function):
     """linear_cross_entropy with this rank's rows of the LM head.
 
     "mean"/"sum": the forward makes one pass over the chunks; after each chunk's statistics are
-    combined across ranks the same logits become this rank's gradient, so all gradients are
-    ready after the forward (the hidden gradient summed over ranks) and the backward only scales
-    them. "none": the forward keeps the per-row statistics and the backward recomputes the chunks.
+    combined across ranks the same logits become this rank's gradient of the per-row losses,
+    accumulated in float32 as in the unsharded form; the hidden gradient's accumulator is summed
+    over the ranks (one all-reduce of N x D floats) and the accumulators wait for the backward,
+    which makes each gradient as ``acc * (g / den)`` rounded once. "none": the forward keeps the
+    per-row statistics and the backward recomputes the chunks (then sums the hidden gradient).
     """
 
     @staticmethod
@@ -242,21 +253,20 @@ class ShardedLinearCrossEntropyFunction(torch.autograd.Function):
         need = tuple(ctx.needs_input_grad[:3])
         ctx.opts, ctx.reduction, ctx.backend, ctx.group = opts, reduction, backend, group
         ctx.chunk_size, ctx.fp32_wgrad = chunk_size, fp32_wgrad
+        ctx.dtypes = _param_dtypes(hidden, weight, bias)
         ctx.fused = reduction != "none"
         if ctx.fused:
-            # The denominator is only known after the pass, so the gradients are computed with
-            # an incoming gradient of 1 per row and divided by it afterwards, on the device.
+            # The denominator is only known after the pass; the gradients wait for it (and for
+            # the incoming gradient) in their accumulators.
             bufs = linear_grad_buffers(hidden, weight, bias, need, fp32_wgrad)
+            ctx.w_scale = weight_sum_scale(bufs[1], hidden.shape[0])
             ones = torch.ones(hidden.shape[0], dtype=torch.float32, device=hidden.device)
             loss, stats, denominator = _sharded_linear_pass(
-                hidden, weight, bias, target, opts, chunk_size, backend, group, (*bufs, ones)
-            )
-            grads = list(_finish_grads(*bufs, weight, bias, group))
-            if reduction == "mean":
-                for g in grads:
-                    if g is not None:
-                        g.div_(denominator.to(g.dtype))
-            save_forward_grads(ctx, grads)
+                hidden, weight, bias, target, opts, chunk_size, backend, group,
+                (bufs, ctx.w_scale, ones),
+            )  # fmt: skip
+            _sum_hidden_grad(bufs, group)
+            save_forward_grads(ctx, (*bufs, denominator if reduction == "mean" else None))
         else:
             loss, stats, denominator = _sharded_linear_pass(
                 hidden, weight, bias, target, opts, chunk_size, backend, group, None
@@ -271,15 +281,26 @@ class ShardedLinearCrossEntropyFunction(torch.autograd.Function):
         del grad_lse
         refuse_double_backward()
         if ctx.fused:
-            grads = take_forward_grads(ctx, grad_loss, "linear_cross_entropy")
-            return (*grads, None, None, None, None, None, None, None)
-        hidden, weight, bias, target = ctx.saved_tensors
-        bufs = linear_grad_buffers(hidden, weight, bias, ctx.needs_input_grad[:3], ctx.fp32_wgrad)
-        _sharded_linear_pass(
-            hidden, weight, bias, target, ctx.opts, ctx.chunk_size, ctx.backend, ctx.group,
-            (*bufs, grad_loss),
-        )  # fmt: skip
-        grads = _finish_grads(*bufs, weight, bias, ctx.group)
+            *bufs, den = take_forward_grads(ctx, "linear_cross_entropy")
+            scale = mean_scale(grad_loss, den)
+        else:
+            hidden, weight, bias, target = ctx.saved_tensors
+            bufs = linear_grad_buffers(
+                hidden, weight, bias, ctx.needs_input_grad[:3], ctx.fp32_wgrad
+            )
+            ctx.w_scale = weight_sum_scale(bufs[1], hidden.shape[0])
+            dloss, scale = row_scale(grad_loss)
+            _sharded_linear_pass(
+                hidden, weight, bias, target, ctx.opts, ctx.chunk_size, ctx.backend, ctx.group,
+                (bufs, ctx.w_scale, dloss),
+            )  # fmt: skip
+            if bufs[0] is not None:
+                # Each rank's share at its own scale (a power of two: exact) before the sum, in
+                # case the ranks' incoming gradients differ.
+                bufs[0].mul_(scale)
+                _sum_hidden_grad(bufs, ctx.group)
+            scale = (None, scale, scale)
+        grads = finish_linear_grads(bufs, scale, ctx.dtypes, ctx.w_scale)
         return (*grads, None, None, None, None, None, None, None)
 
 

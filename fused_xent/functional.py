@@ -321,9 +321,12 @@ def linear_cross_entropy(
     """``cross_entropy(F.linear(input, weight, bias), target, ...)`` without the full logits.
 
     The rows are processed in chunks: a chunk's logits come from one matrix product (cuBLAS via
-    torch), the cross-entropy kernel turns them in place into the gradient of the loss, and two
-    more products give that chunk's share of the input and weight gradients. Only one chunk of
-    logits exists at a time. Gradients flow to ``input``, ``weight`` and ``bias``.
+    torch), the cross-entropy kernel turns them in place into the gradient of the per-row losses,
+    and two more products add that chunk's share to the input and weight gradients, kept in
+    float32. Only one chunk of logits exists at a time. Gradients flow to ``input``, ``weight``
+    and ``bias``; each is rounded to its parameter's dtype once, after the incoming gradient and
+    the "mean" denominator are applied (a float16 gradient of a GradScaler-scaled loss does not
+    underflow, a bfloat16 one is not rounded twice).
 
     Args:
         input: (..., D) hidden states, float32 / float16 / bfloat16.
@@ -333,15 +336,24 @@ def linear_cross_entropy(
         bias: optional (V,), the input's dtype.
         ignore_index, reduction, label_smoothing, lse_square_scale, softcap, logit_scale,
             return_lse, impl: as :func:`cross_entropy` (no class weights here).
-        chunk_size: rows per chunk. ``None`` picks the number of rows whose (rows, V) logits take
-            about 128 MiB (on a GPU at most 1/16 of the free memory; 16 MiB on the reference
-            path, which holds several float32 copies of a chunk), rounded down to a multiple of
-            128, at least 128 (or all the rows).
+        chunk_size: rows per chunk. ``None`` picks them from the shapes alone (the same on
+            every call; nothing asks the device, so it is safe in a CUDA graph capture): the
+            fewest rows, a multiple of 128, for which the float32 weight-gradient accumulator,
+            read and written once per chunk (``8 * D / rows`` bytes per logit), moves at most a
+            quarter of what the chunk itself moves (``6 * b`` bytes per logit, ``b`` the dtype's
+            size), and fewer if the chunk's logits would exceed
+            ``fused_xent.autograd.CHUNK_BUDGET_BYTES`` (4 GiB; on the reference path counted as
+            eight float32 copies); at least 128 rows, at most all of them. At 8192 x 4096 x
+            128256 bf16 that is all 8192 rows in one chunk (1.96 GiB of logits); larger batches
+            go in chunks of 11008 rows. A smaller ``chunk_size`` saves memory and costs
+            accumulator traffic.
         fp32_weight_grad: with a float16 / bfloat16 weight, accumulate the weight gradient over
             the chunks in float32 and round once at the end, so it matches torch's single
-            matrix product; costs a float32 (V, D) buffer during the step. ``False``
-            accumulates in the weight's dtype (one rounding per chunk, half the memory). The
-            bias gradient (V floats) is always accumulated in float32.
+            matrix product; costs a float32 (V, D) buffer from the forward to the backward.
+            ``False`` accumulates in the weight's dtype (one rounding per chunk, half the memory;
+            a float16 one holds the sum times 1 / 2**floor(log2 N), so that it stays in float16's
+            range). The hidden-state and bias gradients are always accumulated in float32 (N x D
+            and V floats).
         process_group: a ``torch.distributed`` group over which the LM head is sharded by rows:
             ``weight`` (and ``bias``) hold this rank's contiguous slice of the vocabulary, in rank
             order; ``input`` and ``target`` (global class indices) are the same on every rank.
@@ -351,9 +363,10 @@ def linear_cross_entropy(
     Returns:
         The loss (0-dim, or the target's shape for "none"); with ``return_lse`` ``(loss, lse)``.
 
-    For "mean"/"sum" all gradients are computed during the forward (the backward only scales them
-    by the incoming gradient, on the device); for "none" the backward recomputes each chunk's
-    logits once more.
+    For "mean"/"sum" all gradients are accumulated during the forward and the float32
+    accumulators live until the backward, which makes each gradient as ``acc * (g / den)`` in one
+    op on the device; for "none" the backward recomputes each chunk's logits once more. Nothing of
+    size N x V is ever held beyond one chunk.
     """
     _check_common({"input": input, "weight": weight, "target": target}, reduction, impl)
     device_type = input.device.type
@@ -374,8 +387,9 @@ def linear_cross_entropy(
         )
     if chunk_size is None:
         chunk_size = pick_chunk_size(
-            hidden.shape[0], weight.shape[0], input.dtype, input.device, backend is ops.REFERENCE
-        )
+            hidden.shape[0], weight.shape[0], hidden.shape[1], input.dtype,
+            backend is ops.REFERENCE,
+        )  # fmt: skip
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias)
     )
