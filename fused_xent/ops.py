@@ -222,7 +222,9 @@ def _option_args(opts, forward: bool) -> tuple:
 
 
 class OpBackend:
-    """The backend contract of ``kernels/xent.py`` and ``reference.py``, through the ops.
+    """The backend contract of ``kernels/xent.py`` and ``reference.py``, through the ops while
+    torch.compile traces, and straight to the backend module in eager mode (a custom op's
+    Python dispatch costs tens of microseconds a call, more than a short row's kernel).
 
     A ``grad`` that is the logits tensor itself goes to the ``*_inplace`` ops."""
 
@@ -232,13 +234,22 @@ class OpBackend:
     def __repr__(self) -> str:
         return f"OpBackend({self.impl!r})"
 
+    def _eager(self):
+        """The backend module, unless torch.compile is tracing (then the ops)."""
+        return None if torch.compiler.is_compiling() else _module(self.impl)
+
     def xent_prologue(self, target, opts, n_cols, reduction, den, counter):
+        if (m := self._eager()) is not None:
+            return m.xent_prologue(target, opts, n_cols, reduction, den, counter)
         torch.ops.fused_xent.xent_prologue(
             target, opts.weight, den, counter, n_cols, reduction, opts.ignore_index, self.impl
         )
 
     def xent_forward(self, logits, target, opts, loss, stats, grad=None, grad_scale=None,
                      reduction="none", total=None, den=None, counter=None):  # fmt: skip
+        if (m := self._eager()) is not None:
+            return m.xent_forward(logits, target, opts, loss, stats, grad, grad_scale, reduction,
+                                  total, den, counter)  # fmt: skip
         if grad is logits:
             assert reduction == "none", "an in-place forward gradient has no reduction here"
             torch.ops.fused_xent.xent_forward_inplace(
@@ -253,6 +264,9 @@ class OpBackend:
 
     def xent_backward(self, logits, target, opts, stats, dloss, grad, reduction="none",
                       den=None, skip_if_one=False, target_grad=None):  # fmt: skip
+        if (m := self._eager()) is not None:
+            return m.xent_backward(logits, target, opts, stats, dloss, grad, reduction, den,
+                                   skip_if_one, target_grad)  # fmt: skip
         if grad is logits:
             torch.ops.fused_xent.xent_backward_inplace(
                 logits, target, opts.weight, stats, dloss, den, target_grad, reduction,
@@ -265,6 +279,8 @@ class OpBackend:
             )  # fmt: skip
 
     def scale_grad_(self, grad, g):
+        if (m := self._eager()) is not None:
+            return m.scale_grad_(grad, g)
         torch.ops.fused_xent.scale_grad_(grad, g, self.impl)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DTYPES, check_grad, check_loss, dtype_id, make_target, oracle
+from helpers import DEVICE, DTYPES, check_grad, check_loss, dtype_id, make_target, oracle
 
 from fused_xent import _alloc, cross_entropy
 
@@ -24,9 +24,9 @@ OFFSETS = (1, 5)
 def test_misaligned_rows(dtype, c, offset, reduction, inplace, small_blocks):
     n = 5
     gen = torch.Generator().manual_seed(c * 10 + offset)
-    values = (torch.randn(n, c, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    values = (torch.randn(n, c, generator=gen, dtype=torch.float64) * 3).to(dtype).to(DEVICE)
     # A view starting `offset` elements into its storage, rows `c + offset` apart.
-    big = torch.full((n, c + 2 * offset), float("nan"), dtype=dtype)
+    big = torch.full((n, c + 2 * offset), float("nan"), dtype=dtype, device=DEVICE)
     big[:, offset : offset + c] = values
     leaf = big.clone().requires_grad_()
     x = leaf.view(n, -1)[:, offset : offset + c]
@@ -43,7 +43,7 @@ def test_misaligned_rows(dtype, c, offset, reduction, inplace, small_blocks):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_grad_like_keeps_alignment(dtype):
-    big = torch.zeros(4, 50, dtype=dtype)
+    big = torch.zeros(4, 50, dtype=dtype, device=DEVICE)
     x = big[:, 3:40]
     g = _alloc.grad_like(x)
     assert g.shape == x.shape and g.stride(1) == 1
@@ -60,14 +60,15 @@ def test_gradient_buffer_cut_differently():
     from fused_xent._options import LossOptions
 
     n, c = 4, 21
-    values = (torch.randn(n, c, generator=torch.Generator().manual_seed(0)) * 3).to(torch.float16)
-    big = torch.zeros(n, c + 3, dtype=torch.float16)
+    gen = torch.Generator().manual_seed(0)
+    values = (torch.randn(n, c, generator=gen) * 3).to(torch.float16).to(DEVICE)
+    big = torch.zeros(n, c + 3, dtype=torch.float16, device=DEVICE)
     big[:, 1 : 1 + c] = values
     x = big[:, 1 : 1 + c]
     t = make_target(n, c, seed=0)
-    loss, stats = torch.empty(n), torch.empty(3, n)
+    loss, stats = torch.empty(n, device=DEVICE), torch.empty(3, n, device=DEVICE)
     xent.xent_forward(x, t, LossOptions(), loss, stats)
-    grad = torch.full((n, c), float("nan"), dtype=torch.float16)  # contiguous: cut differently
-    xent.xent_backward(x, t, LossOptions(), stats, torch.ones(n), grad)
+    grad = torch.full((n, c), float("nan"), dtype=torch.float16, device=DEVICE)  # cut otherwise
+    xent.xent_backward(x, t, LossOptions(), stats, torch.ones(n, device=DEVICE), grad)
     _, want = oracle(values, t, reduction="none")
     check_grad(grad, want, torch.float16)

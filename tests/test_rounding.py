@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import IMPLS, dtype_id, make_logits, make_target, rel_err
+from helpers import DEVICE, IMPLS, dtype_id, make_logits, make_target, rel_err
 
 from fused_xent import cross_entropy
 
@@ -44,7 +44,7 @@ def _exact_grad(x, t, reduction, g):
 def test_rounded_once(impl, dtype, incoming, reduction, inplace):
     x = make_logits(N, C, dtype, seed=7)
     t = make_target(N, C, seed=7, ignored_rows=[5])
-    g = torch.full((N,) if reduction == "none" else (), incoming)
+    g = torch.full((N,) if reduction == "none" else (), incoming, device=DEVICE)
     leaf = x.clone().requires_grad_()
     logits = leaf.view(N, C) if inplace else leaf  # in place writes into a non-leaf
     cross_entropy(logits, t, reduction=reduction, inplace_backward=inplace, impl=impl).backward(g)
