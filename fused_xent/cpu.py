@@ -148,7 +148,7 @@ class _Chunks:
     def _buffer(self, name: str, n: int) -> torch.Tensor:
         if name not in self._buffers:
             shape = (self.rows, self.logits.shape[1])
-            self._buffers[name] = torch.empty(shape, dtype=self.dtype)
+            self._buffers[name] = self.logits.new_empty(shape, dtype=self.dtype)
         return self._buffers[name][:n]
 
     def z(self, sl) -> tuple[torch.Tensor, bool]:
@@ -178,7 +178,10 @@ class _Chunks:
     def p(self, src: torch.Tensor, sl, grad: torch.Tensor | None) -> torch.Tensor:
         """softmax(src) into the chunk's rows of ``grad`` when it may hold it, else a buffer."""
         if grad is not None:
-            return torch._softmax(src, 1, False, out=_part(grad, sl))
+            out = _part(grad, sl)
+            # torch 2.13's CPU softmax writes a strided out= as if it were contiguous.
+            if out.is_contiguous():
+                return torch._softmax(src, 1, False, out=out)
         if sl is None:
             return torch._softmax(src, 1, False)
         return torch._softmax(src, 1, False, out=self._buffer("p", src.shape[0]))
@@ -197,7 +200,7 @@ class _Columns:
 
     def __init__(self, rows: _Rows, ref: torch.Tensor, softcap) -> None:
         self.col = rows.col[:, None]
-        self.p_y = torch.empty((ref.shape[0], 1), dtype=ref.dtype)
+        self.p_y = ref.new_empty((ref.shape[0], 1))
         self.q_y = None if softcap is None else torch.empty_like(self.p_y)
 
 
@@ -291,6 +294,7 @@ def _raw_loss(rows: _Rows, sl, opts, m, log_sum, z_y, sum_wd) -> torch.Tensor:
     return loss
 
 
+@torch.no_grad()
 def xent_forward(logits, target, opts, loss, stats, grad=None, grad_scale=None) -> None:
     """Per-row loss and statistics (max, log-sum, coefficient); the gradient if ``grad`` given."""
     if _delegate(logits, target):
@@ -381,6 +385,7 @@ def xent_forward(logits, target, opts, loss, stats, grad=None, grad_scale=None) 
             grad.index_copy_(0, bad, sub_grad)
 
 
+@torch.no_grad()
 def xent_backward(logits, target, opts, stats, dloss, grad) -> None:
     """grad = d(sum_i dloss_i * loss_i) / d logits, from the forward's per-row statistics."""
     if _delegate(logits, target):
@@ -434,6 +439,7 @@ def xent_backward(logits, target, opts, stats, dloss, grad) -> None:
         grad.index_copy_(0, bad, sub_grad)
 
 
+@torch.no_grad()
 def scale_grad_(grad: torch.Tensor, g: torch.Tensor) -> None:
     """grad *= g in place (computed in float32, rounded once; nothing to do when g is 1)."""
     g = g.to(_compute_dtype(grad.dtype))

@@ -8,6 +8,7 @@ house tolerances), with the transforms and the z-loss the reference adds written
 
 from __future__ import annotations
 
+import itertools
 import zlib
 
 import pytest
@@ -53,24 +54,22 @@ def class_weight(c, seed, zeros=()):
     return w.to(torch.float32)
 
 
-# The options of the fast path, alone and together (weight filled in per test).
-OPTIONS = {
-    "plain": {},
-    "smooth": {"label_smoothing": 0.1},
+# The options of the fast path: every combination (32), named "plain" or e.g. "smooth+softcap";
+# and label smoothing 1 (no target term left).
+_OPTION_PARTS = {
+    "smooth": {"label_smoothing": 0.2},
     "weight": {"weight": True},
-    "weight+smooth": {"weight": True, "label_smoothing": 0.3},
-    "scale": {"logit_scale": 0.7},
-    "softcap": {"softcap": 4.0},
+    "scale": {"logit_scale": 1.5},
+    "softcap": {"softcap": 6.0},
     "zloss": {"lse_square_scale": 1e-2},
-    "all": {
-        "weight": True,
-        "label_smoothing": 0.2,
-        "logit_scale": 1.5,
-        "softcap": 6.0,
-        "lse_square_scale": 1e-3,
-    },
-    "smooth1": {"label_smoothing": 1.0},
 }
+OPTIONS = {
+    "+".join(parts) or "plain": {k: v for part in parts for k, v in _OPTION_PARTS[part].items()}
+    for n in range(len(_OPTION_PARTS) + 1)
+    for parts in itertools.combinations(_OPTION_PARTS, n)
+}
+OPTIONS["smooth1"] = {"label_smoothing": 1.0}
+OPTIONS["all"] = OPTIONS["smooth+weight+scale+softcap+zloss"]
 
 
 def make_opts(name, c, seed, ignore_index=-100, **extra) -> LossOptions:
@@ -238,23 +237,47 @@ def test_no_rows(dtype):
     backward(cpu, x, t, LossOptions(), stats, torch.empty(0, dtype=stats.dtype))
 
 
-@pytest.mark.parametrize("opt", ["plain", "all"])
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """x's values in a row-strided view (big[:, :C]) or a transposed (column-major) matrix."""
+    n, c = x.shape
+    if layout == "row-strided":
+        big = torch.full((n, c + 13), float("nan"), dtype=x.dtype)
+        big[:, :c] = x
+        return big[:, :c]
+    return x.t().contiguous().t()
+
+
+@pytest.mark.parametrize("layout", ["row-strided", "transposed"])
+@pytest.mark.parametrize("opt", ["plain", "smooth", "all"])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
-def test_strided_rows(dtype, opt):
-    """A row-strided view (big[:, :C]) and int32 targets, forward and backward."""
-    seed = _seed("strided", dtype_id(dtype), opt)
-    big = make_x(23, C + 13, dtype, seed)
-    x = big[:, :C]
+def test_strided(dtype, opt, layout):
+    """Logits and gradient in a strided layout, int32 targets; forward and backward."""
+    seed = _seed("strided", dtype_id(dtype), opt, layout)
+    x = _layout(make_x(23, C, dtype, seed), layout)
     t = make_t(23, C, seed, ignored=(4,)).int()
     opts = make_opts(opt, C, seed)
-    ours = forward(cpu, x, t, opts, 0.25)
+    x_before = x.clone()
+    grad = _layout(nan_like((23, C), dtype), layout)
+    ours = forward(cpu, x, t, opts, 0.25, grad=grad)
     check_against_reference(ours, forward(reference, x, t, opts, 0.25), dtype)
     expected_loss, expected_grad = oracle64(x, t, opts, torch.full((23,), 0.25))
     check_against_torch(ours[0], ours[2], expected_loss, expected_grad, dtype)
     dloss = torch.linspace(-1, 2, 23, dtype=compute_dtype(dtype))
-    grad = backward(cpu, x, t, opts, ours[1], dloss)
-    assert_close(grad, backward(reference, x, t, opts, ours[1], dloss), REF_RTOL[dtype], "bwd")
-    assert torch.equal(big[:, :C], x)  # the logits are read, never written
+    bwd_opts = LossOptions(**{**opts.__dict__, "lse_square_scale": 0.0})
+    grad = _layout(nan_like((23, C), dtype), layout)
+    cpu.xent_backward(x, t, bwd_opts, ours[1], dloss, grad)
+    expected = backward(reference, x, t, bwd_opts, ours[1], dloss)
+    assert_close(grad, expected, REF_RTOL[dtype], "bwd")
+    assert torch.equal(x, x_before)  # the logits are read, never written
+
+
+def test_logits_that_require_grad():
+    """Called with grad enabled on logits that require grad (no graph is built)."""
+    x = make_x(9, C, torch.float32, 12).requires_grad_()
+    t = make_t(9, C, 12)
+    opts = make_opts("all", C, 12)
+    ours = forward(cpu, x, t, opts, 1.0)
+    check_against_reference(ours, forward(reference, x.detach(), t, opts, 1.0), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
@@ -262,7 +285,7 @@ def test_gradient_into_the_logits(dtype):
     """grad given as the logits themselves (inplace_backward, the linear path's chunks)."""
     seed = _seed("inplace", dtype_id(dtype))
     x, t = make_x(19, C, dtype, seed), make_t(19, C, seed, ignored=(2,))
-    opts = make_opts("weight+smooth", C, seed)
+    opts = make_opts("smooth+weight", C, seed)
     expected = forward(reference, x, t, opts, 0.125)
     x_in = x.clone()
     ours = forward(cpu, x_in, t, opts, 0.125, grad=x_in)
@@ -281,7 +304,7 @@ def test_ignore_index(ignore_index):
     seed = _seed("ignore", ignore_index)
     x = make_x(40, 10, torch.float32, seed)
     t = make_t(40, 10, seed, ignored=(1, 2), ignore_index=ignore_index)
-    opts = make_opts("weight+smooth", 10, seed, ignore_index=ignore_index, lse_square_scale=0.1)
+    opts = make_opts("smooth+weight", 10, seed, ignore_index=ignore_index, lse_square_scale=0.1)
     ours = forward(cpu, x, t, opts, 0.5)
     check_against_reference(ours, forward(reference, x, t, opts, 0.5), torch.float32)
     ignored = t == ignore_index
@@ -332,7 +355,7 @@ def _edge_logits(dtype):
     return x.to(dtype)
 
 
-@pytest.mark.parametrize("opt", ["plain", "smooth", "weight", "weight+smooth", "all"])
+@pytest.mark.parametrize("opt", ["plain", "smooth", "weight", "smooth+weight", "all"])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 def test_non_finite_logits_as_reference(dtype, opt):
     x = _edge_logits(dtype)
@@ -350,7 +373,7 @@ def test_non_finite_logits_as_reference(dtype, opt):
     assert_close(grad, backward(reference, x, t, bwd_opts, stats, dloss), REF_RTOL[dtype], "bwd")
 
 
-@pytest.mark.parametrize("opt", ["plain", "smooth", "weight+smooth", "zloss"])
+@pytest.mark.parametrize("opt", ["plain", "smooth", "smooth+weight", "zloss"])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 def test_large_logits_keep_accuracy(dtype, opt):
     """Logits offset by 1e4 (per row, up to 3e4; 1e4 alone in float16) lose no accuracy."""
@@ -366,7 +389,7 @@ def test_large_logits_keep_accuracy(dtype, opt):
     check_against_torch(ours[0], ours[2], expected_loss, expected_grad, dtype)
 
 
-@pytest.mark.parametrize("opt", ["plain", "smooth", "weight+smooth", "all"])
+@pytest.mark.parametrize("opt", ["plain", "smooth", "smooth+weight", "all"])
 @pytest.mark.parametrize("offset", [0, 30, 45])
 def test_vocabulary_shard(offset, opt):
     """One rank's classes [offset, offset + 15) of 60: targets elsewhere, smoothing over 60."""
@@ -383,7 +406,7 @@ def test_vocabulary_shard(offset, opt):
     assert_close(grad, ref_grad, REF_RTOL[torch.float32], "bwd")
 
 
-@pytest.mark.parametrize("opt", ["plain", "smooth", "weight+smooth", "softcap"])
+@pytest.mark.parametrize("opt", ["plain", "smooth", "smooth+weight", "softcap"])
 def test_vocabulary_shard_backward_from_global_stats(opt):
     """Each rank's backward from the statistics of all 60 classes (as the combine gives them):
     the slices' gradients are the unsharded gradient's columns, also where a slice is all -inf."""
@@ -459,6 +482,31 @@ def test_cross_entropy_api(cpu_backend, dtype, reduction, inplace):
     expected = F.cross_entropy(x64, t, weight=w.double(), label_smoothing=0.1, reduction=reduction)
     (expected_grad,) = torch.autograd.grad(expected, x64, grad_out.double())
     check_against_torch(loss.reshape(-1), grad, expected.reshape(-1), expected_grad, dtype)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_api(cpu_backend, reduction):
+    """The linear path: chunks of logits whose gradient overwrites them, (3, chunk) views of
+    the statistics."""
+    import fused_xent
+
+    gen = _gen(_seed("linear", reduction))
+    hidden = torch.randn(70, 16, generator=gen, dtype=torch.float64)
+    weight = torch.randn(40, 16, generator=gen, dtype=torch.float64) / 4
+    t = torch.randint(0, 40, (70,), generator=gen)
+    t[3] = -100
+    h32, w32 = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    loss = fused_xent.linear_cross_entropy(
+        h32, w32, t, reduction=reduction, label_smoothing=0.1, chunk_size=32, impl="reference"
+    )
+    grad_out = torch.rand(loss.shape, generator=gen) + 0.5
+    grads = torch.autograd.grad(loss, (h32, w32), grad_out)
+    h64, w64 = hidden.requires_grad_(), weight.requires_grad_()
+    expected = F.cross_entropy(h64 @ w64.t(), t, label_smoothing=0.1, reduction=reduction)
+    expected_grads = torch.autograd.grad(expected, (h64, w64), grad_out.double())
+    assert_close(loss.reshape(-1), expected.reshape(-1), LOSS_RTOL, "loss")
+    for g, e in zip(grads, expected_grads, strict=True):
+        assert_close(g, e, GRAD_RTOL[torch.float32], "grad")
 
 
 def test_checks_can_fail():
