@@ -175,8 +175,16 @@ def chunking(request, monkeypatch):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("grad_scale", [None, *GRAD_SCALES], ids=lambda s: f"gs{s}")
-@pytest.mark.parametrize("opt", list(OPTIONS))
+def _forward_params():
+    """Every option set without a gradient and with grad_scale 1/8; every grad_scale with a few."""
+    for opt in OPTIONS:
+        for grad_scale in GRAD_SCALES:
+            if grad_scale == 1.0 / 8 or opt in ("plain", "smooth+weight", "all"):
+                yield pytest.param(opt, grad_scale, id=f"{opt}-gs{grad_scale}")
+        yield pytest.param(opt, None, id=f"{opt}-no-grad")
+
+
+@pytest.mark.parametrize("opt,grad_scale", list(_forward_params()))
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 def test_forward(dtype, opt, grad_scale):
     seed = _seed("fwd", dtype_id(dtype), opt, grad_scale)
@@ -429,6 +437,22 @@ def test_vocabulary_shard_backward_from_global_stats(opt):
         ref_part = backward(reference, x_r, t, opts, stats, dloss)
         assert_close(parts[-1], ref_part, REF_RTOL[torch.float32], f"rank at {offset}")
     assert_close(torch.cat(parts, 1), expected, REF_RTOL[torch.float32], "all ranks")
+
+
+def test_deterministic_algorithms():
+    """Runs under torch.use_deterministic_algorithms(True), and twice gives the same bits."""
+    x, t = make_x(24, 300, torch.bfloat16, 13), make_t(24, 300, 13, ignored=(5,))
+    opts = make_opts("smooth+weight", 300, 13)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = forward(cpu, x, t, opts, 0.5), forward(cpu, x, t, opts, 0.5)
+        dloss = torch.linspace(-1, 1, 24)
+        grads = [backward(cpu, x, t, opts, first[1], dloss) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for a, b in [*zip(first, second, strict=True), grads]:
+        assert torch.equal(a, b)
 
 
 def test_probability_targets_delegate():
