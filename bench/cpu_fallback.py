@@ -1,0 +1,170 @@
+"""The CPU fallback against torch: ``python bench/cpu_fallback.py [--threads N] [--quick]``.
+
+Times, on this CPU, one step of a mean loss on (N, C) logits with int64 targets: forward +
+``torch.autograd.grad`` ("fb") and the forward under ``no_grad`` ("f"), for
+
+* ``torch``: ``F.cross_entropy``;
+* ``cpu``: ``fused_xent.cross_entropy(impl="reference")`` with the backend routed to
+  ``fused_xent.cpu`` (``ops._module`` monkeypatched): the whole path, API -> autograd.Function ->
+  torch.library custom op -> backend;
+* ``ref``: the same path with the old ``fused_xent.reference``.
+
+And where ``cpu``'s time goes: ``no_op`` (the path without custom ops: ``functional._backend``
+patched to hand the module itself to the autograd layer), ``math`` (the backend calls alone, on
+preallocated outputs: ``xent_forward`` with the gradient, ``scale_grad_``; or ``xent_forward``).
+``cpu - no_op`` is the custom-op layer (the last line times one such call alone), ``no_op - math``
+the API checks + autograd.Function + output allocation + reduction.
+
+Each number (microseconds) is the median of the runs in a round (0.15 s of runs, at least 3);
+the implementations take turns round by round, and the lowest round median is kept, so that
+other work on a shared machine does not decide it. One thread by default (as bench/benchlib.py:
+on a busy 2-core machine a second intra-op thread waits for a core and stalls for milliseconds),
+timed as the CPU time of this thread; ``--threads 2`` times wall clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.nn.functional as F
+
+import fused_xent
+from fused_xent import cpu, functional, ops
+from fused_xent._options import LossOptions
+
+SHAPES = [(torch.bfloat16, 64, 512), (torch.float32, 64, 2048), (torch.float32, 512, 8192),
+          (torch.bfloat16, 256, 32000)]  # fmt: skip
+OPTIONS = {"plain": {}, "smooth": {"label_smoothing": 0.1}, "weight": {"weight": True}}
+
+
+@contextmanager
+def patched(obj, name, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def route_cpu():
+    module = ops._module
+    return patched(ops, "_module", lambda impl: cpu if impl == "reference" else module(impl))
+
+
+def no_op():
+    return patched(functional, "_backend", lambda impl, inp: cpu)
+
+
+def steps(x, t, kw):
+    """name -> (fb step, f step)."""
+    xg = x.clone().requires_grad_()
+
+    def fused(inp):
+        return fused_xent.cross_entropy(inp, t, impl="reference", **kw)
+
+    def fb(loss_fn, ctx=nullcontext):
+        def run():
+            with ctx():
+                torch.autograd.grad(loss_fn(xg), xg)
+
+        return run
+
+    def f(loss_fn, ctx=nullcontext):
+        def run():
+            with torch.no_grad(), ctx():
+                loss_fn(x)
+
+        return run
+
+    n, opts = x.shape[0], LossOptions(**kw)
+    loss, stats, one = torch.empty(n), torch.empty(3, n), torch.ones(())
+
+    def math_fb():
+        grad = torch.empty_like(x)
+        cpu.xent_forward(x, t, opts, loss, stats, grad, one / n)
+        cpu.scale_grad_(grad, one)
+
+    return {
+        "torch": (
+            fb(lambda v: F.cross_entropy(v, t, **kw)),
+            f(lambda v: F.cross_entropy(v, t, **kw)),
+        ),
+        "cpu": (fb(fused, route_cpu), f(fused, route_cpu)),
+        "no_op": (fb(fused, no_op), f(fused, no_op)),
+        "math": (math_fb, lambda: cpu.xent_forward(x, t, opts, loss, stats)),
+        "ref": (fb(fused), f(fused)),
+    }
+
+
+def measure(fns: dict, rounds: int, per_round: float) -> dict:
+    # One intra-op thread does all the work in this thread: count its CPU time, not the time the
+    # scheduler gave to other processes. Several threads: wall time.
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    medians = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()  # warm up
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times, end = [], time.perf_counter() + per_round
+            while len(times) < 3 or time.perf_counter() < end:
+                start = clock()
+                fn()
+                times.append(clock() - start)
+            medians[name].append(statistics.median(times))
+    return {k: min(v) * 1e6 for k, v in medians.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1)")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="the two small shapes, 3 rounds")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    clock = "thread CPU time" if args.threads == 1 else "wall time"
+    shapes, rounds = (SHAPES[:2], 3) if args.quick else (SHAPES, args.rounds)
+    names = ["torch", "cpu", "no_op", "math", "ref"]
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s); us, lowest round median of {clock}"
+    )
+    print(
+        f"{'case':<28}" + "".join(f"{n:>9}" for n in names) + f"{'cpu/torch':>10}{'ref/torch':>10}"
+    )
+    for dtype, n, c in shapes:
+        gen = torch.Generator().manual_seed(0)
+        x = (torch.randn(n, c, generator=gen) * 3).to(dtype)
+        t = torch.randint(0, c, (n,), generator=gen)
+        for opt, kw in OPTIONS.items():
+            w = (torch.rand(c, generator=gen) + 0.5).to(dtype)  # torch wants the input's dtype
+            kw = {k: w if v is True else v for k, v in kw.items()}
+            pairs = steps(x, t, kw)
+            for i, mode in enumerate(("fb", "f")):
+                r = measure({k: v[i] for k, v in pairs.items()}, rounds, 0.15)
+                case = f"{str(dtype)[6:]} {n}x{c} {opt} {mode}"
+                cells = "".join(f"{r[k]:>9.0f}" for k in names)
+                ratios = f"{r['cpu'] / r['torch']:>10.2f}{r['ref'] / r['torch']:>10.2f}"
+                print(f"{case:<28}{cells}{ratios}", flush=True)
+    # One custom-op call that does nothing (scale_grad_ by 1 returns at once) against the direct
+    # call: the torch.library dispatch alone, paid once per backend call.
+    g, one = torch.zeros(4, 4), torch.ones(())
+    with route_cpu():
+        r = measure(
+            {
+                "op": lambda: torch.ops.fused_xent.scale_grad_(g, one, "reference"),
+                "direct": lambda: cpu.scale_grad_(g, one),
+            },
+            rounds,
+            0.1,
+        )
+    print(
+        f"one torch.ops.fused_xent call: {r['op']:.1f} us (the function alone: {r['direct']:.1f})"
+    )
+
+
+if __name__ == "__main__":
+    main()
