@@ -295,7 +295,7 @@ def _raw_loss(rows: _Rows, sl, opts, m, log_sum, z_y, sum_wd) -> torch.Tensor:
 
 
 @torch.no_grad()
-def xent_forward(logits, target, opts, loss, stats, grad=None, grad_scale=None) -> None:
+def _forward_rows(logits, target, opts, loss, stats, grad=None, grad_scale=None) -> None:
     """Per-row loss and statistics (max, log-sum, coefficient); the gradient if ``grad`` given."""
     if _delegate(logits, target):
         reference.xent_forward(logits, target, opts, loss, stats, grad, grad_scale)
@@ -317,7 +317,8 @@ def xent_forward(logits, target, opts, loss, stats, grad=None, grad_scale=None) 
         else:
             coef.copy_(rows.sum_wt)
     if grad is not None:
-        s = grad_scale.to(dtype)
+        # No grad_scale: the gradient for an incoming gradient of 1 ("sum", the linear form).
+        s = torch.ones((), dtype=dtype) if grad_scale is None else grad_scale.to(dtype)
         s = s.reshape(()) if s.dim() else s
         if opts.logit_scale != 1.0:
             s = s * opts.logit_scale
@@ -386,7 +387,7 @@ def xent_forward(logits, target, opts, loss, stats, grad=None, grad_scale=None) 
 
 
 @torch.no_grad()
-def xent_backward(logits, target, opts, stats, dloss, grad) -> None:
+def _backward_rows(logits, target, opts, stats, dloss, grad) -> None:
     """grad = d(sum_i dloss_i * loss_i) / d logits, from the forward's per-row statistics."""
     if _delegate(logits, target):
         reference.xent_backward(logits, target, opts, stats, dloss, grad)
@@ -448,3 +449,45 @@ def scale_grad_(grad: torch.Tensor, g: torch.Tensor) -> None:
             return
         g = g.reshape(1)  # a 1-dim operand: the product is computed in g's dtype, not grad's
     grad.mul_(g)
+
+
+# --------------------------------------------------------------------------------------------
+# The backend contract (kernels/xent.py's launchers): reductions and scales around the rows
+# --------------------------------------------------------------------------------------------
+
+xent_prologue = reference.xent_prologue
+
+
+@torch.no_grad()
+def xent_forward(
+    logits, target, opts, loss, stats, grad=None, grad_scale=None, reduction="none",
+    total=None, den=None, counter=None,
+) -> None:  # fmt: skip
+    """As :func:`fused_xent.kernels.xent.xent_forward`."""
+    del counter
+    scale = grad_scale
+    if grad is not None and reduction == "mean":
+        inv = 1.0 / den.to(torch.float64)
+        scale = inv if scale is None else scale * inv
+    _forward_rows(logits, target, opts, loss, stats, grad, scale)
+    if reduction != "none":
+        total.copy_(loss.sum() / den if reduction == "mean" else loss.sum())
+
+
+@torch.no_grad()
+def xent_backward(
+    logits, target, opts, stats, dloss, grad, reduction="none", den=None, skip_if_one=False,
+    target_grad=None,
+) -> None:  # fmt: skip
+    """As :func:`fused_xent.kernels.xent.xent_backward` (a host read of the incoming gradient
+    costs nothing on the CPU)."""
+    if target_grad is not None or grad is None:
+        reference.xent_backward(logits, target, opts, stats, dloss, grad, reduction, den,
+                                skip_if_one, target_grad)  # fmt: skip
+        return
+    if skip_if_one and float(dloss) == 1.0:
+        return
+    if reduction != "none":
+        g = dloss.reshape(()).to(torch.float64)
+        dloss = (g / den if reduction == "mean" else g).expand(logits.shape[0])
+    _backward_rows(logits, target, opts, stats, dloss, grad)

@@ -125,10 +125,12 @@ def _options(ignore_index, weight, label_smoothing, lse_square_scale, softcap, l
 
 
 def _backend(impl: str, input: torch.Tensor):
-    if impl == "reference" or (
-        impl == "auto" and (input.device.type != "cuda" or input.dtype not in _KERNEL_DTYPES)
-    ):
+    if impl == "reference":
         return ops.REFERENCE
+    if impl == "auto" and input.device.type != "cuda":
+        return ops.CPU  # the reference's numbers, a few full passes instead of a dozen
+    if impl == "auto" and input.dtype not in _KERNEL_DTYPES:
+        return ops.REFERENCE  # float64 on a GPU: the reference reads no value on the host
     if input.dtype not in _KERNEL_DTYPES:
         raise TypeError(
             f"impl='triton' takes float32, float16 or bfloat16 input, got {input.dtype}"
@@ -224,7 +226,7 @@ def cross_entropy(
     opts = _options(ignore_index, weight, label_smoothing, lse_square_scale, softcap, logit_scale)
     backend = _backend(impl, input)
     rows, row_target = _as_rows(input, target)
-    if backend is not ops.REFERENCE:
+    if backend is ops.TRITON:
         # The kernels stride over rows, not over classes.
         if rows.shape[1] > 1 and rows.stride(1) != 1:
             rows = rows.contiguous()
@@ -388,7 +390,7 @@ def linear_cross_entropy(
     if chunk_size is None:
         chunk_size = pick_chunk_size(
             hidden.shape[0], weight.shape[0], hidden.shape[1], input.dtype,
-            backend is ops.REFERENCE,
+            backend is not ops.TRITON,
         )  # fmt: skip
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias)
