@@ -306,9 +306,9 @@ def linear_case(group, impl, spec, reduction, seed, *, no_grad=False):
     )
     if no_grad:
         with torch.no_grad():
-            loss = linear_cross_entropy(h, w, on_device(target), b, **kw)
+            loss = linear_cross_entropy(h, w, on_device(target), linear_bias=b, **kw)
         return compare("loss (no_grad)", loss, want.detach(), LOSS_RTOL)
-    loss, lse = linear_cross_entropy(h, w, on_device(target), b, return_lse=True, **kw)
+    loss, lse = linear_cross_entropy(h, w, on_device(target), linear_bias=b, return_lse=True, **kw)
     (loss * g.to(DEVICE)).sum().backward()
     tol = GRAD_RTOL[torch.float32]
     failed = compare("loss", loss, want.detach(), LOSS_RTOL)
