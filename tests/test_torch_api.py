@@ -472,3 +472,27 @@ def test_no_grad_and_frozen_head():
     x64 = x.clone().requires_grad_()
     F.linear_cross_entropy(x64, w, t, linear_bias=b, weight=cw).backward()
     assert rel_err(xl.grad, x64.grad) <= 1e-12 and w.grad is None
+
+
+def test_compile_fullgraph():
+    """torch.compile(fullgraph=True) traces the new forms without graph breaks: a K-dimensional
+    head with class weights and options, and probability targets on a (C, D) head."""
+    torch._dynamo.reset()
+    x, w, t, b, cw = make_case(_seed("compile"), out=OUT, bias=True, class_weight=True)
+    _, w2, tp, _, _ = make_case(_seed("compile-prob"), prob=True)
+
+    def kdim(x, w, b):
+        return linear_cross_entropy(x, w, t, linear_bias=b, weight=cw, label_smoothing=0.1,
+                                    options=LCEO(batch_chunk_size=4))  # fmt: skip
+
+    def prob(x, w):
+        return linear_cross_entropy(x, w, tp, reduction="sum", chunk_size=4)
+
+    for fn, params in ((kdim, (x, w, b)), (prob, (x, w2))):
+        out = []
+        for f in (torch.compile(fn, fullgraph=True), fn):
+            leaves = [p.clone().requires_grad_() for p in params]
+            loss = f(*leaves)
+            out.append((loss.detach(), *torch.autograd.grad(loss, leaves)))
+        for a, e in zip(*out, strict=True):
+            assert rel_err(a, e) <= 1e-12
