@@ -18,7 +18,14 @@ setup(
     # from PyPI on the CPU).
     install_requires=["torch>=2.4", "triton>=3.6; platform_system == 'Linux'", "numpy"],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "hypothesis>=6"],
+        # expecttest: tests/test_opinfo.py imports torch's OpInfo database, which needs it.
+        "test": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "pytest-xdist>=3",
+            "hypothesis>=6",
+            "expecttest",
+        ],
         "dev": ["ruff>=0.6"],
         # bench/report.py draws report.png with it (and skips the plot without it).
         "bench": ["matplotlib>=3.7"],

@@ -356,6 +356,21 @@ def _cce_loss() -> LinearLossFn | None:
     return lambda h, w, t: linear_cross_entropy(h, w, t)  # (embeddings, classifier, targets)
 
 
+def _torch_lce_loss(chunked: bool) -> LinearLossFn | None:
+    """torch's own ``F.linear_cross_entropy`` (torch >= 2.13), or None where torch lacks it.
+
+    ``options=None`` is its reference path (``F.linear`` then ``F.cross_entropy``: the full
+    logits); ``LinearCrossEntropyOptions()`` its chunked path with the defaults ("auto" chunking
+    and accumulation policy per device and dtype).
+    """
+    fn = getattr(F, "linear_cross_entropy", None)
+    options_type = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if fn is None or (chunked and options_type is None):
+        return None
+    options = options_type() if chunked else None
+    return lambda h, w, t: fn(h, w, t, options=options)
+
+
 def _hf_loss(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     # Hugging Face's LM loss: full logits in the weight's dtype, upcast to float32, then the loss.
     return F.cross_entropy(F.linear(h, w).float(), t)
@@ -373,6 +388,11 @@ class LinearImpl:
             if (_liger_linear_loss if self.name == "liger" else _cce_loss)() is None:
                 what = "Liger-Kernel" if self.name == "liger" else "cut-cross-entropy"
                 return f"{what} is not importable"
+        if (
+            self.name.startswith("torch_lce")
+            and _torch_lce_loss(self.name.endswith("chunked")) is None
+        ):
+            return f"torch {torch.__version__} has no F.linear_cross_entropy / its options"
         return None
 
     def loss_fn(self, case: LinearCase, device: torch.device) -> LinearLossFn:
@@ -384,6 +404,10 @@ class LinearImpl:
             )
         if self.name == "torch":
             return _hf_loss
+        if self.name.startswith("torch_lce"):
+            fn = _torch_lce_loss(self.name.endswith("chunked"))
+            assert fn is not None
+            return fn
         fn = {"liger": _liger_linear_loss, "cce": _cce_loss}[self.name]()
         assert fn is not None
         return fn
@@ -402,6 +426,16 @@ LINEAR_IMPLS = [
     LinearImpl(
         "torch",
         "F.cross_entropy(F.linear(h, W).float(), t), eager, as Hugging Face computes the loss",
+    ),
+    LinearImpl(
+        "torch_lce",
+        "torch's own F.linear_cross_entropy(h, W, t) (torch >= 2.13), options=None: its "
+        "reference path, F.linear then F.cross_entropy on the full logits",
+    ),
+    LinearImpl(
+        "torch_lce_chunked",
+        "F.linear_cross_entropy(h, W, t, options=LinearCrossEntropyOptions()): torch's chunked "
+        "path with its defaults (chunk size and accumulation policy 'auto' per device and dtype)",
     ),
     LinearImpl(
         "liger",

@@ -22,7 +22,10 @@ flops), then the same four measurements of forward + backward of a mean loss wit
 the hidden states and the weight: ms (do_bench over 500 ms, the hidden states rotated, one shared
 weight), % of the matrix floor (6 N D V flops at that rate), peak extra memory (the returned
 gradients included), and the relative errors of the loss, d_hidden and d_weight against float64
-(``linear_float64_reference``: plain torch ops, a block of rows at a time, full size).
+(``linear_float64_reference``: plain torch ops, a block of rows at a time, full size). The peers
+include torch's own ``F.linear_cross_entropy`` wherever the installed torch has it (2.13 on):
+``torch_lce`` with ``options=None`` (its unchunked reference) and ``torch_lce_chunked`` with
+``options=LinearCrossEntropyOptions()`` (its chunked path, default policy).
 
 In each case the first fused_xent variant is timed again after all the peers, so the table shows
 the noise. Writes report.md (also printed), report.json and, when the xent section ran,

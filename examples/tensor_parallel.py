@@ -4,12 +4,13 @@
 
 Each rank holds a contiguous slice of the vocabulary, in rank order: its rows of the LM head's
 weight and bias (503 and 497 of the 1000 tokens here; slices need not be equal). The layers below
-the head and the hidden states are replicated. ``fused_xent.linear_cross_entropy(...,
-process_group=group)`` returns on every rank the loss over the whole vocabulary, the gradient of
-that rank's rows of the head, and the full gradient of the hidden states (summed over the ranks),
-so the replicated layers get the same update on every rank and stay in step without any further
-communication. No rank ever holds logits over the whole vocabulary: only over its own slice,
-``chunk_size`` rows at a time.
+the head and the hidden states are replicated. ``fused_xent.linear_cross_entropy(hidden,
+linear_weight, target, linear_bias=..., process_group=group)`` (torch's signature, with this
+rank's slice of the head as ``linear_weight``) returns on every rank the loss over the whole
+vocabulary, the gradient of that rank's rows of the head, and the full gradient of the hidden
+states (summed over the ranks), so the replicated layers get the same update on every rank and
+stay in step without any further communication. No rank ever holds logits over the whole
+vocabulary: only over its own slice, ``chunk_size`` rows at a time.
 
 The task is synthetic: the next token is ``(7 * token + 3) % VOCAB`` nine times in ten, a random
 token otherwise. Rank 0 also trains the same model unsharded in plain PyTorch (``F.linear`` and
@@ -116,7 +117,7 @@ def main() -> int:
             hidden_states(sharded, tokens),
             sharded["head"],
             follows,
-            sharded["head_bias"],
+            linear_bias=sharded["head_bias"],
             label_smoothing=LABEL_SMOOTHING,
             process_group=group,
         )

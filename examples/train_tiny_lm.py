@@ -4,8 +4,10 @@ The same model (same seed, same initial weights) is trained on the same batches 
 
 - ``torch``:  ``F.cross_entropy(model.head(h), y)`` on the (B*T, V) logits;
 - ``fused``:  ``fused_xent.cross_entropy(model.head(h), y)``, the plain drop-in;
-- ``linear``: ``fused_xent.linear_cross_entropy(h, model.head.weight, y)``, which takes the LM
-  head's weight and computes the loss chunk by chunk, so the (B*T, V) logits never exist at once.
+- ``linear``: ``fused_xent.linear_cross_entropy(h, model.head.weight, y,
+  linear_bias=model.head.bias)`` (torch's ``F.linear_cross_entropy`` signature), which takes the
+  LM head's weight as ``linear_weight`` and computes the loss chunk by chunk, so the (B*T, V)
+  logits never exist at once.
 
 Here V is the character vocabulary of ``examples/data/public_domain.txt`` and h the final hidden
 states, flattened to (B*T, D). The script prints the three losses per step, then checks that the
@@ -163,7 +165,7 @@ def compute_loss(model: TinyLM, x, y, loss_name: str, impl: str, chunk_size):
         # Under autocast linear_cross_entropy runs its chunked products in the autocast dtype,
         # as F.linear would; the float32 master weight gets its gradient through the cast.
         return fused_xent.linear_cross_entropy(
-            h, model.head.weight, y, model.head.bias, chunk_size=chunk_size, impl=impl
+            h, model.head.weight, y, linear_bias=model.head.bias, chunk_size=chunk_size, impl=impl
         )
     logits = model.head(h)
     assert logits.shape == (y.shape[0], vocab), logits.shape  # (B*T, V)

@@ -1,9 +1,10 @@
 """Vocabulary-parallel cross-entropy over ``torch.distributed`` (tensor-parallel LM heads).
 
 Each rank of ``process_group`` holds a contiguous slice of the vocabulary, in rank order: logits
-(rows, C_r) for :func:`fused_xent.cross_entropy`, weight rows (C_r, D) for
-:func:`fused_xent.linear_cross_entropy`. Slices may differ in size. Targets are global class
-indices, the same on every rank; class weights and probability targets come as each rank's slice.
+(rows, C_r) for :func:`fused_xent.cross_entropy`, rows (C_r, D) of the head ``linear_weight``
+(and ``linear_bias``) for :func:`fused_xent.linear_cross_entropy`. Slices may differ in size.
+Targets are global class indices, the same on every rank; class weights and probability targets
+come as each rank's slice.
 
 How a loss is put together from the slices. Each rank runs the same kernel as the unsharded loss
 on its slice (with the slice's place in the vocabulary, so a target in another slice adds no

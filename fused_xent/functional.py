@@ -11,6 +11,7 @@ from ._options import LossOptions
 from .autograd import (
     CrossEntropyFunction,
     LinearCrossEntropyFunction,
+    _mean_denominator,
     forward_no_grad,
     linear_forward_no_grad,
     lse_of,
@@ -86,22 +87,26 @@ def _check_tensors(input, target, weight, reduction, impl, sharded=False) -> Non
             "target requires grad, but with process_group fused_xent does not differentiate "
             "with respect to probability targets; pass target.detach()"
         )
-    if weight is not None:
-        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-            raise TypeError(f"weight must be a floating tensor of shape ({n_classes},)")
-        if weight.shape != (n_classes,):
-            raise ValueError(
-                f"weight must have shape ({n_classes},), one per class, got {tuple(weight.shape)}"
-            )
-        if weight.device != input.device:
-            raise ValueError(
-                f"weight must be on the input's device {input.device}, got {weight.device}"
-            )
-        if weight.requires_grad and torch.is_grad_enabled():
-            raise ValueError(
-                "weight requires grad, but fused_xent does not differentiate with respect to "
-                "class weights; pass weight.detach()"
-            )
+    _check_class_weight(weight, n_classes, input.device)
+
+
+def _check_class_weight(weight, n_classes: int, device) -> None:
+    """Class weights: None, or a floating (C,) tensor on the input's device, not requiring grad."""
+    if weight is None:
+        return
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating tensor of shape ({n_classes},)")
+    if weight.shape != (n_classes,):
+        raise ValueError(
+            f"weight must have shape ({n_classes},), one per class, got {tuple(weight.shape)}"
+        )
+    if weight.device != device:
+        raise ValueError(f"weight must be on the input's device {device}, got {weight.device}")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "weight requires grad, but fused_xent does not differentiate with respect to "
+            "class weights; pass weight.detach()"
+        )
 
 
 def _options(ignore_index, weight, label_smoothing, lse_square_scale, softcap, logit_scale):
@@ -260,57 +265,181 @@ def cross_entropy(
     return (loss, lse.reshape(row_shape)) if return_lse else loss
 
 
-def _check_linear(input, weight, target, bias, chunk_size, sharded=False):
-    """After _check_common (and autocast's casts): shapes, dtypes, devices, chunk_size."""
+def _check_linear(input, linear_weight, target, linear_bias, weight, sharded=False):
+    """After _check_common (and autocast's casts): shapes, dtypes and devices, as torch's
+    ``F.linear_cross_entropy`` defines them (logits of shape (*lead, C, d1, ..., dK))."""
     if input.dim() < 1:
-        raise ValueError("input must have shape (..., D), got a 0-dim tensor")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (V, D), got shape {tuple(weight.shape)}")
-    if weight.shape[1] != input.shape[-1]:
+        raise ValueError("input must have shape (D,) or (N, D), got a 0-dim tensor")
+    if linear_weight.dim() < 2:
         raise ValueError(
-            f"weight must have shape (V, D) with D = input.shape[-1] = {input.shape[-1]}, "
-            f"got {tuple(weight.shape)}"
+            f"linear_weight must have shape (C, D) or (C, d1, ..., dK, D), got "
+            f"{tuple(linear_weight.shape)}"
         )
-    if weight.shape[0] == 0 and not sharded:  # sharded: the layout check fails on every rank
-        raise ValueError("weight must have at least one row (V >= 1)")
-    if weight.dtype != input.dtype:
-        raise TypeError(f"weight must have the input's dtype {input.dtype}, got {weight.dtype}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if bias.shape != weight.shape[:1]:
-            raise ValueError(
-                f"bias must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}"
+    dim = input.shape[-1]
+    if linear_weight.shape[-1] != dim:
+        raise ValueError(
+            f"linear_weight's last dimension must be D = input.shape[-1] = {dim}, got shape "
+            f"{tuple(linear_weight.shape)}"
+        )
+    n_classes, out_features = linear_weight.shape[0], tuple(linear_weight.shape[1:-1])
+    if n_classes == 0 and not sharded:  # sharded: the layout check fails on every rank alike
+        raise ValueError("linear_weight must have at least one class (C >= 1)")
+    if out_features and input.dim() != 2:
+        raise ValueError(
+            f"a K-dimensional linear_weight {tuple(linear_weight.shape)} needs batched input "
+            f"(N, {dim}), got {tuple(input.shape)}"
+        )
+    if linear_weight.dtype != input.dtype:
+        raise TypeError(
+            f"linear_weight must have the input's dtype {input.dtype}, got {linear_weight.dtype}"
+        )
+    if linear_bias is not None:
+        if not isinstance(linear_bias, torch.Tensor):
+            raise TypeError(
+                f"linear_bias must be a torch.Tensor or None, got {type(linear_bias).__name__}"
             )
-        if bias.dtype != input.dtype:
-            raise TypeError(f"bias must have the input's dtype {input.dtype}, got {bias.dtype}")
-    if target.dtype not in _TARGET_DTYPES:
-        raise TypeError(f"target must hold int64 or int32 class indices, got {target.dtype}")
-    if target.shape != input.shape[:-1]:
-        raise ValueError(
-            f"target must have shape {tuple(input.shape[:-1])} (input's leading dims), "
-            f"got {tuple(target.shape)}"
-        )
-    for name, value in (("weight", weight), ("target", target), ("bias", bias)):
+        if linear_bias.shape != linear_weight.shape[:-1]:
+            raise ValueError(
+                f"linear_bias must have shape (C, d1, ..., dK) = "
+                f"{tuple(linear_weight.shape[:-1])}, got {tuple(linear_bias.shape)}"
+            )
+        if linear_bias.dtype != input.dtype:
+            raise TypeError(
+                f"linear_bias must have the input's dtype {input.dtype}, got {linear_bias.dtype}"
+            )
+    lead = tuple(input.shape[:-1])
+    logits_shape = (*lead, n_classes, *out_features)
+    if target.is_floating_point():
+        if target.dtype not in _INPUT_DTYPES:
+            raise TypeError(f"a probability target must be a float dtype, got {target.dtype}")
+        if tuple(target.shape) != logits_shape:
+            raise ValueError(
+                f"a floating (probability) target must have the logits' shape "
+                f"{logits_shape} = (*input.shape[:-1], *linear_weight.shape[:-1]), got "
+                f"{tuple(target.shape)}"
+            )
+        if target.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                "target requires grad, but fused_xent does not differentiate with respect to "
+                "probability targets; pass target.detach()"
+            )
+    else:
+        if target.dtype not in _TARGET_DTYPES:
+            raise TypeError(
+                f"target must hold int64 or int32 class indices, or floating probabilities, "
+                f"got {target.dtype}"
+            )
+        if tuple(target.shape) != (*lead, *out_features):
+            raise ValueError(
+                f"class-index target must have shape {(*lead, *out_features)} = "
+                f"(*input.shape[:-1], *linear_weight.shape[1:-1]), got {tuple(target.shape)}"
+            )
+    for name, value in (("linear_weight", linear_weight), ("target", target),
+                        ("linear_bias", linear_bias)):  # fmt: skip
         if value is not None and value.device != input.device:
             raise ValueError(
                 f"{name} must be on the input's device {input.device}, got {value.device}"
             )
+    _check_class_weight(weight, n_classes, input.device)
+
+
+def _check_chunk_size(chunk_size) -> None:
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
+def _chunk_from_options(options, chunk_size, n_rows: int, dim: int, n_classes: int):
+    """Our chunk_size from torch's ``LinearCrossEntropyOptions``: its ``batch_chunk_size``, or an
+    explicit ``chunking_method="aspect_ratio[:k]"`` by the formula torch documents; "auto" leaves
+    the choice to ours. Its other fields (acc_policy, acc_dtype, allow_retain_graph) have no
+    counterpart here and are ignored."""
+    if options is None:
+        return chunk_size
+    options_type = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if (options_type is not None and not isinstance(options, options_type)) or not hasattr(
+        options, "batch_chunk_size"
+    ):
+        raise TypeError(
+            f"options must be a torch.nn.LinearCrossEntropyOptions or None, got "
+            f"{type(options).__name__}"
+        )
+    size = options.batch_chunk_size
+    if size is not None:
+        size = min(size, max(n_rows, 1))
+    method = getattr(options, "chunking_method", None)
+    if isinstance(method, str) and method.startswith("aspect_ratio"):
+        factor = int(method.partition(":")[2] or 1)
+        per_row = max(1, -(-n_classes // max(dim, 1)))  # ceil(C / D): logits per hidden value
+        rows = -(-n_rows // per_row)
+        picked = max(1, min((1 << (rows - 1).bit_length()) // factor, n_rows))
+        if size is not None and size != picked:
+            raise ValueError(
+                f"options.batch_chunk_size (={options.batch_chunk_size}) and "
+                f"options.chunking_method ({method!r}) give different chunk sizes ({size} vs "
+                f"{picked}); pass only one"
+            )
+        size = picked
+    if size is None:
+        return chunk_size
+    if chunk_size is not None and min(chunk_size, max(n_rows, 1)) != size:
+        raise ValueError(
+            f"chunk_size={chunk_size} and options' chunk size {size} disagree; pass only one"
+        )
+    return size
+
+
+class _MeanOverPositions(torch.autograd.Function):
+    """``total / den`` whose backward is 0 (not 0 * inf = NaN) when den is 0: "mean" over no
+    kept position is NaN with zero gradients, as torch (K-dimensional heads)."""
+
+    @staticmethod
+    def forward(ctx, total, den):
+        ctx.save_for_backward(den)
+        return total / den
+
+    @staticmethod
+    def backward(ctx, grad):
+        (den,) = ctx.saved_tensors
+        return torch.where(den == 0, torch.zeros_like(grad), grad / den), None
+
+
+def _linear_2d(hidden, head, bias, target, opts, reduction, chunk_size, fp32, backend, group):
+    """(loss, lse) of ``cross_entropy(hidden @ head.T + bias, target)``, hidden (N, D), head
+    (C, D), target (N,) indices or (N, C) probabilities, over chunks of rows."""
+    if target.is_floating_point() and backend is not ops.REFERENCE and target.shape[1] > 1:
+        if target.stride(1) != 1:  # the kernels stride over rows, not over classes
+            target = target.contiguous()
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, head, bias)
+    )
+    if group is not None:
+        if wants_grad:
+            return distributed.ShardedLinearCrossEntropyFunction.apply(
+                hidden, head, bias, target, opts, reduction, chunk_size, fp32, backend, group
+            )
+        return distributed.sharded_linear_forward_no_grad(
+            hidden, head, bias, target, opts, reduction, chunk_size, backend, group
+        )
+    if wants_grad:
+        return LinearCrossEntropyFunction.apply(
+            hidden, head, bias, target, opts, reduction, chunk_size, fp32, backend
+        )
+    return linear_forward_no_grad(hidden, head, bias, target, opts, reduction, chunk_size, backend)
+
+
 def linear_cross_entropy(
     input: torch.Tensor,
-    weight: torch.Tensor,
+    linear_weight: torch.Tensor,
     target: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
     *,
+    linear_bias: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    options=None,
     lse_square_scale: float = 0.0,
     softcap: float | None = None,
     logit_scale: float = 1.0,
@@ -320,24 +449,38 @@ def linear_cross_entropy(
     process_group=None,
     impl: str = "auto",
 ):
-    """``cross_entropy(F.linear(input, weight, bias), target, ...)`` without the full logits.
+    """``F.linear_cross_entropy``: ``cross_entropy(linear(input, linear_weight, linear_bias),
+    target, ...)`` without the full logits; torch's signature and semantics.
 
     The rows are processed in chunks: a chunk's logits come from one matrix product (cuBLAS via
     torch), the cross-entropy kernel turns them in place into the gradient of the per-row losses,
-    and two more products add that chunk's share to the input and weight gradients, kept in
-    float32. Only one chunk of logits exists at a time. Gradients flow to ``input``, ``weight``
-    and ``bias``; each is rounded to its parameter's dtype once, after the incoming gradient and
-    the "mean" denominator are applied (a float16 gradient of a GradScaler-scaled loss does not
-    underflow, a bfloat16 one is not rounded twice).
+    and two more products add that chunk's share to the input and head gradients, kept in
+    float32. Only one chunk of logits exists at a time. Gradients flow to ``input``,
+    ``linear_weight`` and ``linear_bias``; each is rounded to its parameter's dtype once, after the
+    incoming gradient and the "mean" denominator are applied (a float16 gradient of a
+    GradScaler-scaled loss does not underflow, a bfloat16 one is not rounded twice).
 
     Args:
-        input: (..., D) hidden states, float32 / float16 / bfloat16.
-        weight: (V, D), as stored by ``nn.Linear`` / an LM head; the input's dtype.
-        target: (...) int64 / int32 class indices in [0, V) or ``ignore_index``; the input's
-            leading shape.
-        bias: optional (V,), the input's dtype.
-        ignore_index, reduction, label_smoothing, lse_square_scale, softcap, logit_scale,
-            return_lse, impl: as :func:`cross_entropy` (no class weights here).
+        input: (N, D) or (D,) hidden states, float32 / float16 / bfloat16 (float64 on the
+            reference path). With a (C, D) head any (..., D) is accepted (the logits are then
+            (..., C), as ``F.linear`` makes them).
+        linear_weight: the head, (C, D) as stored by ``nn.Linear`` / an LM head, or
+            (C, d1, ..., dK, D) for a K-dimensional loss (logits (N, C, d1, ..., dK); input must
+            be (N, D)); the input's dtype.
+        target: class indices, int64 / int32, of shape (*input.shape[:-1], d1, ..., dK), each in
+            [0, C) or ``ignore_index``; or class probabilities, floating, of the logits' shape
+            (*input.shape[:-1], C, d1, ..., dK) (rows need not sum to 1).
+        linear_bias: optional, of shape (C, d1, ..., dK); the input's dtype.
+        weight: optional (C,) class weights, as :func:`cross_entropy` (and torch).
+        reduction: "mean", "sum" or "none", as :func:`cross_entropy`; with a K-dimensional head
+            "mean" divides by the kept weight over every (n, d1, ..., dK) position.
+        ignore_index: a class index whose rows are ignored; None (the default) means -100 for
+            class-index targets. Giving one with probability targets is an error, as in torch.
+        label_smoothing: in [0, 1], as :func:`cross_entropy`.
+        options: a ``torch.nn.LinearCrossEntropyOptions`` or None. Every call is chunked here;
+            its ``batch_chunk_size`` (or an explicit ``chunking_method="aspect_ratio[:k]"``)
+            sets ``chunk_size``; its other fields have no counterpart and are ignored.
+        lse_square_scale, softcap, logit_scale, return_lse, impl: as :func:`cross_entropy`.
         chunk_size: rows per chunk. ``None`` picks them from the shapes alone (the same on
             every call; nothing asks the device, so it is safe in a CUDA graph capture): the
             fewest rows, a multiple of 128, for which the float32 weight-gradient accumulator,
@@ -351,70 +494,109 @@ def linear_cross_entropy(
             accumulator traffic.
         fp32_weight_grad: with a float16 / bfloat16 weight, accumulate the weight gradient over
             the chunks in float32 and round once at the end, so it matches torch's single
-            matrix product; costs a float32 (V, D) buffer from the forward to the backward.
+            matrix product; costs a float32 (C, D) buffer from the forward to the backward.
             ``False`` accumulates in the weight's dtype (one rounding per chunk, half the memory;
             a float16 one holds the sum times 1 / 2**floor(log2 N), so that it stays in float16's
             range). The hidden-state and bias gradients are always accumulated in float32 (N x D
-            and V floats).
-        process_group: a ``torch.distributed`` group over which the LM head is sharded by rows:
-            ``weight`` (and ``bias``) hold this rank's contiguous slice of the vocabulary, in rank
-            order; ``input`` and ``target`` (global class indices) are the same on every rank.
-            Every rank gets the unsharded loss, the gradient of its own weight slice, and the
-            full gradient of ``input`` (summed over the ranks).
+            and C floats).
+        process_group: a ``torch.distributed`` group over which the head is sharded by rows:
+            ``linear_weight`` (and ``linear_bias``, class weights, probability targets) hold this
+            rank's contiguous slice of the classes, in rank order; ``input`` and class-index
+            targets (global indices) are the same on every rank. Every rank gets the unsharded
+            loss, the gradient of its own head slice, and the full gradient of ``input`` (summed
+            over the ranks). Not with a K-dimensional head.
 
     Returns:
-        The loss (0-dim, or the target's shape for "none"); with ``return_lse`` ``(loss, lse)``.
+        The loss (0-dim, or the target's shape for "none": (*input.shape[:-1], d1, ..., dK));
+        with ``return_lse`` ``(loss, lse)``, lse of that "none" shape.
 
     For "mean"/"sum" all gradients are accumulated during the forward and the float32
     accumulators live until the backward, which makes each gradient as ``acc * (g / den)`` in one
     op on the device; for "none" the backward recomputes each chunk's logits once more. Nothing of
-    size N x V is ever held beyond one chunk.
+    size N x C is ever held beyond one chunk. A K-dimensional head is the composition over its
+    d1 x ... x dK positions: position j is a linear cross-entropy with head
+    ``linear_weight[:, j]`` over the N rows.
     """
-    _check_common({"input": input, "weight": weight, "target": target}, reduction, impl)
+    _check_common(
+        {"input": input, "linear_weight": linear_weight, "target": target}, reduction, impl
+    )
     device_type = input.device.type
     if torch.is_autocast_enabled(device_type):
         # As F.linear under autocast: the product runs in the autocast dtype; the loss itself
         # follows torch's float32 policy (computed in float32, returned as float32).
         dtype = torch.get_autocast_dtype(device_type)
-        input, weight = input.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if isinstance(bias, torch.Tensor) else bias
-    _check_linear(input, weight, target, bias, chunk_size, process_group is not None)
-    opts = _options(ignore_index, None, label_smoothing, lse_square_scale, softcap, logit_scale)
+        input, linear_weight = input.to(dtype), linear_weight.to(dtype)
+        if isinstance(linear_bias, torch.Tensor):
+            linear_bias = linear_bias.to(dtype)
+    sharded = process_group is not None
+    _check_linear(input, linear_weight, target, linear_bias, weight, sharded)
+    _check_chunk_size(chunk_size)
+    prob_target = target.is_floating_point()
+    if ignore_index is not None and prob_target:
+        raise ValueError(
+            "ignore_index cannot be given with probability targets (as torch); leave it None"
+        )
+    if ignore_index is None:
+        ignore_index = -100
+    opts = _options(ignore_index, weight, label_smoothing, lse_square_scale, softcap, logit_scale)
     backend = _backend(impl, input)
-    hidden = input.reshape(-1, input.shape[-1])
-    rows_target = target.reshape(-1)
-    if process_group is not None:  # first: ranks that disagree fail here, all alike
+    dim, n_classes = input.shape[-1], linear_weight.shape[0]
+    out_features = tuple(linear_weight.shape[1:-1])
+    if sharded and out_features:
+        raise ValueError(
+            "process_group is not supported with a K-dimensional linear_weight "
+            f"{tuple(linear_weight.shape)}; pass a (C, D) head"
+        )
+    hidden = input.reshape(-1, dim)
+    n_rows = hidden.shape[0]
+    if sharded:  # first: ranks that disagree fail here, all alike
         opts = distributed.shard_options(
-            opts, process_group, hidden.shape[0], weight.shape[0], False, reduction, hidden.device
+            opts, process_group, n_rows, n_classes, prob_target, reduction, hidden.device
         )
+    chunk_size = _chunk_from_options(options, chunk_size, n_rows, dim, n_classes)
     if chunk_size is None:
-        chunk_size = pick_chunk_size(
-            hidden.shape[0], weight.shape[0], hidden.shape[1], input.dtype,
-            backend is not ops.TRITON,
+        chunk_size = pick_chunk_size(n_rows, n_classes, dim, input.dtype, backend is not ops.TRITON)
+    fp32 = bool(fp32_weight_grad)
+    lead = tuple(input.shape[:-1])
+    if not out_features:
+        rows_target = target.reshape(-1, n_classes) if prob_target else target.reshape(-1)
+        loss, lse = _linear_2d(
+            hidden, linear_weight, linear_bias, rows_target, opts, reduction, chunk_size, fp32,
+            backend, process_group,
         )  # fmt: skip
-    wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, bias)
+        if reduction == "none":
+            loss = loss.reshape(lead)
+        return (loss, lse.reshape(lead)) if return_lse else loss
+    # K-dimensional: position j of the P = d1 x ... x dK positions is a linear cross-entropy with
+    # head linear_weight[:, j] (and bias linear_bias[:, j]) over the N rows.
+    n_pos = math.prod(out_features)
+    heads = linear_weight.reshape(n_classes, n_pos, dim).unbind(1)
+    biases = (
+        linear_bias.reshape(n_classes, n_pos).unbind(1)
+        if linear_bias is not None
+        else (None,) * n_pos
     )
-    if process_group is not None:
-        if wants_grad:
-            loss, lse = distributed.ShardedLinearCrossEntropyFunction.apply(
-                hidden, weight, bias, rows_target, opts, reduction, chunk_size,
-                bool(fp32_weight_grad), backend, process_group,
-            )  # fmt: skip
-        else:
-            loss, lse = distributed.sharded_linear_forward_no_grad(
-                hidden, weight, bias, rows_target, opts, reduction, chunk_size, backend,
-                process_group,
-            )  # fmt: skip
-    elif wants_grad:
-        loss, lse = LinearCrossEntropyFunction.apply(
-            hidden, weight, bias, rows_target, opts, reduction, chunk_size,
-            bool(fp32_weight_grad), backend,
-        )  # fmt: skip
+    if prob_target:
+        targets = target.reshape(n_rows, n_classes, n_pos).unbind(2)
     else:
-        loss, lse = linear_forward_no_grad(
-            hidden, weight, bias, rows_target, opts, reduction, chunk_size, backend
+        targets = target.reshape(n_rows, n_pos).unbind(1)
+    per_position = "none" if reduction == "none" else "sum"
+    losses, lses = [], []
+    for head, bias, pos_target in zip(heads, biases, targets, strict=True):
+        loss, lse = _linear_2d(
+            hidden, head, bias, pos_target, opts, per_position, chunk_size, fp32, backend, None
         )
+        losses.append(loss)
+        lses.append(lse)
+    lse = torch.stack(lses, dim=1).reshape(n_rows, *out_features)
     if reduction == "none":
-        loss = loss.reshape(target.shape)
-    return (loss, lse.reshape(target.shape)) if return_lse else loss
+        loss = torch.stack(losses, dim=1).reshape(n_rows, *out_features)
+    else:
+        loss = torch.stack(losses).sum()
+        if reduction == "mean":
+            if prob_target:  # torch: the number of positions, whatever the class weights
+                den = torch.full((), float(n_rows * n_pos), dtype=loss.dtype, device=loss.device)
+            else:
+                den = _mean_denominator(target.reshape(-1), opts, n_classes, loss.dtype)
+            loss = _MeanOverPositions.apply(loss, den)
+    return (loss, lse) if return_lse else loss

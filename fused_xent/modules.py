@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .functional import cross_entropy, linear_cross_entropy
+from .functional import _check_chunk_size, cross_entropy, linear_cross_entropy
 
 
 class CrossEntropyLoss(torch.nn.Module):
@@ -76,16 +78,36 @@ class CrossEntropyLoss(torch.nn.Module):
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
-    """Module form of :func:`fused_xent.linear_cross_entropy`; ``forward(input, weight, target,
-    bias=None)`` takes the LM head's weight (and bias) as arguments, so the head stays where the
-    model keeps it."""
+    """``torch.nn.LinearCrossEntropyLoss``: a loss that owns its linear layer (the LM head),
+    computed by :func:`fused_xent.linear_cross_entropy` in chunks.
+
+    As torch's module: ``self.linear`` is an ``nn.Linear(in_features, num_classes *
+    prod(out_features), bias=bias)`` (so its parameters are named ``linear.weight`` /
+    ``linear.bias``, initialised as ``nn.Linear`` does, stored flat and reshaped to
+    (C, d1, ..., dK, D) / (C, d1, ..., dK) in :meth:`forward`), and the class weights are the
+    buffer ``weight``; a ``state_dict`` loads into either module. ``forward(input, target)``.
+
+    The extras (``lse_square_scale``, ``softcap``, ``logit_scale``, ``return_lse``,
+    ``chunk_size``, ``fp32_weight_grad``, ``process_group``, ``impl``) are as in
+    :func:`fused_xent.linear_cross_entropy`; with ``process_group`` ``num_classes`` is this rank's
+    slice of the classes. To keep the head elsewhere (tied embeddings, your own ``nn.Linear``),
+    call the functional form with its weight.
+    """
 
     def __init__(
         self,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        label_smoothing: float = 0.0,
+        in_features: int,
+        num_classes: int,
         *,
+        out_features: tuple[int, ...] = (),
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        reduction: str = "mean",
+        weight: torch.Tensor | None = None,
+        ignore_index: int | None = None,
+        label_smoothing: float = 0.0,
+        options=None,
         lse_square_scale: float = 0.0,
         softcap: float | None = None,
         logit_scale: float = 1.0,
@@ -95,28 +117,62 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         process_group=None,
         impl: str = "auto",
     ) -> None:
+        for name, value in (("in_features", in_features), ("num_classes", num_classes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        out_features = tuple(out_features)
+        if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in out_features):
+            raise ValueError(f"out_features must be a tuple of positive ints, got {out_features}")
+        if weight is not None and (
+            not isinstance(weight, torch.Tensor) or weight.shape != (num_classes,)
+        ):
+            got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight)
+            raise ValueError(f"weight must be a tensor of shape ({num_classes},), got {got}")
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+        _check_chunk_size(chunk_size)
         super().__init__()
-        self.process_group = process_group
-        self.ignore_index = ignore_index
+        self.register_buffer("weight", weight)
+        self.num_classes = num_classes
+        self.out_features = out_features
         self.reduction = reduction
+        self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
+        # As torch: nn.Linear keeps 2-D weights, so a K-dimensional head is stored flat.
+        self.linear = torch.nn.Linear(
+            in_features,
+            math.prod(out_features, start=num_classes),
+            bias=bias,
+            device=device,
+            dtype=dtype,
+        )
+        self.options = options
         self.lse_square_scale = lse_square_scale
         self.softcap = softcap
         self.logit_scale = logit_scale
         self.return_lse = return_lse
         self.chunk_size = chunk_size
         self.fp32_weight_grad = fp32_weight_grad
+        self.process_group = process_group
         self.impl = impl
 
-    def forward(self, input, weight, target, bias=None):
+    def forward(self, input: torch.Tensor, target: torch.Tensor):
+        linear_weight = self.linear.weight.reshape(
+            (self.num_classes, *self.out_features, self.linear.in_features)
+        )
+        linear_bias = self.linear.bias
+        if linear_bias is not None:
+            linear_bias = linear_bias.reshape((self.num_classes, *self.out_features))
         return linear_cross_entropy(
             input,
-            weight,
+            linear_weight,
             target,
-            bias,
-            self.ignore_index,
-            self.reduction,
-            self.label_smoothing,
+            linear_bias=linear_bias,
+            weight=self.weight,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            options=self.options,
             lse_square_scale=self.lse_square_scale,
             softcap=self.softcap,
             logit_scale=self.logit_scale,
@@ -128,7 +184,25 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return (
-            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"chunk_size={self.chunk_size}, impl={self.impl!r}"
-        )
+        options = [
+            f"in_features={self.linear.in_features}",
+            f"num_classes={self.num_classes}",
+            f"out_features={self.out_features}",
+            f"bias={self.linear.bias is not None}",
+            f"reduction={self.reduction}",
+            f"ignore_index={self.ignore_index}",
+            f"label_smoothing={self.label_smoothing}",
+        ]
+        for name, default in (
+            ("options", None),
+            ("lse_square_scale", 0.0),
+            ("softcap", None),
+            ("logit_scale", 1.0),
+            ("return_lse", False),
+            ("chunk_size", None),
+            ("fp32_weight_grad", True),
+            ("impl", "auto"),
+        ):
+            if getattr(self, name) != default:
+                options.append(f"{name}={getattr(self, name)!r}")
+        return ", ".join(options)

@@ -79,6 +79,9 @@ LINEAR_CASES = {
         bias=True, label_smoothing=0.1, lse_square_scale=1e-2, softcap=4.0, logit_scale=0.7
     ),
     "weight-grad-only": dict(bias=True, frozen_hidden=True),
+    # Class weights and probability targets come as each rank's slice, as for cross_entropy.
+    "weight+smoothing+ignore_index=3": dict(weight=True, label_smoothing=0.2, ignore_index=3),
+    "prob+weight+bias+z-loss": dict(prob=True, weight=True, bias=True, lse_square_scale=1e-2),
 }
 
 
@@ -286,13 +289,24 @@ def linear_case(group, impl, spec, reduction, seed, *, no_grad=False):
     hidden = torch.randn(LINEAR_ROWS, HIDDEN, generator=gen)
     weight = torch.randn(sum(sizes), HIDDEN, generator=gen)
     bias = torch.randn(sum(sizes), generator=gen) if spec.get("bias") else None
+    class_weight = torch.rand(sum(sizes), generator=gen) + 0.5 if spec.get("weight") else None
     opts = loss_options(spec)
-    target = boundary_targets(sizes, LINEAR_ROWS, seed + 1, opts["ignore_index"])
+    if spec.get("prob"):
+        target = torch.softmax(torch.randn(LINEAR_ROWS, sum(sizes), generator=gen) * 2, dim=1)
+    else:
+        target = boundary_targets(sizes, LINEAR_ROWS, seed + 1, opts["ignore_index"])
     g = random_grad_out(reduction, LINEAR_ROWS, seed, device="cpu")
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
     b64 = None if bias is None else bias.double().requires_grad_()
-    want, want_lse = oracle(F.linear(h64, w64, b64), target, reduction=reduction, **opts)
+    want, want_lse = oracle(
+        F.linear(h64, w64, b64), target, reduction=reduction, weight=class_weight, **opts
+    )
     (want * g.double()).sum().backward()
+    if spec.get("prob"):
+        target = target[:, cols]  # this rank's slice of the probabilities
+        del opts["ignore_index"]  # torch: no ignore_index with probability targets
+    if class_weight is not None:
+        opts["weight"] = on_device(class_weight[cols])
 
     h = on_device(hidden, requires_grad=not (no_grad or spec.get("frozen_hidden")))
     w = on_device(weight[cols], requires_grad=not no_grad)
@@ -306,9 +320,9 @@ def linear_case(group, impl, spec, reduction, seed, *, no_grad=False):
     )
     if no_grad:
         with torch.no_grad():
-            loss = linear_cross_entropy(h, w, on_device(target), b, **kw)
+            loss = linear_cross_entropy(h, w, on_device(target), linear_bias=b, **kw)
         return compare("loss (no_grad)", loss, want.detach(), LOSS_RTOL)
-    loss, lse = linear_cross_entropy(h, w, on_device(target), b, return_lse=True, **kw)
+    loss, lse = linear_cross_entropy(h, w, on_device(target), linear_bias=b, return_lse=True, **kw)
     (loss * g.to(DEVICE)).sum().backward()
     tol = GRAD_RTOL[torch.float32]
     failed = compare("loss", loss, want.detach(), LOSS_RTOL)

@@ -124,7 +124,7 @@ def test_autocast_float32_policy(impl):
         logits = lin(h)
         ours = fused_xent.cross_entropy(logits, t, impl=impl)
         theirs = F.cross_entropy(logits, t)
-        fused = fused_xent.linear_cross_entropy(h, lin.weight, t, lin.bias, impl=impl)
+        fused = fused_xent.linear_cross_entropy(h, lin.weight, t, linear_bias=lin.bias, impl=impl)
     assert logits.dtype == torch.bfloat16
     assert ours.dtype == theirs.dtype == fused.dtype == torch.float32
     assert rel_err(ours, theirs) <= 1e-5
