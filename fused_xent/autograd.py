@@ -449,7 +449,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             fp32_wgrad,
         )
         ctx.dtypes = _param_dtypes(hidden, weight, bias)
-        ctx.fused = reduction != "none"
+        # A probability target that wants its gradient: the backward writes it beside the
+        # logits' (the "none" schedule, whatever the reduction).
+        ctx.fused = reduction != "none" and not ctx.needs_input_grad[3]
+        ctx.reduction = reduction
         den = None
         if ctx.fused:
             loss, stats = _row_outputs(hidden)
@@ -462,7 +465,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             save_forward_grads(ctx, (*grads, den))
         else:
             loss, stats = linear_loss_rows(hidden, weight, bias, target, opts, chunk_size, backend)
-            ctx.save_for_backward(hidden, weight, bias, target, stats)
+            if reduction == "mean":
+                den = _mean_denominator(target, opts, vocab, loss.dtype)
+            ctx.save_for_backward(hidden, weight, bias, target, stats, den)
         lse = lse_of(stats)
         ctx.mark_non_differentiable(lse)
         return _reduce(loss, reduction, den), lse
@@ -471,23 +476,31 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_lse):
         del grad_lse
         refuse_double_backward()
+        d_target = None
         if ctx.fused:
             *grads, den = take_forward_grads(ctx, "linear_cross_entropy")
             scale = mean_scale(grad_loss, den)
         else:
-            hidden, weight, bias, target, stats = ctx.saved_tensors
+            hidden, weight, bias, target, stats, den = ctx.saved_tensors
+            if ctx.reduction != "none":
+                grad_loss = mean_scale(grad_loss, den).expand(hidden.shape[0])
             dloss, scale = row_scale(grad_loss)
+            want_dt = ctx.needs_input_grad[3]
+            d_target = _alloc.empty(target.shape, target.dtype, target.device) if want_dt else None
             grads, ctx.w_scale = _linear_xent_grads(
                 hidden, weight, bias, target, ctx.opts, ctx.chunk_size, ctx.fp32_wgrad,
                 ctx.backend, ctx.needs_input_grad[:3], stats=stats, dloss=dloss,
+                target_grad=d_target,
             )  # fmt: skip
+            if d_target is not None:
+                d_target.mul_(scale.to(d_target.dtype))  # a power of two: exact
         grads = finish_linear_grads(grads, scale, ctx.dtypes, ctx.w_scale)
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, d_target, None, None, None, None, None)
 
 
 def _linear_xent_grads(
     hidden, weight, bias, target, opts, chunk_size, fp32_wgrad, backend, need, *, loss=None,
-    stats=None, dloss=None,
+    stats=None, dloss=None, target_grad=None,
 ):  # fmt: skip
     """The accumulators (d_hidden, d_weight, d_bias) over chunks of rows, and d_weight's
     :func:`weight_sum_scale`.
@@ -505,7 +518,10 @@ def _linear_xent_grads(
         if loss is not None:
             backend.xent_forward(logits, target[rows], opts, loss[rows], stats[:, rows], logits)
         else:
-            backend.xent_backward(logits, target[rows], opts, stats[:, rows], dloss[rows], logits)
+            backend.xent_backward(
+                logits, target[rows], opts, stats[:, rows], dloss[rows], logits,
+                target_grad=None if target_grad is None else target_grad[rows],
+            )  # fmt: skip
         # logits now hold d(loss)/d(logits) of this chunk.
         accumulate_chunk_grads(grads, logits, hidden, weight, rows, start == 0, w_scale)
     if n_rows == 0:

@@ -318,10 +318,10 @@ def _check_linear(input, linear_weight, target, linear_bias, weight, sharded=Fal
                 f"{logits_shape} = (*input.shape[:-1], *linear_weight.shape[:-1]), got "
                 f"{tuple(target.shape)}"
             )
-        if target.requires_grad and torch.is_grad_enabled():
+        if sharded and target.requires_grad and torch.is_grad_enabled():
             raise ValueError(
-                "target requires grad, but fused_xent does not differentiate with respect to "
-                "probability targets; pass target.detach()"
+                "target requires grad, but with process_group fused_xent does not differentiate "
+                "with respect to probability targets; pass target.detach()"
             )
     else:
         if target.dtype not in _TARGET_DTYPES:
@@ -412,7 +412,7 @@ def _linear_2d(hidden, head, bias, target, opts, reduction, chunk_size, fp32, ba
         if target.stride(1) != 1:  # the kernels stride over rows, not over classes
             target = target.contiguous()
     wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, head, bias)
+        t is not None and t.requires_grad for t in (hidden, head, bias, target)
     )
     if group is not None:
         if wants_grad:

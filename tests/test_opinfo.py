@@ -9,11 +9,9 @@ kernels' dtypes; under the interpreter on a CPU). The loss and the gradient of e
 requires grad, for a random incoming gradient, are compared with torch's op on float64 copies
 (``options`` dropped there: torch's reference path, F.linear then F.cross_entropy).
 
-Probability targets that require grad: ``cross_entropy`` differentiates with respect to them,
-and those samples must pass like the others; ``linear_cross_entropy`` does not yet (it refuses
-with a ValueError), so exactly those linear samples are marked xfail(strict=False,
-reason="target gradient"); each of them also runs with the target detached ("-detached" in the
-id), which must pass. On a CPU the kernels run under Triton's interpreter,
+Probability targets that require grad: both functions differentiate with respect to them (torch's
+``-w (1 - eps) log p``), and those samples must pass like the others; each also runs with the
+target detached ("-detached" in the id). On a CPU the kernels run under Triton's interpreter,
 so the triton path takes every cross_entropy sample and the linear samples of at most two chunk
 passes, but only every third of the larger ones (``_on_triton``). Importing op_db needs the
 ``expecttest`` package (the ``test`` extra); without it, or without an entry, the tests are
@@ -144,17 +142,10 @@ def _params():
                     continue
                 base = f"{short}-{impl}-{str(dtype)[6:]}-{index:03d}-{_describe(sample)}"
                 target = _target(sample)
-                linear = name != "nn.functional.cross_entropy"
-                if linear and target.is_floating_point() and target.requires_grad:
-                    xfail = pytest.mark.xfail(
-                        strict=False, reason="target gradient", raises=ValueError
-                    )
-                    params.append(pytest.param(name, variant, impl, dtype, index, False,
-                                               id=base, marks=xfail))  # fmt: skip
+                params.append(pytest.param(name, variant, impl, dtype, index, False, id=base))
+                if target.is_floating_point() and target.requires_grad:
                     params.append(pytest.param(name, variant, impl, dtype, index, True,
                                                id=base + "-detached"))  # fmt: skip
-                else:
-                    params.append(pytest.param(name, variant, impl, dtype, index, False, id=base))
     return params
 
 

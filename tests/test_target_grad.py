@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from helpers import DEVICE, DTYPES, IMPLS, LOSS_RTOL, dtype_id, make_logits, rel_err
 
-from fused_xent import cross_entropy
+from fused_xent import cross_entropy, linear_cross_entropy
 
 # Tolerance of the target's gradient by the target's dtype (it is rounded to it once).
 TARGET_GRAD_RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 8e-3}
@@ -80,3 +80,25 @@ def test_target_grad_costs_nothing_when_not_asked(impl):
     assert loss.grad_fn is not None
     loss.backward()
     assert t.grad is None and x.grad is not None
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_target_grad_matches_torch(impl, reduction):
+    """The linear form too: the target's gradient beside the input's and the head's, chunked
+    (chunk_size 3 does not divide the 7 rows)."""
+    gen = torch.Generator().manual_seed(8)
+    h = torch.randn(7, 5, generator=gen).to(DEVICE).requires_grad_()
+    w = (torch.randn(11, 5, generator=gen) / 2).to(DEVICE).requires_grad_()
+    t = _target((7, 11), torch.float32, seed=8).requires_grad_()
+    g = torch.full((7,) if reduction == "none" else (), 1.5, device=DEVICE)
+    loss = linear_cross_entropy(h, w, t, reduction=reduction, chunk_size=3, impl=impl,
+                                label_smoothing=0.1)  # fmt: skip
+    loss.backward(g)
+    h64, w64 = (v.detach().double().requires_grad_() for v in (h, w))
+    t64 = t.detach().double().requires_grad_()
+    F.cross_entropy(h64 @ w64.t(), t64, reduction=reduction, label_smoothing=0.1).backward(
+        g.double()
+    )
+    for ours, want in ((h.grad, h64.grad), (w.grad, w64.grad), (t.grad, t64.grad)):
+        assert rel_err(ours, want) <= 1e-5

@@ -359,9 +359,6 @@ BAD = {
     "class weight requires grad": (
         dict(weight=_zeros(C, requires_grad=True)), ValueError, "weight requires grad"
     ),
-    "probability target requires grad": (
-        dict(target=_zeros(N, C, requires_grad=True)), ValueError, "target requires grad"
-    ),
     "ignore_index float": (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
     "label_smoothing": (dict(label_smoothing=1.5), ValueError, "label_smoothing must be"),
     "process_group with a kdim head": (
