@@ -28,22 +28,11 @@ import warnings
 import torch
 
 from . import _alloc
+from ._options import mean_denominator
 
 
 def _loss_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
-def _mean_denominator(target, opts, n_cols, dtype) -> torch.Tensor:
-    """What "mean" divides by, as torch does; stays on the device (no host synchronisation)."""
-    if target.is_floating_point():
-        return torch.full((), float(target.shape[0]), dtype=dtype, device=target.device)
-    kept = target != opts.ignore_index
-    if opts.weight is None:
-        return kept.sum().to(dtype)
-    # Out-of-range targets are clamped only to keep this gather in bounds; their loss is NaN.
-    w_target = opts.weight.to(dtype).gather(0, target.long().clamp(0, n_cols - 1))
-    return torch.where(kept, w_target, 0.0).sum()
 
 
 def _row_outputs(logits):
@@ -303,7 +292,7 @@ def linear_forward_no_grad(hidden, weight, bias, target, opts, reduction, chunk_
     loss, stats = linear_loss_rows(hidden, weight, bias, target, opts, chunk_size, backend)
     den = None
     if reduction == "mean":
-        den = _mean_denominator(target, opts, weight.shape[0], loss.dtype)
+        den = mean_denominator(target, opts, weight.shape[0], loss.dtype)
     return _reduce(loss, reduction, den), lse_of(stats)
 
 
@@ -457,7 +446,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if ctx.fused:
             loss, stats = _row_outputs(hidden)
             if reduction == "mean":
-                den = _mean_denominator(target, opts, vocab, loss.dtype)
+                den = mean_denominator(target, opts, vocab, loss.dtype)
             grads, ctx.w_scale = _linear_xent_grads(
                 hidden, weight, bias, target, opts, chunk_size, fp32_wgrad, backend,
                 ctx.needs_input_grad[:3], loss=loss, stats=stats,
@@ -466,7 +455,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         else:
             loss, stats = linear_loss_rows(hidden, weight, bias, target, opts, chunk_size, backend)
             if reduction == "mean":
-                den = _mean_denominator(target, opts, vocab, loss.dtype)
+                den = mean_denominator(target, opts, vocab, loss.dtype)
             ctx.save_for_backward(hidden, weight, bias, target, stats, den)
         lse = lse_of(stats)
         ctx.mark_non_differentiable(lse)

@@ -7,11 +7,10 @@ import math
 import torch
 
 from . import distributed, ops
-from ._options import LossOptions
+from ._options import LossOptions, mean_denominator
 from .autograd import (
     CrossEntropyFunction,
     LinearCrossEntropyFunction,
-    _mean_denominator,
     forward_no_grad,
     linear_forward_no_grad,
     lse_of,
@@ -597,6 +596,6 @@ def linear_cross_entropy(
             if prob_target:  # torch: the number of positions, whatever the class weights
                 den = torch.full((), float(n_rows * n_pos), dtype=loss.dtype, device=loss.device)
             else:
-                den = _mean_denominator(target.reshape(-1), opts, n_classes, loss.dtype)
+                den = mean_denominator(target.reshape(-1), opts, n_classes, loss.dtype)
             loss = _MeanOverPositions.apply(loss, den)
     return (loss, lse) if return_lse else loss

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ._options import mean_denominator
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -86,18 +88,6 @@ def _grad(z, wt, ignored, row_max, log_sum, coef, row_scale, opts):
         dz = dz * (1.0 - (z / opts.softcap) ** 2)
     # A zero scale (ignored row, zero incoming gradient) gives exact zeros, as in the kernels.
     return dz.masked_fill_(ignored[:, None] | (row_scale == 0)[:, None], 0.0)
-
-
-def mean_denominator(target, opts, n_cols, dtype) -> torch.Tensor:
-    """What "mean" divides by, as torch does; stays on the device (no host synchronisation)."""
-    if target.is_floating_point():
-        return torch.full((), float(target.shape[0]), dtype=dtype, device=target.device)
-    kept = target != opts.ignore_index
-    if opts.weight is None:
-        return kept.sum().to(dtype)
-    # Out-of-range targets are clamped only to keep this gather in bounds; their loss is NaN.
-    w_target = opts.weight.to(dtype).gather(0, target.long().clamp(0, n_cols - 1))
-    return torch.where(kept, w_target, 0.0).sum()
 
 
 def xent_prologue(target, opts, n_cols, reduction, den, counter) -> None:
