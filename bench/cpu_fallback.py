@@ -11,7 +11,8 @@ Times, on this CPU, one step of a mean loss on (N, C) logits with int64 targets:
 
 And where ``cpu``'s time goes: ``no_op`` (the path without custom ops: ``functional._backend``
 patched to hand the module itself to the autograd layer), ``math`` (the backend calls alone, on
-preallocated outputs: ``xent_forward`` with the gradient, ``scale_grad_``; or ``xent_forward``).
+preallocated outputs: ``xent_forward`` with the gradient and the backward's g == 1 check; or
+``xent_forward``).
 ``cpu - no_op`` is the custom-op layer (the last line times one such call alone), ``no_op - math``
 the API checks + autograd.Function + output allocation + reduction.
 
@@ -87,7 +88,7 @@ def steps(x, t, kw):
     def math_fb():
         grad = torch.empty_like(x)
         cpu.xent_forward(x, t, opts, loss, stats, grad, one / n)
-        cpu.scale_grad_(grad, one)
+        cpu.xent_backward(x, t, opts, stats, one, grad, "sum", None, True)  # g == 1: nothing
 
     return {
         "torch": (
@@ -149,14 +150,35 @@ def main() -> None:
                 cells = "".join(f"{r[k]:>9.0f}" for k in names)
                 ratios = f"{r['cpu'] / r['torch']:>10.2f}{r['ref'] / r['torch']:>10.2f}"
                 print(f"{case:<28}{cells}{ratios}", flush=True)
-    # One custom-op call that does nothing (scale_grad_ by 1 returns at once) against the direct
-    # call: the torch.library dispatch alone, paid once per backend call.
-    g, one = torch.zeros(4, 4), torch.ones(())
+    # One custom-op call that does nothing (a backward whose incoming gradient is 1 returns at
+    # once) against the direct call: the torch.library dispatch alone, paid per backend call.
+    x4, t4, one = torch.zeros(4, 4), torch.zeros(4, dtype=torch.long), torch.ones(())
+    s4 = torch.zeros(3, 4)
     with route_cpu():
         r = measure(
             {
-                "op": lambda: torch.ops.fused_xent.scale_grad_(g, one, "reference"),
-                "direct": lambda: cpu.scale_grad_(g, one),
+                "op": lambda: torch.ops.fused_xent.xent_backward(
+                    x4,
+                    t4,
+                    None,
+                    s4,
+                    one,
+                    None,
+                    x4.clone(),
+                    None,
+                    "sum",
+                    True,
+                    -100,
+                    0.0,
+                    1.0,
+                    None,
+                    0,
+                    0,
+                    "cpu",
+                ),
+                "direct": lambda: cpu.xent_backward(
+                    x4, t4, LossOptions(), s4, one, x4, "sum", None, True
+                ),
             },
             rounds,
             0.1,

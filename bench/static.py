@@ -153,11 +153,6 @@ def _bwd_scaled(x, t, opts):
                        torch.ones(()), skip_if_one=True)  # fmt: skip
 
 
-def _scale(x, t, opts):
-    """The linear form's backward: its forward's gradients times the incoming scalar."""
-    xent.scale_grad_(torch.empty_like(x), torch.full((), 0.5))
-
-
 def _row_block(kernel_name: str, constexprs: dict) -> tuple[int, int]:
     """(rows, cols) one program covers per iteration of its column loop (or in all); the
     reduction's prologue reads RBLOCK targets per iteration."""
@@ -178,8 +173,7 @@ FWD = Step("fwd", _fwd, writes_grad=False)
 FWD_GRAD = Step("fwd+grad", _fwd_grad, writes_grad=True)
 BWD = Step("bwd", _bwd, writes_grad=True)
 BWD_SCALED = Step("bwd(g!=1)", _bwd_scaled, writes_grad=True)  # g == 1 moves nothing
-SCALE = Step("scale", _scale, writes_grad=True)  # its g != 1 path; g == 1 moves nothing
-STEPS = (FWD, FWD_GRAD, BWD, BWD_SCALED, SCALE)
+STEPS = (FWD, FWD_GRAD, BWD, BWD_SCALED)
 
 # LossOptions fields, plus prob_target (a (N, C) probability target of the logits' dtype) and
 # weight=True (a (C,) class weight of the logits' dtype).
@@ -241,7 +235,6 @@ def _scenarios() -> list[Scenario]:
     keys += [(BWD, "bf16", c, "plain") for c in (2048, 8192, 16384, 128256)]
     keys += [(BWD, "fp32", 128256, "plain")]
     keys += [(BWD_SCALED, "bf16", c, "plain") for c in (2048, 128256)]
-    keys += [(SCALE, "bf16", c, "plain") for c in (2048, 128256)]
     for opt in ("softcap", "weight+smoothing", "prob-target", "logit-scale", "all"):
         keys += [(FWD_GRAD, "bf16", c, opt) for c in (2048, 8192, 16384, 128256)]
     keys += [(step, "bf16", c, "all") for step in (FWD, BWD) for c in (2048, 16384, 128256)]
@@ -802,7 +795,7 @@ def _per_pass(passes: list[dict], key: str, fmt: str, reliable: bool) -> str:
     return text if reliable else "~" + text
 
 
-_SHORT = {"_xent_fwd_kernel": "fwd", "_xent_bwd_kernel": "bwd", "_scale_grad_kernel": "scale"}
+_SHORT = {"_xent_fwd_kernel": "fwd", "_xent_bwd_kernel": "bwd"}
 _FLAGS = {
     "SINGLE_BLOCK": "1blk",
     "WRITE_GRAD": "grad",

@@ -1,7 +1,7 @@
 """The autograd Function behind ``fused_xent.cross_entropy``: no kernel code, no reference code.
 
 It drives a *backend* (``fused_xent.kernels.xent`` or ``fused_xent.reference``), both of which
-offer ``xent_prologue``, ``xent_forward``, ``xent_backward`` and ``scale_grad_`` with one
+offer ``xent_prologue``, ``xent_forward`` and ``xent_backward`` with one
 contract, on (N, C) logits; the functional layer has already flattened any other shape to that.
 
 The schedules, chosen by what the forward can know:

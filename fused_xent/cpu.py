@@ -440,17 +440,6 @@ def _backward_rows(logits, target, opts, stats, dloss, grad) -> None:
         grad.index_copy_(0, bad, sub_grad)
 
 
-@torch.no_grad()
-def scale_grad_(grad: torch.Tensor, g: torch.Tensor) -> None:
-    """grad *= g in place (computed in float32, rounded once; nothing to do when g is 1)."""
-    g = g.to(_compute_dtype(grad.dtype))
-    if g.numel() == 1:
-        if float(g) == 1.0:
-            return
-        g = g.reshape(1)  # a 1-dim operand: the product is computed in g's dtype, not grad's
-    grad.mul_(g)
-
-
 # --------------------------------------------------------------------------------------------
 # The backend contract (kernels/xent.py's launchers): reductions and scales around the rows
 # --------------------------------------------------------------------------------------------

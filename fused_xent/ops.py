@@ -6,7 +6,7 @@ storage is a separate op (``*_inplace``) that declares the logits mutated, so a 
 knows the gradient aliases them (and copies nothing) while the other ops leave them read-only.
 
 ``OpBackend`` offers the backend contract (``xent_prologue``, ``xent_forward``,
-``xent_backward``, ``scale_grad_``, outputs passed in and written) on top of the ops; the
+``xent_backward``, outputs passed in and written) on top of the ops; the
 autograd layer drives it like a module.
 """
 
@@ -211,14 +211,6 @@ def _xent_backward_inplace(
 _xent_backward_inplace.register_fake(_noop_fake)
 
 
-@torch.library.custom_op("fused_xent::scale_grad_", mutates_args=("grad",), device_types=None)
-def _scale_grad(grad: torch.Tensor, g: torch.Tensor, impl: str) -> None:
-    _module(impl).scale_grad_(grad, g)
-
-
-_scale_grad.register_fake(_noop_fake)
-
-
 def _option_args(opts, forward: bool) -> tuple:
     z_loss = (opts.lse_square_scale,) if forward else ()
     return (opts.ignore_index, opts.label_smoothing, *z_loss, opts.logit_scale, opts.softcap,
@@ -281,11 +273,6 @@ class OpBackend:
                 logits, target, opts.weight, stats, dloss, den, grad, target_grad, reduction,
                 skip_if_one, *_option_args(opts, False), self.impl,
             )  # fmt: skip
-
-    def scale_grad_(self, grad, g):
-        if (m := self._eager()) is not None:
-            return m.scale_grad_(grad, g)
-        torch.ops.fused_xent.scale_grad_(grad, g, self.impl)
 
 
 REFERENCE = OpBackend("reference")  # the oracle: one general formulation

@@ -150,8 +150,3 @@ def xent_backward(
         # Decided on the device, as the kernels do: no host synchronisation.
         new = torch.where(dloss.reshape(()) == 1, grad, new)
     grad.copy_(new)
-
-
-def scale_grad_(grad: torch.Tensor, g: torch.Tensor) -> None:
-    """grad *= g in place."""
-    grad.copy_(grad.to(_compute_dtype(grad.dtype)) * g)

@@ -817,37 +817,6 @@ def _xent_bwd_kernel(
             )  # fmt: skip
 
 
-@triton.jit
-def _scale_grad_kernel(
-    # pointers
-    grad_ptr,
-    g_ptr,
-    # sizes
-    n_rows,
-    n_cols,
-    # strides
-    stride_grad_row,
-    # meta-parameters
-    BLOCK: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
-):
-    # The branch is taken on the GPU: with g == 1 (plain loss.backward()) nothing is read or
-    # written beyond g itself, and the host never waits for g.
-    g = tl.load(g_ptr).to(tl.float32)
-    if g != 1.0:
-        # int64 loop bounds make `row` int64, so row * stride cannot overflow.
-        pid = tl.program_id(0).to(tl.int64)
-        n_programs = tl.num_programs(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        for row in range(pid, n_rows, n_programs):
-            row_ptr = grad_ptr + row * stride_grad_row
-            for start in range(0, n_cols, BLOCK):
-                offs = start + cols
-                mask = offs < n_cols
-                dx = tl.load(row_ptr + offs, mask=mask).to(tl.float32) * g
-                tl.store(row_ptr + offs, _to_out(dx, row_ptr, ROUND_BF16), mask=mask)
-
-
 # --------------------------------------------------------------------------------------------
 # Launch configuration
 # --------------------------------------------------------------------------------------------
@@ -884,10 +853,6 @@ def _row_config(n_cols: int, dtype: torch.dtype, consts: dict) -> tuple[int, int
         per_thread = 8 if dtype == torch.float32 else 16
         num_warps = min(max(block // (32 * per_thread), 1), 16)
     return block, num_warps
-
-
-_SCALE_BLOCK = 4096
-_SCALE_PROGRAMS = 1024  # enough to fill any current GPU; each loops over its share of rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -1114,28 +1079,4 @@ def xent_backward(
             WRITE_DT=target_grad is not None,
             ROUND_BF16=grad is not None and _round_bf16(grad),
             **meta,
-        )
-
-
-def scale_grad_(grad: torch.Tensor, g: torch.Tensor) -> None:
-    """grad *= g in place, decided on the device: nothing moves when g == 1.
-
-    Args:
-        grad: (N, C), unit stride along C.
-        g: one-element tensor on grad's device.
-    """
-    _check_launchable(grad)
-    n_rows, n_cols = grad.shape
-    if n_rows == 0:
-        return
-    with torch.cuda.device(grad.device) if grad.is_cuda else nullcontext():
-        _scale_grad_kernel[(min(n_rows, _SCALE_PROGRAMS),)](
-            grad,
-            g,
-            n_rows,
-            n_cols,
-            grad.stride(0),
-            BLOCK=min(_SCALE_BLOCK, max(triton.next_power_of_2(n_cols), 16)),
-            ROUND_BF16=_round_bf16(grad),
-            num_warps=8,
         )

@@ -55,6 +55,4 @@ def small_blocks(monkeypatch) -> int:
     from fused_xent.kernels import xent
 
     monkeypatch.setattr(xent, "_launch_config", lambda n_cols, dtype: (SMALL_BLOCK, 4))
-    monkeypatch.setattr(xent, "_SCALE_BLOCK", SMALL_BLOCK)
-    monkeypatch.setattr(xent, "_SCALE_PROGRAMS", 2)
     return SMALL_BLOCK

@@ -520,7 +520,6 @@ def main() -> None:
         from fused_xent.kernels import xent
 
         xent._launch_config = lambda n_cols, dtype: (TRITON_BLOCK, 4)
-        xent._SCALE_BLOCK, xent._SCALE_PROGRAMS = TRITON_BLOCK, 2
     dist.init_process_group(
         "gloo" if DEVICE.type == "cpu" else "nccl",
         init_method=f"tcp://127.0.0.1:{port}",

@@ -463,18 +463,6 @@ def test_probability_targets_delegate():
     check_against_reference(ours, forward(reference, x, t, opts, 0.5), torch.bfloat16)
 
 
-@pytest.mark.parametrize("g", [1.0, 0.125, 65536.0, 1 / 3, 0.0, float("nan")])
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
-def test_scale_grad(dtype, g):
-    """Computed in float32 and rounded once: exactly the reference's result."""
-    grad = make_x(9, 31, dtype, 4)
-    expected = grad.clone()
-    reference.scale_grad_(expected, torch.tensor(g, dtype=compute_dtype(dtype)))
-    cpu.scale_grad_(grad, torch.tensor(g, dtype=compute_dtype(dtype)))
-    assert torch.equal(grad.isnan(), expected.isnan())
-    assert torch.equal(grad.nan_to_num(), expected.nan_to_num())
-
-
 # --------------------------------------------------------------------------------------------
 # Through the public API and the autograd layer
 # --------------------------------------------------------------------------------------------
