@@ -163,7 +163,7 @@ def _transform(x, mask, logit_scale, softcap, inv_softcap, SCALE: tl.constexpr,
 
 
 @triton.jit
-def _dz_dx(z, logit_scale, inv_softcap, SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+def _dz_dx(z, inv_softcap):
     """dz/dx without logit_scale (folded into the row's factor): 1 - (z / softcap)**2."""
     # |z| <= softcap on real lanes; the clamp keeps lanes past the row (z = -inf) at 0, not NaN.
     zc = tl.minimum(tl.abs(z * inv_softcap), 1.0)
@@ -252,7 +252,7 @@ def _grad(e, z, w, t, k, label_smoothing, smooth_c, row_scale, inv_softcap,
         else:
             dx -= smooth_c * row_scale
     if HAS_SOFTCAP:
-        dx *= _dz_dx(z, 1.0, inv_softcap, False, True)
+        dx *= _dz_dx(z, inv_softcap)
     return dx
 
 
@@ -308,7 +308,7 @@ def _write_target_grad(g_row_ptr, col, here, z_t, row_max, inv_sum, coef, row_sc
     p_t = _exp2((z_t - row_max) * LOG2E) * inv_sum
     dx_t = (coef * p_t - (1.0 - label_smoothing) * w_target - smooth_c * w_target) * row_scale
     if HAS_SOFTCAP:
-        dx_t *= _dz_dx(z_t, 1.0, inv_softcap, False, True)
+        dx_t *= _dz_dx(z_t, inv_softcap)
     # The block stores of other threads to this address come first.
     tl.debug_barrier()
     tl.store(g_row_ptr + col, _to_out(dx_t, g_row_ptr, ROUND_BF16), mask=here)
@@ -403,9 +403,7 @@ def _zero_row(g_row, g_body, head, body, tail, BLOCK: tl.constexpr, VEC: tl.cons
 
 
 @triton.jit
-def _finish_reduction(loss_ptr, target_ptr, stride_target_row, weight_ptr, total_ptr, den_ptr,
-                      counter_ptr, n_rows, n_cols, ignore_index, REDUCE: tl.constexpr,
-                      PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+def _finish_reduction(loss_ptr, total_ptr, den_ptr, counter_ptr, n_rows, REDUCE: tl.constexpr,
                       RBLOCK: tl.constexpr):  # fmt: skip
     """The program that stores the last row's loss adds them all up (fixed order) into total."""
     # Every thread's stores of this program come before the counter's release.
@@ -711,10 +709,7 @@ def _xent_fwd_kernel(
             )  # fmt: skip
 
     if REDUCE != 0:
-        _finish_reduction(
-            loss_ptr, target_ptr, stride_target_row, weight_ptr, total_ptr, den_ptr, counter_ptr,
-            n_rows, n_cols, ignore_index, REDUCE, PROB_TARGET, HAS_WEIGHT, RBLOCK,
-        )  # fmt: skip
+        _finish_reduction(loss_ptr, total_ptr, den_ptr, counter_ptr, n_rows, REDUCE, RBLOCK)
 
 
 @triton.jit
