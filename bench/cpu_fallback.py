@@ -3,18 +3,14 @@
 Times, on this CPU, one step of a mean loss on (N, C) logits with int64 targets: forward +
 ``torch.autograd.grad`` ("fb") and the forward under ``no_grad`` ("f"), for
 
-* ``torch``: ``F.cross_entropy``;
-* ``cpu``: ``fused_xent.cross_entropy(impl="reference")`` with the backend routed to
-  ``fused_xent.cpu`` (``ops._module`` monkeypatched): the whole path, API -> autograd.Function ->
-  torch.library custom op -> backend;
-* ``ref``: the same path with the old ``fused_xent.reference``.
-
-And where ``cpu``'s time goes: ``no_op`` (the path without custom ops: ``functional._backend``
-patched to hand the module itself to the autograd layer), ``math`` (the backend calls alone, on
-preallocated outputs: ``xent_forward`` with the gradient and the backward's g == 1 check; or
-``xent_forward``).
-``cpu - no_op`` is the custom-op layer (the last line times one such call alone), ``no_op - math``
-the API checks + autograd.Function + output allocation + reduction.
+* ``torch``: ``F.cross_entropy`` on the tensor itself;
+* ``auto``: ``fused_xent.cross_entropy`` as users call it on the CPU (``impl="auto"``): torch's
+  kernels on float32 copies for small calls (``functional._torch_cpu``), else the row path;
+* ``rows``: the same call with the small-call path switched off: API -> autograd.Function ->
+  ``fused_xent/cpu.py``;
+* ``math``: the ``cpu.py`` calls alone, on preallocated outputs (``xent_forward`` with the
+  gradient and the backward's g == 1 check; or ``xent_forward``);
+* ``ref``: ``impl="reference"``, the oracle.
 
 Each number (microseconds) is the median of the runs in a round (0.15 s of runs, at least 3);
 the implementations take turns round by round, and the lowest round median is kept, so that
@@ -34,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_xent
-from fused_xent import cpu, functional, ops
+from fused_xent import cpu, functional
 from fused_xent._options import LossOptions
 
 SHAPES = [(torch.bfloat16, 64, 512), (torch.float32, 64, 2048), (torch.float32, 512, 8192),
@@ -43,30 +39,24 @@ OPTIONS = {"plain": {}, "smooth": {"label_smoothing": 0.1}, "weight": {"weight":
 
 
 @contextmanager
-def patched(obj, name, value):
-    old = getattr(obj, name)
-    setattr(obj, name, value)
+def rows_only():
+    old = functional._TORCH_CPU_MAX_ELEMENTS
+    functional._TORCH_CPU_MAX_ELEMENTS = -1
     try:
         yield
     finally:
-        setattr(obj, name, old)
-
-
-def route_cpu():
-    module = ops._module
-    return patched(ops, "_module", lambda impl: cpu if impl == "reference" else module(impl))
-
-
-def no_op():
-    return patched(functional, "_backend", lambda impl, inp: cpu)
+        functional._TORCH_CPU_MAX_ELEMENTS = old
 
 
 def steps(x, t, kw):
     """name -> (fb step, f step)."""
     xg = x.clone().requires_grad_()
 
-    def fused(inp):
-        return fused_xent.cross_entropy(inp, t, impl="reference", **kw)
+    def fused(inp, impl="auto"):
+        return fused_xent.cross_entropy(inp, t, impl=impl, **kw)
+
+    def ref(inp):
+        return fused(inp, "reference")
 
     def fb(loss_fn, ctx=nullcontext):
         def run():
@@ -95,10 +85,10 @@ def steps(x, t, kw):
             fb(lambda v: F.cross_entropy(v, t, **kw)),
             f(lambda v: F.cross_entropy(v, t, **kw)),
         ),
-        "cpu": (fb(fused, route_cpu), f(fused, route_cpu)),
-        "no_op": (fb(fused, no_op), f(fused, no_op)),
+        "auto": (fb(fused), f(fused)),
+        "rows": (fb(fused, rows_only), f(fused, rows_only)),
         "math": (math_fb, lambda: cpu.xent_forward(x, t, opts, loss, stats)),
-        "ref": (fb(fused), f(fused)),
+        "ref": (fb(ref), f(ref)),
     }
 
 
@@ -129,12 +119,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     clock = "thread CPU time" if args.threads == 1 else "wall time"
     shapes, rounds = (SHAPES[:2], 3) if args.quick else (SHAPES, args.rounds)
-    names = ["torch", "cpu", "no_op", "math", "ref"]
+    names = ["torch", "auto", "rows", "math", "ref"]
     print(
         f"torch {torch.__version__}, {args.threads} thread(s); us, lowest round median of {clock}"
     )
     print(
-        f"{'case':<28}" + "".join(f"{n:>9}" for n in names) + f"{'cpu/torch':>10}{'ref/torch':>10}"
+        f"{'case':<28}" + "".join(f"{n:>9}" for n in names) + f"{'auto/torch':>11}{'ref/torch':>10}"
     )
     for dtype, n, c in shapes:
         gen = torch.Generator().manual_seed(0)
@@ -148,44 +138,8 @@ def main() -> None:
                 r = measure({k: v[i] for k, v in pairs.items()}, rounds, 0.15)
                 case = f"{str(dtype)[6:]} {n}x{c} {opt} {mode}"
                 cells = "".join(f"{r[k]:>9.0f}" for k in names)
-                ratios = f"{r['cpu'] / r['torch']:>10.2f}{r['ref'] / r['torch']:>10.2f}"
+                ratios = f"{r['auto'] / r['torch']:>11.2f}{r['ref'] / r['torch']:>10.2f}"
                 print(f"{case:<28}{cells}{ratios}", flush=True)
-    # One custom-op call that does nothing (a backward whose incoming gradient is 1 returns at
-    # once) against the direct call: the torch.library dispatch alone, paid per backend call.
-    x4, t4, one = torch.zeros(4, 4), torch.zeros(4, dtype=torch.long), torch.ones(())
-    s4 = torch.zeros(3, 4)
-    with route_cpu():
-        r = measure(
-            {
-                "op": lambda: torch.ops.fused_xent.xent_backward(
-                    x4,
-                    t4,
-                    None,
-                    s4,
-                    one,
-                    None,
-                    x4.clone(),
-                    None,
-                    "sum",
-                    True,
-                    -100,
-                    0.0,
-                    1.0,
-                    None,
-                    0,
-                    0,
-                    "cpu",
-                ),
-                "direct": lambda: cpu.xent_backward(
-                    x4, t4, LossOptions(), s4, one, x4, "sum", None, True
-                ),
-            },
-            rounds,
-            0.1,
-        )
-    print(
-        f"one torch.ops.fused_xent call: {r['op']:.1f} us (the function alone: {r['direct']:.1f})"
-    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from .autograd import (
     linear_forward_no_grad,
     lse_of,
     pick_chunk_size,
+    refuse_double_backward,
 )
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -146,6 +147,38 @@ def _backend(impl: str, input: torch.Tensor):
     return ops.TRITON
 
 
+# Small CPU calls with the options torch has: torch's own kernels on float32 (float64) copies.
+# At these sizes a call is dominated by fixed per-op costs, and torch's fused log-softmax + NLL
+# makes the fewest ops (measured with bench/cpu_fallback.py on a 2-core EPYC, one thread: bf16
+# 64 x 512 forward+backward 48 us against torch's 41 us on the bf16 tensor itself, where the
+# autograd.Function path of fused_xent/cpu.py takes 173 us). Above this size the chunked path of
+# fused_xent/cpu.py is the faster one (bf16 upcast copies cost more than its passes).
+_TORCH_CPU_MAX_ELEMENTS = 1 << 18
+
+
+def _refuse_create_graph(grad):
+    refuse_double_backward()  # the same answer as on the kernel path, on every device
+    return grad
+
+
+def _torch_cpu(input, target, opts, reduction):
+    """The loss from ``F.cross_entropy`` on an upcast copy: same contract (float32 loss for
+    every input dtype, the gradient in the input's dtype rounded once, by the copy's backward)."""
+    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    weight = None if opts.weight is None else opts.weight.to(dtype)
+    if target.is_floating_point():
+        target = target.to(dtype)
+    elif target.dtype != torch.int64:
+        target = target.long()
+    loss = torch.nn.functional.cross_entropy(
+        input.to(dtype), target, weight, ignore_index=opts.ignore_index, reduction=reduction,
+        label_smoothing=opts.label_smoothing,
+    )  # fmt: skip
+    if loss.requires_grad:
+        loss.register_hook(_refuse_create_graph)
+    return loss
+
+
 def _as_rows(input: torch.Tensor, target: torch.Tensor):
     """(C,) / (N, C) / (N, C, d1, ...) -> (rows, C) logits and matching targets."""
     if input.dim() == 1:
@@ -229,6 +262,14 @@ def cross_entropy(
     _check_tensors(input, target, weight, reduction, impl, process_group is not None)
     opts = _options(ignore_index, weight, label_smoothing, lse_square_scale, softcap, logit_scale)
     backend = _backend(impl, input)
+    if (
+        backend is ops.CPU
+        and input.numel() <= _TORCH_CPU_MAX_ELEMENTS
+        and process_group is None
+        and not (return_lse or inplace_backward or opts.lse_square_scale or opts.softcap)
+        and opts.logit_scale == 1.0
+    ):
+        return _torch_cpu(input, target, opts, reduction)
     rows, row_target = _as_rows(input, target)
     if backend is ops.TRITON:
         # The kernels stride over rows, not over classes.

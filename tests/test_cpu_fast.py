@@ -542,3 +542,110 @@ def test_checks_can_fail():
     expected_loss, expected_grad = oracle64(x, t, LossOptions(), torch.ones(12))  # no smoothing
     with pytest.raises(AssertionError):
         check_against_torch(ours[0], ours[2], expected_loss, expected_grad, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Small CPU calls: torch's kernels on upcast copies (functional._torch_cpu)
+# --------------------------------------------------------------------------------------------
+
+
+def _spy_paths(monkeypatch):
+    """Which CPU path each call takes: 'torch' (functional._torch_cpu) or 'rows' (cpu.py)."""
+    from fused_xent import functional
+
+    seen = []
+    small, forward = functional._torch_cpu, cpu.xent_forward
+
+    def spy_small(*args):
+        seen.append("torch")
+        return small(*args)
+
+    def spy_rows(*args, **kwargs):
+        seen.append("rows")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "_torch_cpu", spy_small)
+    monkeypatch.setattr(cpu, "xent_forward", spy_rows)
+    return seen
+
+
+_SMALL_CASES = {
+    "plain": {},
+    "smooth": {"label_smoothing": 0.15},
+    "weight": {"weight": True},
+    "ignore": {"ignored": (1, 4)},
+    "weight+smooth+ignore": {"weight": True, "label_smoothing": 0.3, "ignored": (0,)},
+    "prob": {"prob": True},
+    "prob+smooth+weight": {"prob": True, "label_smoothing": 0.2, "weight": True},
+}
+
+
+@pytest.mark.parametrize("reduction", ("mean", "sum", "none"))
+@pytest.mark.parametrize("case", list(_SMALL_CASES), ids=str)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
+def test_small_cpu_calls_take_torch_and_match_float64(monkeypatch, dtype, case, reduction):
+    import fused_xent
+
+    spec = _SMALL_CASES[case]
+    seed = _seed("small", dtype, case, reduction)
+    x = make_x(6, 3, dtype, seed).reshape(2, 3, 3).transpose(1, 2)  # (N, C, d): strided classes
+    x = x.contiguous().requires_grad_()
+    if spec.get("prob"):
+        t = torch.rand(2, 3, 3, generator=_gen(seed), dtype=torch.float64).to(dtype)
+    else:
+        t = make_t(6, 3, seed, spec.get("ignored", ())).reshape(2, 3).to(torch.int32)
+    w = class_weight(3, seed) if spec.get("weight") else None
+    kw = {"label_smoothing": spec.get("label_smoothing", 0.0), "reduction": reduction}
+    seen = _spy_paths(monkeypatch)
+    loss = fused_xent.cross_entropy(x, t, w, **kw)
+    g = torch.randn(loss.shape, generator=_gen(seed + 5), dtype=torch.float64)
+    (grad,) = torch.autograd.grad(loss, x, g.to(loss.dtype))
+    assert seen == ["torch"]
+
+    x64 = x.detach().double().requires_grad_()
+    t64 = t.double() if t.is_floating_point() else t.long()
+    want = F.cross_entropy(x64, t64, None if w is None else w.double(), **kw)
+    (want_grad,) = torch.autograd.grad(want, x64, g)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert grad.dtype == dtype and grad.shape == x.shape
+    assert float((loss.detach().double() - want).norm() / want.norm()) <= LOSS_RTOL
+    assert float((grad.double() - want_grad).norm() / want_grad.norm()) <= GRAD_RTOL[dtype]
+    with torch.no_grad():
+        again = fused_xent.cross_entropy(x, t, w, **kw)
+    assert torch.equal(again, loss.detach())
+
+
+def test_small_cpu_calls_refuse_double_backward_like_the_kernels(monkeypatch):
+    import fused_xent
+
+    seen = _spy_paths(monkeypatch)
+    x = make_x(4, 5, torch.float32, 1).requires_grad_()
+    loss = fused_xent.cross_entropy(x, make_t(4, 5, 1))
+    assert seen == ["torch"]
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"softcap": 5.0},
+        {"logit_scale": 0.5},
+        {"lse_square_scale": 1e-3},
+        {"return_lse": True},
+        {"inplace_backward": True},
+        {"big": True},
+    ],
+    ids=lambda kw: next(iter(kw)),
+)
+def test_options_torch_lacks_and_large_calls_take_the_row_path(monkeypatch, kwargs):
+    import fused_xent
+    from fused_xent import functional
+
+    kwargs = dict(kwargs)
+    rows = functional._TORCH_CPU_MAX_ELEMENTS + 1 if kwargs.pop("big", False) else 4
+    seen = _spy_paths(monkeypatch)
+    x = make_x(rows, 1, torch.float32, 2).expand(rows, 3).contiguous().requires_grad_()
+    fused_xent.cross_entropy(x.clone() if kwargs.get("inplace_backward") else x,
+                             make_t(rows, 3, 2), **kwargs)  # fmt: skip
+    assert seen == ["rows"]
