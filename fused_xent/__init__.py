@@ -3,7 +3,8 @@
 Importing this package does not import Triton; the kernels load on first use.
 """
 
-from .functional import cross_entropy, linear_cross_entropy
+from .functional import TokenStats, cross_entropy, linear_cross_entropy
+from .logprobs import linear_token_logprobs, token_logprobs
 from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
 
 __all__ = [
@@ -11,6 +12,9 @@ __all__ = [
     "CrossEntropyLoss",
     "linear_cross_entropy",
     "LinearCrossEntropyLoss",
+    "token_logprobs",
+    "linear_token_logprobs",
+    "TokenStats",
     "__version__",
 ]
 __version__ = "0.1.0"

@@ -48,24 +48,38 @@ def lse_of(stats):
     return stats[0] + stats[1]
 
 
-def _forward(logits, target, opts, reduction, backend, grad=None):
-    """The forward launches: (loss, per-row stats, "mean" denominator or None)."""
+def token_stats_outputs(logits):
+    """The (N,) entropy (float32; float64 for float64 logits) and argmax (int64) outputs."""
+    n_rows, device = logits.shape[0], logits.device
+    return (
+        _alloc.empty((n_rows,), _loss_dtype(logits), device),
+        torch.empty((n_rows,), dtype=torch.int64, device=device),
+    )
+
+
+def _forward(logits, target, opts, reduction, backend, grad=None, token_stats=None,
+             row_weight=None):  # fmt: skip
+    """The forward launches: (loss, per-row stats, "mean" denominator or None). ``token_stats``:
+    (entropy, predicted) outputs to fill in the same pass."""
+    entropy, predicted = token_stats if token_stats is not None else (None, None)
     loss, stats = _row_outputs(logits)
     if reduction == "none":
-        backend.xent_forward(logits, target, opts, loss, stats, grad)
+        backend.xent_forward(logits, target, opts, loss, stats, grad, entropy=entropy,
+                             predicted=predicted, row_weight=row_weight)  # fmt: skip
         return loss, stats, None
     device, dtype = logits.device, loss.dtype
     total, den = _alloc.empty((), dtype, device), _alloc.empty((), dtype, device)
     counter = torch.empty((), dtype=torch.int32, device=device)
     backend.xent_prologue(target, opts, logits.shape[1], reduction, den, counter)
     backend.xent_forward(logits, target, opts, loss, stats, grad, None, reduction, total, den,
-                         counter)  # fmt: skip
+                         counter, entropy, predicted, row_weight)  # fmt: skip
     return total, stats, den if reduction == "mean" else None
 
 
-def forward_no_grad(logits, target, opts, reduction, backend):
+def forward_no_grad(logits, target, opts, reduction, backend, token_stats=None, row_weight=None):
     """(loss, stats) alone: one read of the logits, no gradient written."""
-    loss, stats, _ = _forward(logits, target, opts, reduction, backend)
+    loss, stats, _ = _forward(logits, target, opts, reduction, backend, None, token_stats,
+                              row_weight)  # fmt: skip
     return loss, stats
 
 
@@ -107,7 +121,11 @@ def take_forward_grads(ctx, call: str) -> list:
 
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, opts, reduction, inplace_backward, backend, return_lse):
+    def forward(ctx, logits, target, opts, reduction, inplace_backward, backend, return_lse,
+                row_weight=None, return_stats=False):  # fmt: skip
+        """Returns the loss, then the lse with ``return_lse``, then (entropy, predicted) with
+        ``return_stats``; only the loss is differentiable. ``row_weight``: a per-row weight of
+        the loss."""
         ctx.backend, ctx.opts, ctx.reduction = backend, opts, reduction
         ctx.inplace_backward, ctx.consumed = inplace_backward, False
         # The gradient in the forward: for a reduced loss, unless it goes into the logits (which
@@ -115,21 +133,24 @@ class CrossEntropyFunction(torch.autograd.Function):
         # wants one too (written in the backward, beside the logits').
         ctx.fused = reduction != "none" and not inplace_backward and not ctx.needs_input_grad[1]
         grad = _alloc.grad_like(logits) if ctx.fused else None
-        loss, stats, den = _forward(logits, target, opts, reduction, backend, grad)
-        ctx.save_for_backward(logits, target, stats, den, grad)
+        token_stats = token_stats_outputs(logits) if return_stats else None
+        loss, stats, den = _forward(logits, target, opts, reduction, backend, grad, token_stats,
+                                    row_weight)  # fmt: skip
+        ctx.save_for_backward(logits, target, stats, den, grad, row_weight)
         # No zeros are made for the gradient of an output the caller did not use.
         ctx.set_materialize_grads(False)
-        if not return_lse:
+        extra = (lse_of(stats),) if return_lse else ()
+        extra += token_stats if return_stats else ()
+        if not extra:
             return loss
-        lse = lse_of(stats)
-        ctx.mark_non_differentiable(lse)
-        return loss, lse
+        ctx.mark_non_differentiable(*extra)
+        return (loss, *extra)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
         refuse_double_backward()
         if grad_loss is None:
-            return (None,) * 7
+            return (None,) * 9
         if ctx.fused:
             why = "its gradient is computed in the forward and handed out once. Call the loss "
             why += "again, or use reduction='none'."
@@ -138,7 +159,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             why += "gradient. Use inplace_backward=False to backward twice."
         if ctx.fused or ctx.inplace_backward:
             _refuse_second_backward(ctx, "cross_entropy", why)
-        logits, target, stats, den, grad = ctx.saved_tensors
+        logits, target, stats, den, grad, row_weight = ctx.saved_tensors
         want_dx, want_dt = ctx.needs_input_grad[:2]
         if not want_dx:
             grad = None
@@ -149,10 +170,54 @@ class CrossEntropyFunction(torch.autograd.Function):
         # d loss / d (probability target), in the same pass, only when asked for.
         target_grad = _alloc.empty(target.shape, target.dtype, target.device) if want_dt else None
         ctx.backend.xent_backward(logits, target, ctx.opts, stats, grad_loss, grad, ctx.reduction,
-                                  den, ctx.fused, target_grad)  # fmt: skip
+                                  den, ctx.fused, target_grad,
+                                  row_weight=row_weight)  # fmt: skip
         if ctx.inplace_backward and want_dx:
             torch.autograd.graph.increment_version(logits)
-        return grad, target_grad, None, None, None, None, None
+        return grad, target_grad, None, None, None, None, None, None, None
+
+
+class TokenLogprobFunction(torch.autograd.Function):
+    """log p(target) of each row, and optionally its entropy, both differentiable.
+
+    The forward is one launch (the logits read once; three floats per row kept, plus the
+    entropy); the backward one more read of the logits and one write of their gradient (in place
+    with ``inplace_backward``), for whichever outputs received a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, opts, backend, return_entropy, inplace_backward):
+        logp, stats = _row_outputs(logits)
+        entropy = token_stats_outputs(logits)[0] if return_entropy else None
+        backend.xent_forward(logits, target, opts, logp, stats, entropy=entropy, logprob=True)
+        ctx.backend, ctx.opts, ctx.inplace_backward, ctx.consumed = (
+            backend, opts, inplace_backward, False,
+        )  # fmt: skip
+        ctx.save_for_backward(logits, target, stats, entropy)
+        ctx.set_materialize_grads(False)
+        return (logp, entropy) if return_entropy else logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):
+        refuse_double_backward()
+        if (grad_logp is None and grad_entropy is None) or not ctx.needs_input_grad[0]:
+            return (None,) * 6
+        if ctx.inplace_backward:
+            _refuse_second_backward(
+                ctx, "token_logprobs", "with inplace_backward=True the first backward overwrote "
+                "the logits with their gradient. Use inplace_backward=False to backward twice.",
+            )  # fmt: skip
+        logits, target, stats, entropy = ctx.saved_tensors
+        if grad_logp is None:
+            grad_logp = torch.zeros(logits.shape[0], dtype=stats.dtype, device=logits.device)
+        grad = logits if ctx.inplace_backward else _alloc.grad_like(logits)
+        ctx.backend.xent_backward(
+            logits, target, ctx.opts, stats, grad_logp, grad, dentropy=grad_entropy,
+            entropy=None if grad_entropy is None else entropy, logprob=True,
+        )  # fmt: skip
+        if ctx.inplace_backward:
+            torch.autograd.graph.increment_version(logits)
+        return grad, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,12 +337,17 @@ def _chunk_logits(hidden, weight, bias, start, end):
     return torch.addmm(bias, hidden[start:end], weight.t())
 
 
-def linear_loss_rows(hidden, weight, bias, target, opts, chunk_size, backend):
-    """Per-row loss and statistics of hidden @ weight.T + bias, one chunk of logits at a time."""
+def linear_loss_rows(hidden, weight, bias, target, opts, chunk_size, backend, entropy=None,
+                     logprob=False):  # fmt: skip
+    """Per-row loss and statistics of hidden @ weight.T + bias, one chunk of logits at a time
+    (with ``logprob``: log p(target) instead of the loss; ``entropy``: (N,) output)."""
     loss, stats = _row_outputs(hidden)
     for start, end in _chunks(hidden.shape[0], chunk_size):
         logits = _chunk_logits(hidden, weight, bias, start, end)
-        backend.xent_forward(logits, target[start:end], opts, loss[start:end], stats[:, start:end])
+        backend.xent_forward(
+            logits, target[start:end], opts, loss[start:end], stats[:, start:end],
+            entropy=None if entropy is None else entropy[start:end], logprob=logprob,
+        )  # fmt: skip
     return loss, stats
 
 
@@ -489,14 +559,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 def _linear_xent_grads(
     hidden, weight, bias, target, opts, chunk_size, fp32_wgrad, backend, need, *, loss=None,
-    stats=None, dloss=None, target_grad=None,
+    stats=None, dloss=None, target_grad=None, dentropy=None, entropy=None, logprob=False,
 ):  # fmt: skip
     """The accumulators (d_hidden, d_weight, d_bias) over chunks of rows, and d_weight's
     :func:`weight_sum_scale`.
 
     With ``loss`` given (the fused forward) each chunk's loss and statistics are written and its
     gradient is that of the per-row losses; otherwise (the backward of "none") the forward's
-    ``stats`` and the per-row ``dloss`` give it.
+    ``stats`` and the per-row ``dloss`` give it (with ``dentropy``, ``entropy`` and ``logprob``
+    as the kernels' backward takes them).
     """
     grads = linear_grad_buffers(hidden, weight, bias, need, fp32_wgrad)
     n_rows = hidden.shape[0]
@@ -510,9 +581,60 @@ def _linear_xent_grads(
             backend.xent_backward(
                 logits, target[rows], opts, stats[:, rows], dloss[rows], logits,
                 target_grad=None if target_grad is None else target_grad[rows],
+                dentropy=None if dentropy is None else dentropy[rows],
+                entropy=None if entropy is None else entropy[rows], logprob=logprob,
             )  # fmt: skip
         # logits now hold d(loss)/d(logits) of this chunk.
         accumulate_chunk_grads(grads, logits, hidden, weight, rows, start == 0, w_scale)
     if n_rows == 0:
         zero_unwritten(grads)
     return grads, w_scale
+
+
+class LinearTokenLogprobFunction(torch.autograd.Function):
+    """token log-probs (and entropy) of hidden @ weight.T + bias over chunks of rows.
+
+    The forward keeps three floats per row (and the entropy); the backward recomputes each
+    chunk's logits, which the kernel turns in place into their gradient for the per-row incoming
+    gradients over a common power of two (:func:`row_scale`), accumulated in float32 as in
+    :class:`LinearCrossEntropyFunction` and rounded once. Never anything of size N x V.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, opts, chunk_size, fp32_wgrad, backend,
+                return_entropy):  # fmt: skip
+        entropy = token_stats_outputs(hidden)[0] if return_entropy else None
+        logp, stats = linear_loss_rows(hidden, weight, bias, target, opts, chunk_size, backend,
+                                       entropy, logprob=True)  # fmt: skip
+        ctx.opts, ctx.chunk_size, ctx.fp32_wgrad, ctx.backend = (
+            opts,
+            chunk_size,
+            fp32_wgrad,
+            backend,
+        )
+        ctx.dtypes = _param_dtypes(hidden, weight, bias)
+        ctx.save_for_backward(hidden, weight, bias, target, stats, entropy)
+        ctx.set_materialize_grads(False)
+        return (logp, entropy) if return_entropy else logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):
+        refuse_double_backward()
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 9
+        hidden, weight, bias, target, stats, entropy = ctx.saved_tensors
+        n_rows = hidden.shape[0]
+        zeros = torch.zeros(n_rows, dtype=stats.dtype, device=hidden.device)
+        incoming = torch.stack([
+            zeros if grad_logp is None else grad_logp.to(stats.dtype),
+            zeros if grad_entropy is None else grad_entropy.to(stats.dtype),
+        ])  # fmt: skip
+        scaled, scale = row_scale(incoming)
+        grads, w_scale = _linear_xent_grads(
+            hidden, weight, bias, target, ctx.opts, ctx.chunk_size, ctx.fp32_wgrad, ctx.backend,
+            ctx.needs_input_grad[:3], stats=stats, dloss=scaled[0],
+            dentropy=None if grad_entropy is None else scaled[1],
+            entropy=None if grad_entropy is None else entropy, logprob=True,
+        )  # fmt: skip
+        grads = finish_linear_grads(grads, scale, ctx.dtypes, w_scale)
+        return (*grads, None, None, None, None, None, None)

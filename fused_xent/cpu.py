@@ -450,9 +450,16 @@ xent_prologue = reference.xent_prologue
 @torch.no_grad()
 def xent_forward(
     logits, target, opts, loss, stats, grad=None, grad_scale=None, reduction="none",
-    total=None, den=None, counter=None,
+    total=None, den=None, counter=None, entropy=None, predicted=None, row_weight=None,
+    logprob=False,
 ) -> None:  # fmt: skip
-    """As :func:`fused_xent.kernels.xent.xent_forward`."""
+    """As :func:`fused_xent.kernels.xent.xent_forward`. The per-token outputs and weights
+    (entropy, argmax, token weight, log-prob) are left to the reference."""
+    if entropy is not None or predicted is not None or row_weight is not None or logprob:
+        reference.xent_forward(logits, target, opts, loss, stats, grad, grad_scale, reduction,
+                               total, den, counter, entropy, predicted, row_weight,
+                               logprob)  # fmt: skip
+        return
     del counter
     scale = grad_scale
     if grad is not None and reduction == "mean":
@@ -466,14 +473,17 @@ def xent_forward(
 @torch.no_grad()
 def xent_backward(
     logits, target, opts, stats, dloss, grad, reduction="none", den=None, skip_if_one=False,
-    target_grad=None,
+    target_grad=None, dentropy=None, entropy=None, row_weight=None, logprob=False,
 ) -> None:  # fmt: skip
     """As :func:`fused_xent.kernels.xent.xent_backward` (a host read of the incoming gradient
     costs nothing on the CPU)."""
-    if target_grad is not None or grad is None:
+    if target_grad is not None or grad is None or dentropy is not None or row_weight is not None:
         reference.xent_backward(logits, target, opts, stats, dloss, grad, reduction, den,
-                                skip_if_one, target_grad)  # fmt: skip
+                                skip_if_one, target_grad, dentropy, entropy, row_weight,
+                                logprob)  # fmt: skip
         return
+    if logprob:
+        dloss = -dloss
     if skip_if_one and float(dloss) == 1.0:
         return
     if reduction != "none":

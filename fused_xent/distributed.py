@@ -48,6 +48,7 @@ from .autograd import (
     row_scale,
     save_forward_grads,
     take_forward_grads,
+    token_stats_outputs,
     weight_sum_scale,
     zero_unwritten,
 )
@@ -149,12 +150,50 @@ def _reduced(loss, denominator, reduction):
     return loss.sum() if reduction == "sum" else loss.sum() / denominator
 
 
-def _local_forward(logits, target, opts, backend):
+def _local_forward(logits, target, opts, backend, token_stats=None):
+    """This slice's loss share and statistics (and its entropy and argmax into ``token_stats``)."""
     loss_r, stats_r = _row_outputs(logits)
+    entropy_r, predicted_r = token_stats if token_stats is not None else (None, None)
     backend.xent_forward(
-        logits, target, dataclasses.replace(opts, lse_square_scale=0.0), loss_r, stats_r
-    )
+        logits, target, dataclasses.replace(opts, lse_square_scale=0.0), loss_r, stats_r,
+        entropy=entropy_r, predicted=predicted_r,
+    )  # fmt: skip
     return loss_r, stats_r
+
+
+def combine_entropy(stats_r, entropy_r, stats, group):
+    """The whole vocabulary's entropy from the slices' own: with ``w_r = exp(lse_r - L)`` (the
+    slice's share of the probability), ``H = sum_r w_r (L - lse_r + H_r)``. One all-reduce of N
+    floats; a slice without probability (all -inf) adds 0."""
+    rel = (stats[0] - stats_r[0]) + (stats[1] - stats_r[1])  # L - lse_r
+    w = torch.exp(-rel)
+    part = torch.where(w > 0, w * (rel + entropy_r), 0.0)
+    dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
+    return part
+
+
+def combine_argmax(stats_r, predicted_r, group):
+    """The global argmax (lowest class on ties) from the slices' own (global indices): the
+    slices holding the global max offer theirs, the lowest wins. Two all-reduces of N values."""
+    local_max = torch.where(stats_r[1] == float("-inf"), float("-inf"), stats_r[0])
+    top = local_max.clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    offer = torch.where(local_max == top, predicted_r, torch.iinfo(torch.int64).max)
+    dist.all_reduce(offer, op=dist.ReduceOp.MIN, group=group)
+    return offer
+
+
+def _sharded_rows(logits, target, opts, backend, group, return_stats):
+    """Global per-row loss, statistics, denominator, and (entropy, predicted) or None."""
+    token_stats = token_stats_outputs(logits) if return_stats else None
+    loss_r, stats_r = _local_forward(logits, target, opts, backend, token_stats)
+    loss, stats, denominator = combine(loss_r, stats_r, target, opts, group, logits.shape[1])
+    if return_stats:
+        token_stats = (
+            combine_entropy(stats_r, token_stats[0], stats, group),
+            combine_argmax(stats_r, token_stats[1], group),
+        )
+    return loss, stats, denominator, token_stats
 
 
 def _incoming_per_row(grad_loss, denominator, reduction, n_rows):
@@ -169,33 +208,90 @@ class ShardedCrossEntropyFunction(torch.autograd.Function):
     """cross_entropy over one rank's vocabulary slice; forward communicates, backward does not."""
 
     @staticmethod
-    def forward(ctx, logits, target, opts, reduction, inplace_backward, backend, group):
-        loss_r, stats_r = _local_forward(logits, target, opts, backend)
-        loss, stats, denominator = combine(loss_r, stats_r, target, opts, group, logits.shape[1])
-        ctx.save_for_backward(logits, target, stats, denominator)
+    def forward(ctx, logits, target, opts, reduction, inplace_backward, backend, group,
+                row_weight=None, return_stats=False):  # fmt: skip
+        """(loss, lse) or, with ``return_stats``, (loss, lse, entropy, predicted)."""
+        loss, stats, denominator, token_stats = _sharded_rows(
+            logits, target, opts, backend, group, return_stats
+        )
+        if row_weight is not None:
+            loss = loss * row_weight
+        ctx.save_for_backward(logits, target, stats, denominator, row_weight)
         ctx.opts, ctx.reduction, ctx.backend = opts, reduction, backend
         ctx.inplace_backward = inplace_backward
-        lse = stats[0] + stats[1]
-        ctx.mark_non_differentiable(lse)
-        return _reduced(loss, denominator, reduction), lse
+        ctx.set_materialize_grads(False)
+        extra = (stats[0] + stats[1], *(token_stats or ()))
+        ctx.mark_non_differentiable(*extra)
+        return (_reduced(loss, denominator, reduction), *extra)
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_lse):
-        del grad_lse
+    def backward(ctx, grad_loss, *unused):
         refuse_double_backward()
-        logits, target, stats, denominator = ctx.saved_tensors
+        if grad_loss is None:
+            return (None,) * 9
+        logits, target, stats, denominator, row_weight = ctx.saved_tensors
         dloss = _incoming_per_row(grad_loss, denominator, ctx.reduction, logits.shape[0])
         grad = logits if ctx.inplace_backward else _alloc.grad_like(logits)
-        ctx.backend.xent_backward(logits, target, ctx.opts, stats, dloss, grad)
+        ctx.backend.xent_backward(logits, target, ctx.opts, stats, dloss, grad,
+                                  row_weight=row_weight)  # fmt: skip
+        if ctx.inplace_backward:
+            torch.autograd.graph.increment_version(logits)
+        return grad, None, None, None, None, None, None, None, None
+
+
+def sharded_forward_no_grad(logits, target, opts, reduction, backend, group, row_weight=None,
+                            return_stats=False):  # fmt: skip
+    loss, stats, denominator, token_stats = _sharded_rows(
+        logits, target, opts, backend, group, return_stats
+    )
+    if row_weight is not None:
+        loss = loss * row_weight
+    return (_reduced(loss, denominator, reduction), stats[0] + stats[1], *(token_stats or ()))
+
+
+def sharded_token_rows(logits, target, opts, backend, group, return_entropy):
+    """(log p(target), global statistics, entropy or None) of one slice's rows: the entropy
+    masked like the log-prob (0 on ignored rows, NaN where the target is invalid)."""
+    loss, stats, _, token_stats = _sharded_rows(logits, target, opts, backend, group,
+                                                return_entropy)  # fmt: skip
+    logp = 0.0 - loss  # ignored rows: +0
+    entropy = None
+    if return_entropy:
+        entropy = torch.where(target == opts.ignore_index, 0.0, token_stats[0])
+        entropy = torch.where(torch.isnan(loss), float("nan"), entropy)
+    return logp, stats, entropy
+
+
+class ShardedTokenLogprobFunction(torch.autograd.Function):
+    """token_logprobs over one rank's vocabulary slice: log p(target) = -(the sharded
+    cross-entropy of the row), the entropy combined from the slices'; the backward needs no
+    communication (every rank has the global statistics and entropy)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, opts, backend, group, return_entropy, inplace_backward):
+        logp, stats, entropy = sharded_token_rows(logits, target, opts, backend, group,
+                                                  return_entropy)  # fmt: skip
+        ctx.save_for_backward(logits, target, stats, entropy)
+        ctx.opts, ctx.backend, ctx.inplace_backward = opts, backend, inplace_backward
+        ctx.set_materialize_grads(False)
+        return (logp, entropy) if return_entropy else logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):
+        refuse_double_backward()
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 7
+        logits, target, stats, entropy = ctx.saved_tensors
+        if grad_logp is None:
+            grad_logp = torch.zeros(logits.shape[0], dtype=stats.dtype, device=logits.device)
+        grad = logits if ctx.inplace_backward else _alloc.grad_like(logits)
+        ctx.backend.xent_backward(
+            logits, target, ctx.opts, stats, grad_logp, grad, dentropy=grad_entropy,
+            entropy=None if grad_entropy is None else entropy, logprob=True,
+        )  # fmt: skip
         if ctx.inplace_backward:
             torch.autograd.graph.increment_version(logits)
         return grad, None, None, None, None, None, None
-
-
-def sharded_forward_no_grad(logits, target, opts, reduction, backend, group):
-    loss_r, stats_r = _local_forward(logits, target, opts, backend)
-    loss, stats, denominator = combine(loss_r, stats_r, target, opts, group, logits.shape[1])
-    return _reduced(loss, denominator, reduction), stats[0] + stats[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,3 +408,90 @@ def sharded_linear_forward_no_grad(
         hidden, weight, bias, target, opts, chunk, backend, group, None
     )
     return _reduced(loss, denominator, reduction), stats[0] + stats[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Token log-probs with the LM head's rows sharded
+# --------------------------------------------------------------------------------------------
+
+
+def _sharded_linear_token_rows(hidden, weight, bias, target, opts, chunk_size, backend, group,
+                               return_entropy):  # fmt: skip
+    n_rows = hidden.shape[0]
+    logp, stats = _row_outputs(hidden)
+    entropy = _alloc.empty((n_rows,), logp.dtype, hidden.device) if return_entropy else None
+    for start, end in _chunks(n_rows, chunk_size):
+        rows = slice(start, end)
+        logits = _chunk_logits(hidden, weight, bias, start, end)
+        logp[rows], stats[:, rows], ent = sharded_token_rows(
+            logits, target[rows], opts, backend, group, return_entropy
+        )
+        if return_entropy:
+            entropy[rows] = ent
+    return logp, stats, entropy
+
+
+class ShardedLinearTokenLogprobFunction(torch.autograd.Function):
+    """linear_token_logprobs with this rank's rows of the LM head: the forward combines each
+    chunk's statistics (and entropy) across the ranks; the backward recomputes the chunks, writes
+    this rank's gradients, and sums the hidden-state gradient over the ranks (one all-reduce of
+    N x D float32)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, opts, chunk_size, fp32_wgrad, backend, group,
+                return_entropy):  # fmt: skip
+        logp, stats, entropy = _sharded_linear_token_rows(
+            hidden, weight, bias, target, opts, chunk_size, backend, group, return_entropy
+        )
+        ctx.opts, ctx.chunk_size, ctx.fp32_wgrad = opts, chunk_size, fp32_wgrad
+        ctx.backend, ctx.group = backend, group
+        ctx.dtypes = _param_dtypes(hidden, weight, bias)
+        ctx.save_for_backward(hidden, weight, bias, target, stats, entropy)
+        ctx.set_materialize_grads(False)
+        return (logp, entropy) if return_entropy else logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):
+        refuse_double_backward()
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 10
+        hidden, weight, bias, target, stats, entropy = ctx.saved_tensors
+        n_rows = hidden.shape[0]
+        zeros = torch.zeros(n_rows, dtype=stats.dtype, device=hidden.device)
+        incoming = torch.stack([
+            zeros if grad_logp is None else grad_logp.to(stats.dtype),
+            zeros if grad_entropy is None else grad_entropy.to(stats.dtype),
+        ])  # fmt: skip
+        scaled, scale = row_scale(incoming)
+        bufs = linear_grad_buffers(hidden, weight, bias, ctx.needs_input_grad[:3], ctx.fp32_wgrad)
+        w_scale = weight_sum_scale(bufs[1], n_rows)
+        for start, end in _chunks(n_rows, ctx.chunk_size):
+            rows = slice(start, end)
+            logits = _chunk_logits(hidden, weight, bias, start, end)
+            ctx.backend.xent_backward(
+                logits, target[rows], ctx.opts, stats[:, rows], scaled[0][rows], logits,
+                dentropy=None if grad_entropy is None else scaled[1][rows],
+                entropy=None if grad_entropy is None else entropy[rows], logprob=True,
+            )  # fmt: skip
+            accumulate_chunk_grads(bufs, logits, hidden, weight, rows, start == 0, w_scale)
+        if n_rows == 0:
+            zero_unwritten(bufs)
+        if bufs[0] is not None:
+            bufs[0].mul_(scale)  # a power of two: exact; the ranks' scales may differ
+            _sum_hidden_grad(bufs, ctx.group)
+        grads = finish_linear_grads(bufs, (None, scale, scale), ctx.dtypes, w_scale)
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def sharded_linear_token_logprobs(hidden, weight, bias, target, opts, chunk_size, fp32_wgrad,
+                                  backend, group, return_entropy, wants_grad):  # fmt: skip
+    """What ``linear_token_logprobs`` runs with a ``process_group``."""
+    if wants_grad:
+        return ShardedLinearTokenLogprobFunction.apply(
+            hidden, weight, bias, target, opts, chunk_size, fp32_wgrad, backend, group,
+            return_entropy,
+        )  # fmt: skip
+    logp, _, entropy = _sharded_linear_token_rows(
+        hidden, weight, bias, target, opts, chunk_size, backend, group, return_entropy
+    )
+    return (logp, entropy) if return_entropy else logp

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -16,6 +17,7 @@ from .autograd import (
     lse_of,
     pick_chunk_size,
     refuse_double_backward,
+    token_stats_outputs,
 )
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -106,6 +108,40 @@ def _check_class_weight(weight, n_classes: int, device) -> None:
         raise ValueError(
             "weight requires grad, but fused_xent does not differentiate with respect to "
             "class weights; pass weight.detach()"
+        )
+
+
+class TokenStats(NamedTuple):
+    """Per-token statistics from the loss's own pass (``return_stats=True``), in the "none"
+    shape, not differentiable: ``lse`` and ``entropy`` of the transformed logits (float32;
+    float64 for float64 input) and ``predicted``, the argmax class (int64, lowest on ties)."""
+
+    lse: torch.Tensor
+    entropy: torch.Tensor
+    predicted: torch.Tensor
+
+
+def _check_token_weight(token_weight, target, row_shape) -> None:
+    if token_weight is None:
+        return
+    if not isinstance(token_weight, torch.Tensor) or not token_weight.is_floating_point():
+        got = token_weight.dtype if isinstance(token_weight, torch.Tensor) else type(token_weight)
+        raise TypeError(
+            f"token_weight must be a floating tensor of shape {tuple(row_shape)} or None, got {got}"
+        )
+    if tuple(token_weight.shape) != tuple(row_shape):
+        raise ValueError(
+            f"token_weight must have the loss's 'none' shape {tuple(row_shape)} (one weight "
+            f"per position), got {tuple(token_weight.shape)}"
+        )
+    if token_weight.device != target.device:
+        raise ValueError(
+            f"token_weight must be on the input's device {target.device}, got {token_weight.device}"
+        )
+    if token_weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "token_weight requires grad, but fused_xent does not differentiate with respect to "
+            "token weights; pass token_weight.detach()"
         )
 
 
@@ -204,6 +240,8 @@ def cross_entropy(
     softcap: float | None = None,
     logit_scale: float = 1.0,
     return_lse: bool = False,
+    return_stats: bool = False,
+    token_weight: torch.Tensor | None = None,
     inplace_backward: bool = False,
     process_group=None,
     impl: str = "auto",
@@ -236,6 +274,16 @@ def cross_entropy(
         return_lse: also return the per-row log-sum-exp of the transformed logits (float32;
             float64 for float64 input; the "none" shape, not differentiable), e.g. to log the
             z-loss or perplexity.
+        return_stats: also return a ``TokenStats(lse, entropy, predicted)`` computed in the same
+            pass, each in the "none" shape and not differentiable: the log-sum-exp and entropy of
+            the transformed logits (float32) and the argmax class (int64, the lowest on ties;
+            global when sharded), for every row (ignored ones too). Token accuracy is
+            ``(predicted == target)`` over the kept rows.
+        token_weight: a floating tensor of the "none" shape multiplying
+            each row's loss before the reduction; "mean" keeps torch's denominator. Weights may
+            be negative (an advantage-weighted policy-gradient loss is
+            ``cross_entropy(logits, sampled, token_weight=advantages)``); no gradient flows to
+            them (one that requires grad is refused).
         inplace_backward: write the gradient into ``input``'s own storage, so no second buffer
             of its size exists. For "mean"/"sum" it is written during the forward, for "none"
             during the backward; either way ``input``'s version counter is bumped, so autograd
@@ -252,8 +300,8 @@ def cross_entropy(
             (force the kernels; on CPU tensors they need ``TRITON_INTERPRET=1``), "reference".
 
     Returns:
-        The loss (0-dim, or the target's shape for "none"); with ``return_lse`` a pair
-        ``(loss, lse)``.
+        The loss (0-dim, or the target's shape for "none"); with ``return_lse`` and/or
+        ``return_stats`` a tuple ``(loss, lse, stats)`` of what was asked for, in that order.
 
     On the kernel path a class-index target outside [0, C) that is not ``ignore_index`` gives that
     row a NaN loss (and NaN gradient) without any out-of-bounds access; the reference raises
@@ -261,16 +309,21 @@ def cross_entropy(
     """
     _check_tensors(input, target, weight, reduction, impl, process_group is not None)
     opts = _options(ignore_index, weight, label_smoothing, lse_square_scale, softcap, logit_scale)
+    row_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
+    _check_token_weight(token_weight, target, row_shape)
     backend = _backend(impl, input)
     if (
         backend is ops.CPU
         and input.numel() <= _TORCH_CPU_MAX_ELEMENTS
         and process_group is None
-        and not (return_lse or inplace_backward or opts.lse_square_scale or opts.softcap)
+        and not (return_lse or return_stats or inplace_backward or opts.lse_square_scale)
+        and token_weight is None
+        and opts.softcap is None
         and opts.logit_scale == 1.0
     ):
         return _torch_cpu(input, target, opts, reduction)
     rows, row_target = _as_rows(input, target)
+    row_weight = None if token_weight is None else token_weight.reshape(-1)
     if backend is ops.TRITON:
         # The kernels stride over rows, not over classes.
         if rows.shape[1] > 1 and rows.stride(1) != 1:
@@ -284,25 +337,41 @@ def cross_entropy(
             reduction, rows.device,
         )  # fmt: skip
         if wants_grad:
-            loss, lse = distributed.ShardedCrossEntropyFunction.apply(
-                rows, row_target, opts, reduction, inplace_backward, backend, process_group
-            )
+            out = distributed.ShardedCrossEntropyFunction.apply(
+                rows, row_target, opts, reduction, inplace_backward, backend, process_group,
+                row_weight, return_stats,
+            )  # fmt: skip
         else:
-            loss, lse = distributed.sharded_forward_no_grad(
-                rows, row_target, opts, reduction, backend, process_group
-            )
+            out = distributed.sharded_forward_no_grad(
+                rows, row_target, opts, reduction, backend, process_group, row_weight,
+                return_stats,
+            )  # fmt: skip
+        loss, lse, token_stats = out[0], out[1], out[2:]
     elif wants_grad:
+        with_lse = return_lse or return_stats
         out = CrossEntropyFunction.apply(
-            rows, row_target, opts, reduction, inplace_backward, backend, return_lse
-        )
-        loss, lse = out if return_lse else (out, None)
+            rows, row_target, opts, reduction, inplace_backward, backend, with_lse, row_weight,
+            return_stats,
+        )  # fmt: skip
+        out = out if isinstance(out, tuple) else (out,)
+        loss = out[0]
+        lse = out[1] if with_lse else None
+        token_stats = out[1 + with_lse :]
     else:
-        loss, stats = forward_no_grad(rows, row_target, opts, reduction, backend)
-        lse = lse_of(stats) if return_lse else None
-    row_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
+        token_stats = token_stats_outputs(rows) if return_stats else ()
+        loss, stats = forward_no_grad(rows, row_target, opts, reduction, backend,
+                                      token_stats or None, row_weight)  # fmt: skip
+        lse = lse_of(stats) if return_lse or return_stats else None
     if reduction == "none":
         loss = loss.reshape(row_shape)
-    return (loss, lse.reshape(row_shape)) if return_lse else loss
+    out = (loss,)
+    if return_lse:
+        out += (lse.reshape(row_shape),)
+    if return_stats:
+        entropy, predicted = token_stats
+        out += (TokenStats(lse.reshape(row_shape), entropy.reshape(row_shape),
+                           predicted.reshape(row_shape)),)  # fmt: skip
+    return out if len(out) > 1 else loss
 
 
 def _check_linear(input, linear_weight, target, linear_bias, weight, sharded=False):

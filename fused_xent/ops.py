@@ -73,17 +73,18 @@ _xent_prologue.register_fake(_noop_fake)
 
 
 def _forward(logits, target, weight, loss, stats, grad, grad_scale, total, den, counter,
-             reduction, ignore_index, label_smoothing, lse_square_scale, logit_scale, softcap,
-             class_offset, n_classes, impl):  # fmt: skip
+             entropy, predicted, row_weight, logprob, reduction, ignore_index, label_smoothing,
+             lse_square_scale, logit_scale, softcap, class_offset, n_classes, impl):  # fmt: skip
     opts = _opts(weight, ignore_index, label_smoothing, lse_square_scale, logit_scale, softcap,
                  class_offset, n_classes)  # fmt: skip
     _module(impl).xent_forward(logits, target, opts, loss, stats, grad, grad_scale, reduction,
-                               total, den, counter)  # fmt: skip
+                               total, den, counter, entropy, predicted, row_weight,
+                               logprob)  # fmt: skip
 
 
 @torch.library.custom_op(
     "fused_xent::xent_forward",
-    mutates_args=("loss", "stats", "grad", "total", "counter"),
+    mutates_args=("loss", "stats", "grad", "total", "counter", "entropy", "predicted"),
     device_types=None,
 )
 def _xent_forward(
@@ -97,6 +98,10 @@ def _xent_forward(
     total: Optional[torch.Tensor],
     den: Optional[torch.Tensor],
     counter: Optional[torch.Tensor],
+    entropy: Optional[torch.Tensor],
+    predicted: Optional[torch.Tensor],
+    row_weight: Optional[torch.Tensor],
+    logprob: bool,
     reduction: str,
     ignore_index: int,
     label_smoothing: float,
@@ -108,15 +113,17 @@ def _xent_forward(
     impl: str,
 ) -> None:
     _forward(logits, target, weight, loss, stats, grad, grad_scale, total, den, counter,
-             reduction, ignore_index, label_smoothing, lse_square_scale, logit_scale, softcap,
-             class_offset, n_classes, impl)  # fmt: skip
+             entropy, predicted, row_weight, logprob, reduction, ignore_index, label_smoothing,
+             lse_square_scale, logit_scale, softcap, class_offset, n_classes, impl)  # fmt: skip
 
 
 _xent_forward.register_fake(_noop_fake)
 
 
 @torch.library.custom_op(
-    "fused_xent::xent_forward_inplace", mutates_args=("logits", "loss", "stats"), device_types=None
+    "fused_xent::xent_forward_inplace",
+    mutates_args=("logits", "loss", "stats", "entropy", "predicted"),
+    device_types=None,
 )
 def _xent_forward_inplace(
     logits: torch.Tensor,
@@ -125,6 +132,10 @@ def _xent_forward_inplace(
     loss: torch.Tensor,
     stats: torch.Tensor,
     grad_scale: Optional[torch.Tensor],
+    entropy: Optional[torch.Tensor],
+    predicted: Optional[torch.Tensor],
+    row_weight: Optional[torch.Tensor],
+    logprob: bool,
     ignore_index: int,
     label_smoothing: float,
     lse_square_scale: float,
@@ -135,21 +146,22 @@ def _xent_forward_inplace(
     impl: str,
 ) -> None:
     """Per-row loss and statistics, and the gradient written over the logits."""
-    _forward(logits, target, weight, loss, stats, logits, grad_scale, None, None, None, "none",
-             ignore_index, label_smoothing, lse_square_scale, logit_scale, softcap, class_offset,
-             n_classes, impl)  # fmt: skip
+    _forward(logits, target, weight, loss, stats, logits, grad_scale, None, None, None, entropy,
+             predicted, row_weight, logprob, "none", ignore_index, label_smoothing,
+             lse_square_scale, logit_scale, softcap, class_offset, n_classes, impl)  # fmt: skip
 
 
 _xent_forward_inplace.register_fake(_noop_fake)
 
 
-def _backward(logits, target, weight, stats, dloss, den, grad, target_grad, reduction,
-              skip_if_one, ignore_index, label_smoothing, logit_scale, softcap, class_offset,
-              n_classes, impl):  # fmt: skip
+def _backward(logits, target, weight, stats, dloss, den, grad, target_grad, dentropy, entropy,
+              row_weight, logprob, reduction, skip_if_one, ignore_index, label_smoothing,
+              logit_scale, softcap, class_offset, n_classes, impl):  # fmt: skip
     opts = _opts(weight, ignore_index, label_smoothing, 0.0, logit_scale, softcap, class_offset,
                  n_classes)  # fmt: skip
     _module(impl).xent_backward(logits, target, opts, stats, dloss, grad, reduction, den,
-                                skip_if_one, target_grad)  # fmt: skip
+                                skip_if_one, target_grad, dentropy, entropy, row_weight,
+                                logprob)  # fmt: skip
 
 
 @torch.library.custom_op(
@@ -164,6 +176,10 @@ def _xent_backward(
     den: Optional[torch.Tensor],
     grad: Optional[torch.Tensor],
     target_grad: Optional[torch.Tensor],
+    dentropy: Optional[torch.Tensor],
+    entropy: Optional[torch.Tensor],
+    row_weight: Optional[torch.Tensor],
+    logprob: bool,
     reduction: str,
     skip_if_one: bool,
     ignore_index: int,
@@ -174,9 +190,9 @@ def _xent_backward(
     n_classes: int,
     impl: str,
 ) -> None:
-    _backward(logits, target, weight, stats, dloss, den, grad, target_grad, reduction,
-              skip_if_one, ignore_index, label_smoothing, logit_scale, softcap, class_offset,
-              n_classes, impl)  # fmt: skip
+    _backward(logits, target, weight, stats, dloss, den, grad, target_grad, dentropy, entropy,
+              row_weight, logprob, reduction, skip_if_one, ignore_index, label_smoothing,
+              logit_scale, softcap, class_offset, n_classes, impl)  # fmt: skip
 
 
 _xent_backward.register_fake(_noop_fake)
@@ -193,6 +209,10 @@ def _xent_backward_inplace(
     dloss: torch.Tensor,
     den: Optional[torch.Tensor],
     target_grad: Optional[torch.Tensor],
+    dentropy: Optional[torch.Tensor],
+    entropy: Optional[torch.Tensor],
+    row_weight: Optional[torch.Tensor],
+    logprob: bool,
     reduction: str,
     ignore_index: int,
     label_smoothing: float,
@@ -203,9 +223,9 @@ def _xent_backward_inplace(
     impl: str,
 ) -> None:
     """The gradient written over the logits."""
-    _backward(logits, target, weight, stats, dloss, den, logits, target_grad, reduction, False,
-              ignore_index, label_smoothing, logit_scale, softcap, class_offset, n_classes,
-              impl)  # fmt: skip
+    _backward(logits, target, weight, stats, dloss, den, logits, target_grad, dentropy, entropy,
+              row_weight, logprob, reduction, False, ignore_index, label_smoothing, logit_scale,
+              softcap, class_offset, n_classes, impl)  # fmt: skip
 
 
 _xent_backward_inplace.register_fake(_noop_fake)
@@ -242,36 +262,42 @@ class OpBackend:
         )
 
     def xent_forward(self, logits, target, opts, loss, stats, grad=None, grad_scale=None,
-                     reduction="none", total=None, den=None, counter=None):  # fmt: skip
+                     reduction="none", total=None, den=None, counter=None, entropy=None,
+                     predicted=None, row_weight=None, logprob=False):  # fmt: skip
         if (m := self._eager()) is not None:
             return m.xent_forward(logits, target, opts, loss, stats, grad, grad_scale, reduction,
-                                  total, den, counter)  # fmt: skip
+                                  total, den, counter, entropy, predicted, row_weight,
+                                  logprob)  # fmt: skip
         if grad is logits:
             assert reduction == "none", "an in-place forward gradient has no reduction here"
             torch.ops.fused_xent.xent_forward_inplace(
-                logits, target, opts.weight, loss, stats, grad_scale,
-                *_option_args(opts, True), self.impl,
+                logits, target, opts.weight, loss, stats, grad_scale, entropy, predicted,
+                row_weight, logprob, *_option_args(opts, True), self.impl,
             )  # fmt: skip
         else:
             torch.ops.fused_xent.xent_forward(
                 logits, target, opts.weight, loss, stats, grad, grad_scale, total, den, counter,
-                reduction, *_option_args(opts, True), self.impl,
+                entropy, predicted, row_weight, logprob, reduction, *_option_args(opts, True),
+                self.impl,
             )  # fmt: skip
 
     def xent_backward(self, logits, target, opts, stats, dloss, grad, reduction="none",
-                      den=None, skip_if_one=False, target_grad=None):  # fmt: skip
+                      den=None, skip_if_one=False, target_grad=None, dentropy=None,
+                      entropy=None, row_weight=None, logprob=False):  # fmt: skip
         if (m := self._eager()) is not None:
             return m.xent_backward(logits, target, opts, stats, dloss, grad, reduction, den,
-                                   skip_if_one, target_grad)  # fmt: skip
+                                   skip_if_one, target_grad, dentropy, entropy, row_weight,
+                                   logprob)  # fmt: skip
         if grad is logits:
             torch.ops.fused_xent.xent_backward_inplace(
-                logits, target, opts.weight, stats, dloss, den, target_grad, reduction,
-                *_option_args(opts, False), self.impl,
+                logits, target, opts.weight, stats, dloss, den, target_grad, dentropy, entropy,
+                row_weight, logprob, reduction, *_option_args(opts, False), self.impl,
             )  # fmt: skip
         else:
             torch.ops.fused_xent.xent_backward(
-                logits, target, opts.weight, stats, dloss, den, grad, target_grad, reduction,
-                skip_if_one, *_option_args(opts, False), self.impl,
+                logits, target, opts.weight, stats, dloss, den, grad, target_grad, dentropy,
+                entropy, row_weight, logprob, reduction, skip_if_one,
+                *_option_args(opts, False), self.impl,
             )  # fmt: skip
 
 

@@ -81,13 +81,29 @@ def _loss_and_coef(z, wt, row_max, log_sum, opts):
     return loss, coef
 
 
-def _grad(z, wt, ignored, row_max, log_sum, coef, row_scale, opts):
-    p = torch.exp((z - row_max[:, None]) - log_sum[:, None])
+def _probs(z, row_max, log_sum):
+    return torch.exp((z - row_max[:, None]) - log_sum[:, None])
+
+
+def _entropy(z, row_max, log_sum):
+    """lse - sum(p z), as log_sum - sum(p (z - max)); -inf logits (p = 0) add nothing."""
+    p = _probs(z, row_max, log_sum)
+    return log_sum - torch.where(p > 0, p * (z - row_max[:, None]), 0.0).sum(dim=1)
+
+
+def _grad(z, wt, ignored, row_max, log_sum, coef, row_scale, opts, ent_scale=None, entropy=None):
+    p = _probs(z, row_max, log_sum)
     dz = (coef[:, None] * p - wt) * (row_scale * opts.logit_scale)[:, None]
+    zero = row_scale == 0
+    if ent_scale is not None:
+        # d entropy / dz = -p (z - lse + entropy)
+        term = (z - row_max[:, None]) - (log_sum - entropy)[:, None]
+        dz = dz - torch.where(p > 0, p * term, 0.0) * (ent_scale * opts.logit_scale)[:, None]
+        zero = zero & (ent_scale == 0)
     if opts.softcap is not None:
         dz = dz * (1.0 - (z / opts.softcap) ** 2)
     # A zero scale (ignored row, zero incoming gradient) gives exact zeros, as in the kernels.
-    return dz.masked_fill_(ignored[:, None] | (row_scale == 0)[:, None], 0.0)
+    return dz.masked_fill_(ignored[:, None] | zero[:, None], 0.0)
 
 
 def xent_prologue(target, opts, n_cols, reduction, den, counter) -> None:
@@ -99,31 +115,47 @@ def xent_prologue(target, opts, n_cols, reduction, den, counter) -> None:
 
 def xent_forward(
     logits, target, opts, loss, stats, grad=None, grad_scale=None, reduction="none",
-    total=None, den=None, counter=None,
+    total=None, den=None, counter=None, entropy=None, predicted=None, row_weight=None,
+    logprob=False,
 ) -> None:  # fmt: skip
     """Per-row loss and statistics (max, log-sum, coefficient); the gradient if ``grad`` given
-    (for an incoming gradient of 1, times ``grad_scale``); the reduced loss into ``total``."""
+    (for an incoming gradient of 1, times ``grad_scale``); the reduced loss into ``total``; the
+    rows' entropy, argmax, token weight and log-prob sign as in the kernels' launcher."""
     del counter
     z, wt, ignored = _rows(logits, target, opts)
     row_max, log_sum = _stats(z)
     row_loss, coef = _loss_and_coef(z, wt, row_max, log_sum, opts)
-    loss.copy_(row_loss.masked_fill(ignored, 0.0))
+    if row_weight is not None:
+        row_loss = row_loss * row_weight.to(z.dtype)
+    row_loss = row_loss.masked_fill(ignored, 0.0)
+    loss.copy_(0.0 - row_loss if logprob else row_loss)
     stats.copy_(torch.stack([row_max, log_sum, coef]))
+    if entropy is not None:
+        h = _entropy(z, row_max, log_sum)
+        entropy.copy_(h.masked_fill(ignored, 0.0) if logprob else h)
+    if predicted is not None:
+        predicted.copy_(z.argmax(dim=1) + opts.class_offset)
     if grad is not None:
         scale = torch.ones((), dtype=z.dtype, device=z.device)
         if grad_scale is not None:
             scale = scale * grad_scale.to(z.dtype).reshape(())
         if reduction == "mean":
             scale = scale / den.to(z.dtype)
-        row_scale = scale.expand(len(z))
+        row_scale = _row_scale(scale.expand(len(z)), row_weight, logprob)
         grad.copy_(_grad(z, wt, ignored, row_max, log_sum, coef, row_scale, opts))
     if reduction != "none":
         total.copy_(loss.sum() / den if reduction == "mean" else loss.sum())
 
 
+def _row_scale(row_scale, row_weight, logprob):
+    if row_weight is not None:
+        row_scale = row_scale * row_weight.to(row_scale.dtype)
+    return -row_scale if logprob else row_scale
+
+
 def xent_backward(
     logits, target, opts, stats, dloss, grad, reduction="none", den=None, skip_if_one=False,
-    target_grad=None,
+    target_grad=None, dentropy=None, entropy=None, row_weight=None, logprob=False,
 ) -> None:  # fmt: skip
     """grad = d(loss) / d logits from the forward's per-row statistics: ``dloss`` per row for
     "none", else the reduced loss's incoming gradient ("mean" divides it by ``den``). With
@@ -138,6 +170,7 @@ def xent_backward(
     else:
         g = dloss.to(z.dtype).reshape(())
         row_scale = (g / den.to(z.dtype) if reduction == "mean" else g).expand(len(z))
+    row_scale = _row_scale(row_scale, row_weight, logprob)
     if target_grad is not None:
         # loss = sum_c w_c t'_c (lse - z_c) with t' = (1 - eps) t + eps / C.
         w = opts.weight.to(z.dtype) if opts.weight is not None else 1.0
@@ -145,7 +178,9 @@ def xent_backward(
         target_grad.copy_(-(1.0 - opts.label_smoothing) * w * log_p * row_scale[:, None])
     if grad is None:
         return
-    new = _grad(z, wt, ignored, row_max, log_sum, coef, row_scale, opts)
+    ent_scale = None if dentropy is None else dentropy.to(z.dtype).masked_fill(ignored, 0.0)
+    new = _grad(z, wt, ignored, row_max, log_sum, coef, row_scale, opts, ent_scale,
+                None if entropy is None else entropy.to(z.dtype))  # fmt: skip
     if skip_if_one:
         # Decided on the device, as the kernels do: no host synchronisation.
         new = torch.where(dloss.reshape(()) == 1, grad, new)

@@ -234,14 +234,19 @@ def _option_sums(z, w, t, mask, shift, sum_w, sum_wz, sum_wt, sum_wtz,
 
 
 @triton.jit
-def _grad(e, z, w, t, k, label_smoothing, smooth_c, row_scale, inv_softcap,
+def _grad(e, z, w, t, k, label_smoothing, smooth_c, row_scale, inv_softcap, row_max, k2,
           HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, PROB_TARGET: tl.constexpr,
-          HAS_WEIGHT: tl.constexpr):  # fmt: skip
+          HAS_WEIGHT: tl.constexpr, ENT_GRAD: tl.constexpr):  # fmt: skip
     """dx of a block without the one-hot term: ``e * k`` is ``A * p`` times the row's scale.
 
     ``k`` = A * row_scale * logit_scale / sum; ``row_scale * logit_scale`` is ``row_scale`` here.
+    With the entropy's gradient (``ENT_GRAD``) ``e * (k + k2 * (z - max))``, ``k`` then holding
+    the entropy's constant term as well.
     """
-    dx = e * k
+    if ENT_GRAD:
+        dx = e * tl.fma(k2, z - row_max, k)
+    else:
+        dx = e * k
     if PROB_TARGET:
         if HAS_SMOOTHING:
             t = (1.0 - label_smoothing) * t + smooth_c
@@ -261,12 +266,35 @@ def _move_reference(ref, s, block_max):
     """The running reference (log2 units, an integer: ceil(max * log2(e)), -inf before any finite
     logit) after one more block, the shift the block's exponentials use (0 while the reference is
     -inf), and the running sum of exp2(z * log2(e) - ref) moved to the new reference: a power of
-    two, built from its bits (0 below 2**-126)."""
+    two, built from its bits (0 below 2**-126). Also that power of two and its exponent (<= 0),
+    for sums that move with it (``_move_entropy_sum``)."""
     ref_new = tl.maximum(ref, tl.math.ceil(block_max * LOG2E))
     ref_safe = tl.where(ref_new == float("-inf"), 0.0, ref_new)
     k = tl.maximum(tl.where(ref == float("-inf"), -127.0, ref - ref_safe), -127.0).to(tl.int32)
     scale = ((k + 127) << 23).to(tl.float32, bitcast=True)  # 2**k, 0 for k = -127
-    return ref_new, ref_safe, s * scale
+    return ref_new, ref_safe, s * scale, scale, k.to(tl.float32)
+
+
+@triton.jit
+def _entropy_terms(e, a):
+    """sum(e * a) of a block, ``a`` the exponent of ``e = 2**a`` (log2 units from the reference):
+    lanes with e = 0 (-inf logits, masked lanes) add 0, not 0 * -inf."""
+    return tl.sum(tl.where(e > 0.0, e * a, 0.0), axis=0)
+
+
+@triton.jit
+def _move_entropy_sum(u, s_old, scale, k):
+    """u = sum(e * a) moved to a reference ``-k`` units higher: every a grows by k (exactly, on
+    the integer grid) and every e shrinks by ``scale = 2**k``."""
+    return (u + k * s_old) * scale
+
+
+@triton.jit
+def _move_argmax(idx, m, block_idx, block_max):
+    """The lowest column holding the row's max so far, after a block whose max is ``block_max``
+    at its lowest column ``block_idx``; ``m`` the max before the block."""
+    idx = tl.where(block_max == m, tl.minimum(idx, block_idx), idx)
+    return tl.where(block_max > m, block_idx, idx)
 
 
 @triton.jit
@@ -301,12 +329,17 @@ def _class_row_scale(scale, valid, ignored):
 
 
 @triton.jit
-def _write_target_grad(g_row_ptr, col, here, z_t, row_max, inv_sum, coef, row_scale, w_target,
+def _write_target_grad(g_row_ptr, col, here, z_t, row_max, k, k2, row_scale, w_target,
                        label_smoothing, smooth_c, inv_softcap, HAS_SOFTCAP: tl.constexpr,
-                       ROUND_BF16: tl.constexpr):  # fmt: skip
-    """The target column's gradient, stored over what the block store wrote there."""
-    p_t = _exp2((z_t - row_max) * LOG2E) * inv_sum
-    dx_t = (coef * p_t - (1.0 - label_smoothing) * w_target - smooth_c * w_target) * row_scale
+                       ENT_GRAD: tl.constexpr, ROUND_BF16: tl.constexpr):  # fmt: skip
+    """The target column's gradient, stored over what the block store wrote there: the block's
+    formula (``k``, ``k2`` as in ``_grad``) and the one-hot term."""
+    e_t = _exp2((z_t - row_max) * LOG2E)
+    if ENT_GRAD:
+        e_t = e_t * tl.fma(k2, z_t - row_max, k)
+    else:
+        e_t = e_t * k
+    dx_t = e_t - ((1.0 - label_smoothing) * w_target + smooth_c * w_target) * row_scale
     if HAS_SOFTCAP:
         dx_t *= _dz_dx(z_t, inv_softcap)
     # The block stores of other threads to this address come first.
@@ -315,12 +348,12 @@ def _write_target_grad(g_row_ptr, col, here, z_t, row_max, inv_sum, coef, row_sc
 
 
 @triton.jit
-def _grad_block(x_ptr, g_ptr, dt_ptr, w_ptr, t_ptr, cols, mask, row_max, lse, k, dt_scale,
+def _grad_block(x_ptr, g_ptr, dt_ptr, w_ptr, t_ptr, cols, mask, row_max, lse, k, k2, dt_scale,
                 label_smoothing, smooth_c, row_scale, logit_scale, softcap, inv_softcap,
                 MASKED: tl.constexpr, EVICT: tl.constexpr, SCALE: tl.constexpr,
                 HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, PROB_TARGET: tl.constexpr,
                 HAS_WEIGHT: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DT: tl.constexpr,
-                ROUND_BF16: tl.constexpr):  # fmt: skip
+                ENT_GRAD: tl.constexpr, ROUND_BF16: tl.constexpr):  # fmt: skip
     """Read some columns of a row and write their gradient (without the one-hot term), and the
     probability target's gradient ``-(1 - eps) * w * log p`` times the row's scale."""
     if MASKED:
@@ -331,8 +364,8 @@ def _grad_block(x_ptr, g_ptr, dt_ptr, w_ptr, t_ptr, cols, mask, row_max, lse, k,
     w, t = _load_opts(w_ptr, t_ptr, cols, mask, HAS_WEIGHT, PROB_TARGET)
     if WRITE_DX:
         e = _exp2((z - row_max) * LOG2E)
-        dx = _grad(e, z, w, t, k, label_smoothing, smooth_c, row_scale, inv_softcap,
-                   HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT)  # fmt: skip
+        dx = _grad(e, z, w, t, k, label_smoothing, smooth_c, row_scale, inv_softcap, row_max, k2,
+                   HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT, ENT_GRAD)  # fmt: skip
         if MASKED:
             tl.store(g_ptr + cols, _to_out(dx, g_ptr, ROUND_BF16), mask=mask)
         else:
@@ -344,11 +377,11 @@ def _grad_block(x_ptr, g_ptr, dt_ptr, w_ptr, t_ptr, cols, mask, row_max, lse, k,
 
 @triton.jit
 def _grad_pass(x_row, g_row, dt_row, x_body, g_body, w_row, t_row, head, body, tail, row_max,
-               lse, k, dt_scale, label_smoothing, smooth_c, row_scale, logit_scale, softcap,
+               lse, k, k2, dt_scale, label_smoothing, smooth_c, row_scale, logit_scale, softcap,
                inv_softcap, BLOCK: tl.constexpr, VEC: tl.constexpr, EDGES: tl.constexpr,
                SINGLE_BLOCK: tl.constexpr, SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                HAS_SMOOTHING: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-               WRITE_DX: tl.constexpr, WRITE_DT: tl.constexpr,
+               WRITE_DX: tl.constexpr, WRITE_DT: tl.constexpr, ENT_GRAD: tl.constexpr,
                ROUND_BF16: tl.constexpr):  # fmt: skip
     """Read a row once more and write its gradients: the partial block first, then the whole
     blocks from the last to the first (the blocks read last are the likeliest still in L2), then
@@ -361,26 +394,26 @@ def _grad_pass(x_row, g_row, dt_row, x_body, g_body, w_row, t_row, head, body, t
     cols = n_full * BLOCK + offs
     _grad_block(
         x_body, g_body, dt_row + head, w_row + head, t_row + head, cols, cols < body, row_max,
-        lse, k, dt_scale, label_smoothing, smooth_c, row_scale, logit_scale, softcap, inv_softcap,
-        True, "evict_first", SCALE, HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT,
-        WRITE_DX, WRITE_DT, ROUND_BF16,
+        lse, k, k2, dt_scale, label_smoothing, smooth_c, row_scale, logit_scale, softcap,
+        inv_softcap, True, "evict_first", SCALE, HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET,
+        HAS_WEIGHT, WRITE_DX, WRITE_DT, ENT_GRAD, ROUND_BF16,
     )  # fmt: skip
     if not SINGLE_BLOCK:
         for i in range(0, n_full):
             _grad_block(
                 x_body, g_body, dt_row + head, w_row + head, t_row + head,
-                (n_full - 1 - i) * BLOCK + offs, offs >= 0, row_max, lse, k, dt_scale,
+                (n_full - 1 - i) * BLOCK + offs, offs >= 0, row_max, lse, k, k2, dt_scale,
                 label_smoothing, smooth_c, row_scale, logit_scale, softcap, inv_softcap, False,
                 "evict_first", SCALE, HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT,
-                WRITE_DX, WRITE_DT, ROUND_BF16,
+                WRITE_DX, WRITE_DT, ENT_GRAD, ROUND_BF16,
             )  # fmt: skip
     if EDGES:
         cols, mask = _edge_cols(head, body, tail, VEC)
         _grad_block(
-            x_row, g_row, dt_row, w_row, t_row, cols, mask, row_max, lse, k, dt_scale,
+            x_row, g_row, dt_row, w_row, t_row, cols, mask, row_max, lse, k, k2, dt_scale,
             label_smoothing, smooth_c, row_scale, logit_scale, softcap, inv_softcap, True, "",
             SCALE, HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT, WRITE_DX, WRITE_DT,
-            ROUND_BF16,
+            ENT_GRAD, ROUND_BF16,
         )  # fmt: skip
 
 
@@ -485,6 +518,9 @@ def _xent_fwd_kernel(
     total_ptr,
     den_ptr,
     counter_ptr,
+    entropy_ptr,
+    predicted_ptr,
+    row_weight_ptr,
     # sizes
     n_rows,
     n_cols,
@@ -496,6 +532,7 @@ def _xent_fwd_kernel(
     stride_target_row,
     stride_stats,
     stride_grad_row,
+    stride_row_weight,
     # options
     ignore_index,
     label_smoothing,
@@ -517,6 +554,10 @@ def _xent_fwd_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    PREDICT: tl.constexpr,
+    ROW_WEIGHT: tl.constexpr,
+    LOGPROB: tl.constexpr,
     ROUND_BF16: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -544,6 +585,9 @@ def _xent_fwd_kernel(
         shift = 0.0
     zero = tl.sum(tl.zeros([VEC], tl.float32), axis=0)
     sum_w, sum_wz, sum_wt, sum_wtz = zero, zero, zero, zero
+    u = zero  # the entropy's sum(e * a), a = log2(e)
+    no_col = n_cols + 0 * row  # (int64) past every column: the argmax before any candidate
+    idx = no_col
 
     offs = tl.arange(0, BLOCK)
     if SINGLE_BLOCK:
@@ -566,6 +610,10 @@ def _xent_fwd_kernel(
         e = _exp2((z - row_max) * LOG2E)
         s = tl.sum(e, axis=0)
         log2_shift = 0.0
+        if ENTROPY != 0:
+            u = _entropy_terms(e, (z - row_max) * LOG2E)
+        if PREDICT:
+            idx = tl.min(tl.where(bmask & (z == m), head + offs, no_col), axis=0)
         if HAS_SMOOTHING or PROB_TARGET:
             sum_w, sum_wz, sum_wt, sum_wtz = _option_sums(
                 z, w, t, bmask, shift, sum_w, sum_wz, sum_wt, sum_wtz, HAS_SMOOTHING, PROB_TARGET
@@ -573,6 +621,10 @@ def _xent_fwd_kernel(
         if EDGES:
             ee = _exp2((ez - row_max) * LOG2E)
             s += tl.sum(ee, axis=0)
+            if ENTROPY != 0:
+                u += _entropy_terms(ee, (ez - row_max) * LOG2E)
+            if PREDICT:
+                idx = tl.minimum(idx, tl.min(tl.where(emask & (ez == m), ecols, no_col), axis=0))
             if HAS_SMOOTHING or PROB_TARGET:
                 sum_w, sum_wz, sum_wt, sum_wtz = _option_sums(
                     ez, ew, et, emask, shift, sum_w, sum_wz, sum_wt, sum_wtz, HAS_SMOOTHING,
@@ -590,9 +642,16 @@ def _xent_fwd_kernel(
             x = tl.load(x_body + i * BLOCK + offs, eviction_policy="evict_last")
             z = _transform(x, True, logit_scale, softcap, inv_softcap, SCALE, HAS_SOFTCAP, False)
             bm = tl.max(z, axis=0)
+            if PREDICT:
+                bi = tl.min(tl.where(z == bm, head + i * BLOCK + offs, no_col), axis=0)
+                idx = _move_argmax(idx, m, bi, bm)
             m = tl.maximum(m, bm)
-            ref, ref_safe, s = _move_reference(ref, s, bm)
-            s += tl.sum(_exp2(tl.fma(z, LOG2E, -ref_safe)), axis=0)
+            ref, ref_safe, s_new, scale, kk = _move_reference(ref, s, bm)
+            a = tl.fma(z, LOG2E, -ref_safe)
+            e = _exp2(a)
+            if ENTROPY != 0:
+                u = _move_entropy_sum(u, s, scale, kk) + _entropy_terms(e, a)
+            s = s_new + tl.sum(e, axis=0)
             if HAS_SMOOTHING or PROB_TARGET:
                 w, t = _load_opts(weight_ptr + head, t_cols_ptr + head, i * BLOCK + offs,
                                   offs >= 0, HAS_WEIGHT, PROB_TARGET)  # fmt: skip
@@ -612,11 +671,24 @@ def _xent_fwd_kernel(
             ez = _transform(ex, emask, logit_scale, softcap, inv_softcap, SCALE, HAS_SOFTCAP,
                             True)  # fmt: skip
             bm = tl.maximum(bm, tl.max(ez, axis=0))
+        if PREDICT:
+            bi = tl.min(tl.where(bmask & (z == bm), head + cols, no_col), axis=0)
+            if EDGES:
+                bi = tl.minimum(bi, tl.min(tl.where(emask & (ez == bm), ecols, no_col), axis=0))
+            idx = _move_argmax(idx, m, bi, bm)
         m = tl.maximum(m, bm)
-        ref, ref_safe, s = _move_reference(ref, s, bm)
-        s += tl.sum(_exp2(tl.fma(z, LOG2E, -ref_safe)), axis=0)
+        ref, ref_safe, s_new, scale, kk = _move_reference(ref, s, bm)
+        a = tl.fma(z, LOG2E, -ref_safe)
+        e = _exp2(a)
+        if ENTROPY != 0:
+            u = _move_entropy_sum(u, s, scale, kk) + _entropy_terms(e, a)
+        s = s_new + tl.sum(e, axis=0)
         if EDGES:
-            s += tl.sum(_exp2(tl.fma(ez, LOG2E, -ref_safe)), axis=0)
+            ea = tl.fma(ez, LOG2E, -ref_safe)
+            ee = _exp2(ea)
+            s += tl.sum(ee, axis=0)
+            if ENTROPY != 0:
+                u += _entropy_terms(ee, ea)
         row_max = tl.where(m == float("-inf"), 0.0, m)
         # The sum was taken relative to ref_safe, not to the max: this much, exactly (FMA).
         log2_shift = tl.fma(row_max, LOG2E, -ref_safe)
@@ -663,10 +735,24 @@ def _xent_fwd_kernel(
     if lse_square_scale != 0.0:
         loss += lse_square_scale * lse * lse
         coef += 2.0 * lse_square_scale * lse
+    if ROW_WEIGHT:
+        token_weight = tl.load(row_weight_ptr + row * stride_row_weight).to(tl.float32)
+        loss = loss * token_weight
     if not PROB_TARGET:
         loss = tl.where(valid, loss, float("nan"))
         loss = tl.where(ignored, 0.0, loss)
+    if LOGPROB:
+        loss = 0.0 - loss  # log p(target); 0.0 - 0.0 is +0 on ignored rows
     tl.store(loss_ptr + row, loss)
+    if ENTROPY != 0:
+        # entropy = lse - sum(p z) = log_sum - sum(p (z - max)), sum(p (z - max)) from u.
+        entropy = log_sum - (u * _rcp(s) - log2_shift) * LN2
+        if ENTROPY == 2 and not PROB_TARGET:
+            entropy = tl.where(valid, entropy, float("nan"))
+            entropy = tl.where(ignored, 0.0, entropy)
+        tl.store(entropy_ptr + row, entropy)
+    if PREDICT:
+        tl.store(predicted_ptr + row, tl.minimum(idx, n_cols - 1) + class_offset)
     tl.store(stats_ptr + row, row_max)
     tl.store(stats_ptr + stride_stats + row, log_sum)
     tl.store(stats_ptr + 2 * stride_stats + row, coef)
@@ -677,6 +763,10 @@ def _xent_fwd_kernel(
             row_scale = tl.load(grad_scale_ptr).to(tl.float32)
         if REDUCE == 2:
             row_scale = row_scale * _rcp(tl.load(den_ptr))
+        if ROW_WEIGHT:
+            row_scale = row_scale * token_weight
+        if LOGPROB:
+            row_scale = -row_scale
         if not PROB_TARGET:
             row_scale = _class_row_scale(row_scale, valid, ignored)
         gstart = offset0 + row * stride_grad_row
@@ -688,24 +778,26 @@ def _xent_fwd_kernel(
             _zero_row(grad_ptr + gstart, g_body, head, body, tail, BLOCK, VEC, EDGES,
                       SINGLE_BLOCK)  # fmt: skip
         elif SINGLE_BLOCK:
-            dx = _grad(e, z, w, t, k, label_smoothing, smooth_c, row_scale, inv_softcap,
-                       HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT)  # fmt: skip
+            dx = _grad(e, z, w, t, k, label_smoothing, smooth_c, row_scale, inv_softcap, row_max,
+                       0.0, HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT, False)  # fmt: skip
             tl.store(g_body + offs, _to_out(dx, g_body, ROUND_BF16), mask=bmask)
             if EDGES:
                 dx = _grad(ee, ez, ew, et, k, label_smoothing, smooth_c, row_scale, inv_softcap,
-                           HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT)  # fmt: skip
+                           row_max, 0.0, HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT,
+                           False)  # fmt: skip
                 tl.store(grad_ptr + gstart + ecols, _to_out(dx, grad_ptr, ROUND_BF16), mask=emask)
         else:
             _grad_pass(
                 x_row_ptr, grad_ptr + gstart, grad_ptr, x_body, g_body, weight_ptr, t_cols_ptr,
-                head, body, tail, row_max, lse, k, 0.0, label_smoothing, smooth_c, row_scale,
+                head, body, tail, row_max, lse, k, 0.0, 0.0, label_smoothing, smooth_c, row_scale,
                 logit_scale, softcap, inv_softcap, BLOCK, VEC, EDGES, False, SCALE,
-                HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT, True, False, ROUND_BF16,
+                HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT, True, False, False,
+                ROUND_BF16,
             )  # fmt: skip
         if not PROB_TARGET:
             _write_target_grad(
-                grad_ptr + gstart, col, here, z_t, row_max, inv_sum, coef, row_scale, w_target,
-                label_smoothing, smooth_c, inv_softcap, HAS_SOFTCAP, ROUND_BF16,
+                grad_ptr + gstart, col, here, z_t, row_max, k, 0.0, row_scale, w_target,
+                label_smoothing, smooth_c, inv_softcap, HAS_SOFTCAP, False, ROUND_BF16,
             )  # fmt: skip
 
     if REDUCE != 0:
@@ -723,6 +815,9 @@ def _xent_bwd_kernel(
     den_ptr,
     grad_ptr,
     target_grad_ptr,
+    dentropy_ptr,
+    entropy_ptr,
+    row_weight_ptr,
     # sizes
     n_cols,
     class_offset,
@@ -735,6 +830,8 @@ def _xent_bwd_kernel(
     stride_dloss,
     stride_grad_row,
     stride_target_grad_row,
+    stride_dentropy,
+    stride_row_weight,
     # options
     ignore_index,
     label_smoothing,
@@ -755,6 +852,9 @@ def _xent_bwd_kernel(
     HAS_SOFTCAP: tl.constexpr,
     WRITE_DX: tl.constexpr,
     WRITE_DT: tl.constexpr,
+    ENT_GRAD: tl.constexpr,
+    ROW_WEIGHT: tl.constexpr,
+    LOGPROB: tl.constexpr,
     ROUND_BF16: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -768,6 +868,14 @@ def _xent_bwd_kernel(
         row_scale = g
         if REDUCE == 2:
             row_scale = row_scale * _rcp(tl.load(den_ptr))
+        if ROW_WEIGHT:
+            row_scale = row_scale * tl.load(row_weight_ptr + row * stride_row_weight).to(tl.float32)
+        if LOGPROB:
+            row_scale = -row_scale  # the loss is -log p
+        # The entropy's incoming gradient, masked like the loss's.
+        hs = 0.0
+        if ENT_GRAD:
+            hs = tl.load(dentropy_ptr + row * stride_dentropy).to(tl.float32)
         start = offset0 + row * stride_logits_row
         body0, head, body, tail = _row_layout(start, n_cols, VEC, EDGES)
         x_row_ptr = logits_ptr + start
@@ -780,6 +888,8 @@ def _xent_bwd_kernel(
                 class_offset, n_classes, ignore_index, HAS_WEIGHT,
             )  # fmt: skip
             row_scale = _class_row_scale(row_scale, valid, ignored)
+            if ENT_GRAD:
+                hs = _class_row_scale(hs, valid, ignored)
         gstart = offset0 + row * stride_grad_row
         g_body = grad_ptr + _row_layout(gstart, n_cols, VEC, EDGES)[0]
         row_max = tl.load(stats_ptr + row)
@@ -790,24 +900,33 @@ def _xent_bwd_kernel(
         row_scale = row_scale * logit_scale
         inv_sum = _exp2(-log_sum * LOG2E)
         k = tl.where(row_scale == 0.0, 0.0, coef * row_scale * inv_sum)
-        if (row_scale == 0.0) and (not WRITE_DT):
+        zero_row = row_scale == 0.0
+        k2 = 0.0
+        if ENT_GRAD:
+            # d entropy / dz = -p (z - lse + entropy) = -p ((z - max) + entropy - log_sum)
+            hs = hs * logit_scale
+            k2 = -hs * inv_sum
+            entropy = tl.load(entropy_ptr + row)
+            k += tl.where(hs == 0.0, 0.0, k2 * (entropy - log_sum))
+            zero_row = zero_row & (hs == 0.0)
+        if zero_row and (not WRITE_DT):
             _zero_row(grad_ptr + gstart, g_body, head, body, tail, BLOCK, VEC, EDGES,
                       SINGLE_BLOCK)  # fmt: skip
         else:
             _grad_pass(
                 x_row_ptr, grad_ptr + gstart, target_grad_ptr + row * stride_target_grad_row,
                 logits_ptr + body0, g_body, weight_ptr, t_cols_ptr, head, body, tail, row_max,
-                row_max + log_sum, k, dt_scale, label_smoothing, label_smoothing / n_classes,
+                row_max + log_sum, k, k2, dt_scale, label_smoothing, label_smoothing / n_classes,
                 row_scale, logit_scale, softcap, inv_softcap, BLOCK, VEC, EDGES, SINGLE_BLOCK,
                 SCALE, HAS_SOFTCAP, HAS_SMOOTHING, PROB_TARGET, HAS_WEIGHT, WRITE_DX, WRITE_DT,
-                ROUND_BF16,
+                ENT_GRAD, ROUND_BF16,
             )  # fmt: skip
         if not PROB_TARGET:
             z_t = _transform(x_t, True, logit_scale, softcap, inv_softcap, SCALE, HAS_SOFTCAP,
                              False)  # fmt: skip
             _write_target_grad(
-                grad_ptr + gstart, col, here, z_t, row_max, inv_sum, coef, row_scale, w_target,
-                label_smoothing, label_smoothing / n_classes, inv_softcap, HAS_SOFTCAP,
+                grad_ptr + gstart, col, here, z_t, row_max, k, k2, row_scale, w_target,
+                label_smoothing, label_smoothing / n_classes, inv_softcap, HAS_SOFTCAP, ENT_GRAD,
                 ROUND_BF16,
             )  # fmt: skip
 
@@ -913,10 +1032,12 @@ def _row_args(logits: torch.Tensor, grad: torch.Tensor | None):
     return x_base, g_base, lead, vec, edges
 
 
-def _common_args(logits, target, opts, consts):
+def _common_args(logits, target, opts, consts, per_row=None):
+    """``consts``: the option constexprs, which pick the launch configuration; ``per_row``:
+    constexprs of per-row work only (a token weight, the sign of a log-prob), which do not."""
     block, num_warps = _row_config(logits.shape[1], logits.dtype, consts)
     softcap = opts.softcap if opts.softcap is not None else 1.0
-    meta = dict(BLOCK=block, num_warps=num_warps, **consts)
+    meta = dict(BLOCK=block, num_warps=num_warps, **consts, **(per_row or {}))
     return block, softcap, meta
 
 
@@ -945,7 +1066,8 @@ def xent_prologue(target, opts, n_cols, reduction, den, counter) -> None:
 
 def xent_forward(
     logits, target, opts, loss, stats, grad=None, grad_scale=None, reduction="none",
-    total=None, den=None, counter=None,
+    total=None, den=None, counter=None, entropy=None, predicted=None, row_weight=None,
+    logprob=False,
 ) -> None:  # fmt: skip
     """Per-row loss and statistics; the gradient when ``grad`` is given; the reduced loss when
     ``reduction`` is "mean" or "sum".
@@ -964,13 +1086,23 @@ def xent_forward(
             tensor on the logits' device).
         reduction: with "mean" / "sum", ``total`` (float32, 1 element) receives the reduced
             loss; ``den`` and ``counter`` come from :func:`xent_prologue`, run just before.
+        entropy: optional (N,) float32 output, each row's entropy ``lse - sum(p z)``; with
+            ``logprob`` masked like the loss (0 on ignored rows, NaN on invalid targets).
+        predicted: optional (N,) int64 output, each row's argmax class (lowest on ties; plus
+            ``opts.class_offset``).
+        row_weight: optional (N,) floating per-row weight of the loss (and of its gradient).
+        logprob: the per-row output is ``log p(target) = -loss`` (a class-index target, no
+            smoothing), its gradient that of ``log p``.
     """
     _check_launchable(logits)
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
     consts = _option_constexprs(target, opts)
-    block, softcap, meta = _common_args(logits, target, opts, consts)
+    consts.update(ENTROPY=0 if entropy is None else 2 if logprob else 1,
+                  PREDICT=predicted is not None)  # fmt: skip
+    per_row = dict(ROW_WEIGHT=row_weight is not None, LOGPROB=logprob)
+    block, softcap, meta = _common_args(logits, target, opts, consts, per_row)
     write_grad = grad is not None
     x_base, g_base, lead, vec, edges = _row_args(logits, grad)
     reduce = _REDUCE_CODE[reduction]
@@ -986,6 +1118,9 @@ def xent_forward(
             total if reduce else loss,
             den if reduce == MEAN else loss,
             counter if reduce else loss,
+            entropy if entropy is not None else loss,  # unwritten without ENTROPY
+            predicted if predicted is not None else loss,  # unwritten without PREDICT
+            row_weight if row_weight is not None else loss,  # unread without ROW_WEIGHT
             n_rows,
             n_cols,
             opts.class_offset,
@@ -995,6 +1130,7 @@ def xent_forward(
             target.stride(0),
             stats.stride(0),
             grad.stride(0) if write_grad else 0,
+            row_weight.stride(0) if row_weight is not None and n_rows > 1 else 0,
             opts.ignore_index,
             opts.label_smoothing,
             opts.lse_square_scale,
@@ -1015,7 +1151,7 @@ def xent_forward(
 
 def xent_backward(
     logits, target, opts, stats, dloss, grad, reduction="none", den=None, skip_if_one=False,
-    target_grad=None,
+    target_grad=None, dentropy=None, entropy=None, row_weight=None, logprob=False,
 ) -> None:  # fmt: skip
     """grad = d(loss) / d logits, from the forward's per-row statistics, rounded once.
 
@@ -1031,13 +1167,19 @@ def xent_backward(
         target_grad: optional (N, C) output for the gradient with respect to a probability
             target, ``-(1 - eps) * w * log p`` times the incoming gradient. ``grad`` may then be
             None (the logits need no gradient).
+        dentropy, entropy: optional (N,) incoming gradient of the rows' entropies and the
+            entropies from :func:`xent_forward` (``logprob`` mode: masked): their gradient is
+            added, ``-p (z - lse + entropy)`` per row.
+        row_weight, logprob: as given to :func:`xent_forward`.
     """
     _check_launchable(logits)
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
     consts = _option_constexprs(target, opts)
-    block, softcap, meta = _common_args(logits, target, opts, consts)
+    consts.update(ENT_GRAD=dentropy is not None)
+    per_row = dict(ROW_WEIGHT=row_weight is not None, LOGPROB=logprob)
+    block, softcap, meta = _common_args(logits, target, opts, consts, per_row)
     x_base, g_base, lead, vec, edges = _row_args(logits, grad)
     reduce = _REDUCE_CODE[reduction]
     with torch.cuda.device(logits.device) if logits.is_cuda else nullcontext():
@@ -1050,6 +1192,9 @@ def xent_backward(
             den if reduce == MEAN else stats,
             g_base if grad is not None else logits,  # unwritten without WRITE_DX
             target_grad if target_grad is not None else stats,  # unwritten without WRITE_DT
+            dentropy if dentropy is not None else stats,  # unread without ENT_GRAD
+            entropy if entropy is not None else stats,
+            row_weight if row_weight is not None else stats,  # unread without ROW_WEIGHT
             n_cols,
             opts.class_offset,
             opts.n_classes or n_cols,
@@ -1060,6 +1205,8 @@ def xent_backward(
             dloss.stride(0) if dloss.dim() else 0,
             grad.stride(0) if grad is not None else 0,
             target_grad.stride(0) if target_grad is not None else 0,
+            dentropy.stride(0) if dentropy is not None and n_rows > 1 else 0,
+            row_weight.stride(0) if row_weight is not None and n_rows > 1 else 0,
             opts.ignore_index,
             opts.label_smoothing,
             opts.logit_scale,
