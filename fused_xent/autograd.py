@@ -337,16 +337,22 @@ def _chunk_logits(hidden, weight, bias, start, end):
     return torch.addmm(bias, hidden[start:end], weight.t())
 
 
+def _part(t, rows):
+    return None if t is None else t[rows]
+
+
 def linear_loss_rows(hidden, weight, bias, target, opts, chunk_size, backend, entropy=None,
-                     logprob=False):  # fmt: skip
+                     logprob=False, predicted=None, row_weight=None):  # fmt: skip
     """Per-row loss and statistics of hidden @ weight.T + bias, one chunk of logits at a time
-    (with ``logprob``: log p(target) instead of the loss; ``entropy``: (N,) output)."""
+    (with ``logprob``: log p(target) instead of the loss; ``entropy``, ``predicted``: (N,)
+    outputs; ``row_weight``: per-row weights of the loss)."""
     loss, stats = _row_outputs(hidden)
     for start, end in _chunks(hidden.shape[0], chunk_size):
+        rows = slice(start, end)
         logits = _chunk_logits(hidden, weight, bias, start, end)
         backend.xent_forward(
-            logits, target[start:end], opts, loss[start:end], stats[:, start:end],
-            entropy=None if entropy is None else entropy[start:end], logprob=logprob,
+            logits, target[rows], opts, loss[rows], stats[:, rows], entropy=_part(entropy, rows),
+            predicted=_part(predicted, rows), row_weight=_part(row_weight, rows), logprob=logprob,
         )  # fmt: skip
     return loss, stats
 
@@ -357,13 +363,18 @@ def _reduce(loss, reduction, den):
     return loss.sum() if reduction == "sum" else loss.sum() / den
 
 
-def linear_forward_no_grad(hidden, weight, bias, target, opts, reduction, chunk_size, backend):
-    """(loss, lse) alone: each chunk's logits are read once, no gradient written."""
-    loss, stats = linear_loss_rows(hidden, weight, bias, target, opts, chunk_size, backend)
+def linear_forward_no_grad(hidden, weight, bias, target, opts, reduction, chunk_size, backend,
+                           row_weight=None, return_stats=False):  # fmt: skip
+    """(loss, lse) alone (and entropy, predicted with ``return_stats``): each chunk's logits are
+    read once, no gradient written."""
+    entropy, predicted = token_stats_outputs(hidden) if return_stats else (None, None)
+    loss, stats = linear_loss_rows(hidden, weight, bias, target, opts, chunk_size, backend,
+                                   entropy, False, predicted, row_weight)  # fmt: skip
     den = None
     if reduction == "mean":
         den = mean_denominator(target, opts, weight.shape[0], loss.dtype)
-    return _reduce(loss, reduction, den), lse_of(stats)
+    extra = (entropy, predicted) if return_stats else ()
+    return (_reduce(loss, reduction, den), lse_of(stats), *extra)
 
 
 def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -498,9 +509,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hidden, weight, bias, target, opts, reduction, chunk_size, fp32_wgrad, backend
-    ):
+        ctx, hidden, weight, bias, target, opts, reduction, chunk_size, fp32_wgrad, backend,
+        row_weight=None, return_stats=False,
+    ):  # fmt: skip
         vocab = weight.shape[0]
+        entropy, predicted = token_stats_outputs(hidden) if return_stats else (None, None)
         ctx.backend, ctx.opts, ctx.chunk_size, ctx.fp32_wgrad = (
             backend,
             opts,
@@ -519,28 +532,29 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 den = mean_denominator(target, opts, vocab, loss.dtype)
             grads, ctx.w_scale = _linear_xent_grads(
                 hidden, weight, bias, target, opts, chunk_size, fp32_wgrad, backend,
-                ctx.needs_input_grad[:3], loss=loss, stats=stats,
+                ctx.needs_input_grad[:3], loss=loss, stats=stats, entropy=entropy,
+                predicted=predicted, row_weight=row_weight,
             )  # fmt: skip
             save_forward_grads(ctx, (*grads, den))
         else:
-            loss, stats = linear_loss_rows(hidden, weight, bias, target, opts, chunk_size, backend)
+            loss, stats = linear_loss_rows(hidden, weight, bias, target, opts, chunk_size, backend,
+                                           entropy, False, predicted, row_weight)  # fmt: skip
             if reduction == "mean":
                 den = mean_denominator(target, opts, vocab, loss.dtype)
-            ctx.save_for_backward(hidden, weight, bias, target, stats, den)
-        lse = lse_of(stats)
-        ctx.mark_non_differentiable(lse)
-        return _reduce(loss, reduction, den), lse
+            ctx.save_for_backward(hidden, weight, bias, target, stats, den, row_weight)
+        extra = (lse_of(stats), *((entropy, predicted) if return_stats else ()))
+        ctx.mark_non_differentiable(*extra)
+        return (_reduce(loss, reduction, den), *extra)
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_lse):
-        del grad_lse
+    def backward(ctx, grad_loss, *unused):
         refuse_double_backward()
         d_target = None
         if ctx.fused:
             *grads, den = take_forward_grads(ctx, "linear_cross_entropy")
             scale = mean_scale(grad_loss, den)
         else:
-            hidden, weight, bias, target, stats, den = ctx.saved_tensors
+            hidden, weight, bias, target, stats, den, row_weight = ctx.saved_tensors
             if ctx.reduction != "none":
                 grad_loss = mean_scale(grad_loss, den).expand(hidden.shape[0])
             dloss, scale = row_scale(grad_loss)
@@ -549,17 +563,18 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             grads, ctx.w_scale = _linear_xent_grads(
                 hidden, weight, bias, target, ctx.opts, ctx.chunk_size, ctx.fp32_wgrad,
                 ctx.backend, ctx.needs_input_grad[:3], stats=stats, dloss=dloss,
-                target_grad=d_target,
+                target_grad=d_target, row_weight=row_weight,
             )  # fmt: skip
             if d_target is not None:
                 d_target.mul_(scale.to(d_target.dtype))  # a power of two: exact
         grads = finish_linear_grads(grads, scale, ctx.dtypes, ctx.w_scale)
-        return (*grads, d_target, None, None, None, None, None)
+        return (*grads, d_target, None, None, None, None, None, None, None)
 
 
 def _linear_xent_grads(
     hidden, weight, bias, target, opts, chunk_size, fp32_wgrad, backend, need, *, loss=None,
     stats=None, dloss=None, target_grad=None, dentropy=None, entropy=None, logprob=False,
+    predicted=None, row_weight=None,
 ):  # fmt: skip
     """The accumulators (d_hidden, d_weight, d_bias) over chunks of rows, and d_weight's
     :func:`weight_sum_scale`.
@@ -567,7 +582,8 @@ def _linear_xent_grads(
     With ``loss`` given (the fused forward) each chunk's loss and statistics are written and its
     gradient is that of the per-row losses; otherwise (the backward of "none") the forward's
     ``stats`` and the per-row ``dloss`` give it (with ``dentropy``, ``entropy`` and ``logprob``
-    as the kernels' backward takes them).
+    as the kernels' backward takes them). ``row_weight`` weighs the rows' losses either way; the
+    fused forward also fills ``entropy`` and ``predicted`` when given.
     """
     grads = linear_grad_buffers(hidden, weight, bias, need, fp32_wgrad)
     n_rows = hidden.shape[0]
@@ -576,13 +592,16 @@ def _linear_xent_grads(
         logits = _chunk_logits(hidden, weight, bias, start, end)
         rows = slice(start, end)
         if loss is not None:
-            backend.xent_forward(logits, target[rows], opts, loss[rows], stats[:, rows], logits)
+            backend.xent_forward(
+                logits, target[rows], opts, loss[rows], stats[:, rows], logits,
+                entropy=_part(entropy, rows), predicted=_part(predicted, rows),
+                row_weight=_part(row_weight, rows),
+            )  # fmt: skip
         else:
             backend.xent_backward(
                 logits, target[rows], opts, stats[:, rows], dloss[rows], logits,
-                target_grad=None if target_grad is None else target_grad[rows],
-                dentropy=None if dentropy is None else dentropy[rows],
-                entropy=None if entropy is None else entropy[rows], logprob=logprob,
+                target_grad=_part(target_grad, rows), dentropy=_part(dentropy, rows),
+                entropy=_part(entropy, rows), row_weight=_part(row_weight, rows), logprob=logprob,
             )  # fmt: skip
         # logits now hold d(loss)/d(logits) of this chunk.
         accumulate_chunk_grads(grads, logits, hidden, weight, rows, start == 0, w_scale)

@@ -299,26 +299,33 @@ class ShardedTokenLogprobFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
-def _sharded_linear_pass(hidden, weight, bias, target, opts, chunk_size, backend, group, grads):
+def _sharded_linear_pass(hidden, weight, bias, target, opts, chunk_size, backend, group, grads,
+                         row_weight=None, token_stats=None):  # fmt: skip
     """One pass over the chunks: the global per-row loss and statistics, and, when ``grads`` is
     given as (accumulators from ``linear_grad_buffers``, d_weight's ``weight_sum_scale``, per-row
     incoming gradient), this rank's accumulated gradients (d_hidden still to be summed over the
-    ranks), as the unsharded pass: the chunk gradients are not divided by the denominator."""
-    n_rows, n_local = hidden.shape[0], weight.shape[0]
+    ranks), as the unsharded pass: the chunk gradients are not divided by the denominator.
+    ``row_weight`` weighs the rows' losses; ``token_stats``: (entropy, predicted) outputs."""
+    n_rows = hidden.shape[0]
     loss, stats = _row_outputs(hidden)
     denominator = torch.zeros((), dtype=loss.dtype, device=hidden.device)
     for start, end in _chunks(n_rows, chunk_size):
         rows = slice(start, end)
         logits = _chunk_logits(hidden, weight, bias, start, end)
-        loss_r, stats_r = _local_forward(logits, target[rows], opts, backend)
-        loss[rows], stats[:, rows], den = combine(
-            loss_r, stats_r, target[rows], opts, group, n_local
+        loss[rows], stats[:, rows], den, chunk_stats = _sharded_rows(
+            logits, target[rows], opts, backend, group, token_stats is not None
         )
+        chunk_weight = None if row_weight is None else row_weight[rows]
+        if chunk_weight is not None:
+            loss[rows] *= chunk_weight
+        if token_stats is not None:
+            token_stats[0][rows], token_stats[1][rows] = chunk_stats
         denominator += den
         if grads is None:
             continue
         bufs, w_scale, dloss = grads
-        backend.xent_backward(logits, target[rows], opts, stats[:, rows], dloss[rows], logits)
+        backend.xent_backward(logits, target[rows], opts, stats[:, rows], dloss[rows], logits,
+                              row_weight=chunk_weight)  # fmt: skip
         accumulate_chunk_grads(bufs, logits, hidden, weight, rows, start == 0, w_scale)
     if grads is not None and n_rows == 0:
         zero_unwritten(grads[0])
@@ -345,9 +352,11 @@ class ShardedLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hidden, weight, bias, target, opts, reduction, chunk_size, fp32_wgrad, backend, group
-    ):
+        ctx, hidden, weight, bias, target, opts, reduction, chunk_size, fp32_wgrad, backend, group,
+        row_weight=None, return_stats=False,
+    ):  # fmt: skip
         need = tuple(ctx.needs_input_grad[:3])
+        token_stats = token_stats_outputs(hidden) if return_stats else None
         ctx.opts, ctx.reduction, ctx.backend, ctx.group = opts, reduction, backend, group
         ctx.chunk_size, ctx.fp32_wgrad = chunk_size, fp32_wgrad
         ctx.dtypes = _param_dtypes(hidden, weight, bias)
@@ -360,28 +369,28 @@ class ShardedLinearCrossEntropyFunction(torch.autograd.Function):
             ones = torch.ones(hidden.shape[0], dtype=torch.float32, device=hidden.device)
             loss, stats, denominator = _sharded_linear_pass(
                 hidden, weight, bias, target, opts, chunk_size, backend, group,
-                (bufs, ctx.w_scale, ones),
+                (bufs, ctx.w_scale, ones), row_weight, token_stats,
             )  # fmt: skip
             _sum_hidden_grad(bufs, group)
             save_forward_grads(ctx, (*bufs, denominator if reduction == "mean" else None))
         else:
             loss, stats, denominator = _sharded_linear_pass(
-                hidden, weight, bias, target, opts, chunk_size, backend, group, None
-            )
-            ctx.save_for_backward(hidden, weight, bias, target)
-        lse = stats[0] + stats[1]
-        ctx.mark_non_differentiable(lse)
-        return _reduced(loss, denominator, reduction), lse
+                hidden, weight, bias, target, opts, chunk_size, backend, group, None, row_weight,
+                token_stats,
+            )  # fmt: skip
+            ctx.save_for_backward(hidden, weight, bias, target, row_weight)
+        extra = (stats[0] + stats[1], *(token_stats or ()))
+        ctx.mark_non_differentiable(*extra)
+        return (_reduced(loss, denominator, reduction), *extra)
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_lse):
-        del grad_lse
+    def backward(ctx, grad_loss, *unused):
         refuse_double_backward()
         if ctx.fused:
             *bufs, den = take_forward_grads(ctx, "linear_cross_entropy")
             scale = mean_scale(grad_loss, den)
         else:
-            hidden, weight, bias, target = ctx.saved_tensors
+            hidden, weight, bias, target, row_weight = ctx.saved_tensors
             bufs = linear_grad_buffers(
                 hidden, weight, bias, ctx.needs_input_grad[:3], ctx.fp32_wgrad
             )
@@ -389,7 +398,7 @@ class ShardedLinearCrossEntropyFunction(torch.autograd.Function):
             dloss, scale = row_scale(grad_loss)
             _sharded_linear_pass(
                 hidden, weight, bias, target, ctx.opts, ctx.chunk_size, ctx.backend, ctx.group,
-                (bufs, ctx.w_scale, dloss),
+                (bufs, ctx.w_scale, dloss), row_weight,
             )  # fmt: skip
             if bufs[0] is not None:
                 # Each rank's share at its own scale (a power of two: exact) before the sum, in
@@ -398,16 +407,18 @@ class ShardedLinearCrossEntropyFunction(torch.autograd.Function):
                 _sum_hidden_grad(bufs, ctx.group)
             scale = (None, scale, scale)
         grads = finish_linear_grads(bufs, scale, ctx.dtypes, ctx.w_scale)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 def sharded_linear_forward_no_grad(
-    hidden, weight, bias, target, opts, reduction, chunk, backend, group
-):
+    hidden, weight, bias, target, opts, reduction, chunk, backend, group, row_weight=None,
+    return_stats=False,
+):  # fmt: skip
+    token_stats = token_stats_outputs(hidden) if return_stats else None
     loss, stats, denominator = _sharded_linear_pass(
-        hidden, weight, bias, target, opts, chunk, backend, group, None
+        hidden, weight, bias, target, opts, chunk, backend, group, None, row_weight, token_stats
     )
-    return _reduced(loss, denominator, reduction), stats[0] + stats[1]
+    return (_reduced(loss, denominator, reduction), stats[0] + stats[1], *(token_stats or ()))
 
 
 # --------------------------------------------------------------------------------------------

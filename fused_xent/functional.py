@@ -514,9 +514,11 @@ class _MeanOverPositions(torch.autograd.Function):
         return torch.where(den == 0, torch.zeros_like(grad), grad / den), None
 
 
-def _linear_2d(hidden, head, bias, target, opts, reduction, chunk_size, fp32, backend, group):
+def _linear_2d(hidden, head, bias, target, opts, reduction, chunk_size, fp32, backend, group,
+               row_weight=None, return_stats=False):  # fmt: skip
     """(loss, lse) of ``cross_entropy(hidden @ head.T + bias, target)``, hidden (N, D), head
-    (C, D), target (N,) indices or (N, C) probabilities, over chunks of rows."""
+    (C, D), target (N,) indices or (N, C) probabilities, over chunks of rows; with
+    ``return_stats`` also (entropy, predicted)."""
     if target.is_floating_point() and backend is not ops.REFERENCE and target.shape[1] > 1:
         if target.stride(1) != 1:  # the kernels stride over rows, not over classes
             target = target.contiguous()
@@ -526,16 +528,20 @@ def _linear_2d(hidden, head, bias, target, opts, reduction, chunk_size, fp32, ba
     if group is not None:
         if wants_grad:
             return distributed.ShardedLinearCrossEntropyFunction.apply(
-                hidden, head, bias, target, opts, reduction, chunk_size, fp32, backend, group
-            )
+                hidden, head, bias, target, opts, reduction, chunk_size, fp32, backend, group,
+                row_weight, return_stats,
+            )  # fmt: skip
         return distributed.sharded_linear_forward_no_grad(
-            hidden, head, bias, target, opts, reduction, chunk_size, backend, group
-        )
+            hidden, head, bias, target, opts, reduction, chunk_size, backend, group, row_weight,
+            return_stats,
+        )  # fmt: skip
     if wants_grad:
         return LinearCrossEntropyFunction.apply(
-            hidden, head, bias, target, opts, reduction, chunk_size, fp32, backend
-        )
-    return linear_forward_no_grad(hidden, head, bias, target, opts, reduction, chunk_size, backend)
+            hidden, head, bias, target, opts, reduction, chunk_size, fp32, backend, row_weight,
+            return_stats,
+        )  # fmt: skip
+    return linear_forward_no_grad(hidden, head, bias, target, opts, reduction, chunk_size, backend,
+                                  row_weight, return_stats)  # fmt: skip
 
 
 def linear_cross_entropy(
@@ -553,6 +559,8 @@ def linear_cross_entropy(
     softcap: float | None = None,
     logit_scale: float = 1.0,
     return_lse: bool = False,
+    return_stats: bool = False,
+    token_weight: torch.Tensor | None = None,
     chunk_size: int | None = None,
     fp32_weight_grad: bool = True,
     process_group=None,
@@ -589,7 +597,8 @@ def linear_cross_entropy(
         options: a ``torch.nn.LinearCrossEntropyOptions`` or None. Every call is chunked here;
             its ``batch_chunk_size`` (or an explicit ``chunking_method="aspect_ratio[:k]"``)
             sets ``chunk_size``; its other fields have no counterpart and are ignored.
-        lse_square_scale, softcap, logit_scale, return_lse, impl: as :func:`cross_entropy`.
+        lse_square_scale, softcap, logit_scale, return_lse, return_stats, token_weight, impl:
+            as :func:`cross_entropy` (``return_stats`` and ``token_weight`` with a (C, D) head).
         chunk_size: rows per chunk. ``None`` picks them from the shapes alone (the same on
             every call; nothing asks the device, so it is safe in a CUDA graph capture): the
             fewest rows, a multiple of 128, for which the float32 weight-gradient accumulator,
@@ -617,7 +626,8 @@ def linear_cross_entropy(
 
     Returns:
         The loss (0-dim, or the target's shape for "none": (*input.shape[:-1], d1, ..., dK));
-        with ``return_lse`` ``(loss, lse)``, lse of that "none" shape.
+        with ``return_lse`` and/or ``return_stats`` a tuple ``(loss, lse, stats)`` of what was
+        asked for, in that order, each of that "none" shape.
 
     For "mean"/"sum" all gradients are accumulated during the forward and the float32
     accumulators live until the backward, which makes each gradient as ``acc * (g / den)`` in one
@@ -667,15 +677,30 @@ def linear_cross_entropy(
         chunk_size = pick_chunk_size(n_rows, n_classes, dim, input.dtype, backend is not ops.TRITON)
     fp32 = bool(fp32_weight_grad)
     lead = tuple(input.shape[:-1])
+    if out_features and (return_stats or token_weight is not None):
+        raise ValueError(
+            "return_stats and token_weight need a (C, D) linear_weight, got a K-dimensional "
+            f"head {tuple(linear_weight.shape)}"
+        )
     if not out_features:
+        _check_token_weight(token_weight, target, lead)
         rows_target = target.reshape(-1, n_classes) if prob_target else target.reshape(-1)
-        loss, lse = _linear_2d(
+        out = _linear_2d(
             hidden, linear_weight, linear_bias, rows_target, opts, reduction, chunk_size, fp32,
-            backend, process_group,
+            backend, process_group, None if token_weight is None else token_weight.reshape(-1),
+            return_stats,
         )  # fmt: skip
+        loss, lse = out[0], out[1]
         if reduction == "none":
             loss = loss.reshape(lead)
-        return (loss, lse.reshape(lead)) if return_lse else loss
+        result = (loss,)
+        if return_lse:
+            result += (lse.reshape(lead),)
+        if return_stats:
+            entropy, predicted = out[2:]
+            result += (TokenStats(lse.reshape(lead), entropy.reshape(lead),
+                                  predicted.reshape(lead)),)  # fmt: skip
+        return result if len(result) > 1 else loss
     # K-dimensional: position j of the P = d1 x ... x dK positions is a linear cross-entropy with
     # head linear_weight[:, j] (and bias linear_bias[:, j]) over the N rows.
     n_pos = math.prod(out_features)
