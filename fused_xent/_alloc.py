@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import torch
 
-# Tests set this to True: every output then starts as NaN, and an element a kernel forgot to write
-# fails the comparison instead of passing on whatever the allocator left there.
+# Tests set this to True: every output then starts as NaN (-1 for integer outputs), and an element a
+# kernel forgot to write fails the comparison instead of passing on whatever the allocator left.
 POISON = False
 
 
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     out = torch.empty(shape, dtype=dtype, device=device)
-    return out.fill_(float("nan")) if POISON else out
+    if not POISON:
+        return out
+    return out.fill_(float("nan") if dtype.is_floating_point else -1)
 
 
 def empty_like(t: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,7 @@ def token_stats_outputs(logits):
     n_rows, device = logits.shape[0], logits.device
     return (
         _alloc.empty((n_rows,), _loss_dtype(logits), device),
-        torch.empty((n_rows,), dtype=torch.int64, device=device),
+        _alloc.empty((n_rows,), torch.int64, device),
     )
 
 

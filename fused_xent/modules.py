@@ -27,12 +27,14 @@ class CrossEntropyLoss(torch.nn.Module):
         softcap: float | None = None,
         logit_scale: float = 1.0,
         return_lse: bool = False,
+        return_stats: bool = False,
         inplace_backward: bool = False,
         process_group=None,
         impl: str = "auto",
     ) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
+        self.return_stats = return_stats
         self.process_group = process_group
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -44,7 +46,8 @@ class CrossEntropyLoss(torch.nn.Module):
         self.inplace_backward = inplace_backward
         self.impl = impl
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor):
+    def forward(self, input: torch.Tensor, target: torch.Tensor, token_weight=None):
+        """``token_weight``: optional per-position weights (see :func:`cross_entropy`)."""
         return cross_entropy(
             input,
             target,
@@ -56,6 +59,8 @@ class CrossEntropyLoss(torch.nn.Module):
             softcap=self.softcap,
             logit_scale=self.logit_scale,
             return_lse=self.return_lse,
+            return_stats=self.return_stats,
+            token_weight=token_weight,
             inplace_backward=self.inplace_backward,
             process_group=self.process_group,
             impl=self.impl,
@@ -69,6 +74,7 @@ class CrossEntropyLoss(torch.nn.Module):
             ("softcap", None),
             ("logit_scale", 1.0),
             ("return_lse", False),
+            ("return_stats", False),
             ("inplace_backward", False),
             ("impl", "auto"),
         ):
@@ -88,8 +94,9 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     buffer ``weight``; a ``state_dict`` loads into either module. ``forward(input, target)``.
 
     The extras (``lse_square_scale``, ``softcap``, ``logit_scale``, ``return_lse``,
-    ``chunk_size``, ``fp32_weight_grad``, ``process_group``, ``impl``) are as in
-    :func:`fused_xent.linear_cross_entropy`; with ``process_group`` ``num_classes`` is this rank's
+    ``return_stats``, ``chunk_size``, ``fp32_weight_grad``, ``process_group``, ``impl``) are as in
+    :func:`fused_xent.linear_cross_entropy` (``forward(input, target, token_weight=None)``); with
+    ``process_group`` ``num_classes`` is this rank's
     slice of the classes. To keep the head elsewhere (tied embeddings, your own ``nn.Linear``),
     call the functional form with its weight.
     """
@@ -112,6 +119,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         softcap: float | None = None,
         logit_scale: float = 1.0,
         return_lse: bool = False,
+        return_stats: bool = False,
         chunk_size: int | None = None,
         fp32_weight_grad: bool = True,
         process_group=None,
@@ -151,12 +159,14 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.softcap = softcap
         self.logit_scale = logit_scale
         self.return_lse = return_lse
+        self.return_stats = return_stats
         self.chunk_size = chunk_size
         self.fp32_weight_grad = fp32_weight_grad
         self.process_group = process_group
         self.impl = impl
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor):
+    def forward(self, input: torch.Tensor, target: torch.Tensor, token_weight=None):
+        """``token_weight``: optional per-position weights (see :func:`linear_cross_entropy`)."""
         linear_weight = self.linear.weight.reshape(
             (self.num_classes, *self.out_features, self.linear.in_features)
         )
@@ -177,6 +187,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
             softcap=self.softcap,
             logit_scale=self.logit_scale,
             return_lse=self.return_lse,
+            return_stats=self.return_stats,
+            token_weight=token_weight,
             chunk_size=self.chunk_size,
             fp32_weight_grad=self.fp32_weight_grad,
             process_group=self.process_group,
@@ -199,6 +211,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
             ("softcap", None),
             ("logit_scale", 1.0),
             ("return_lse", False),
+            ("return_stats", False),
             ("chunk_size", None),
             ("fp32_weight_grad", True),
             ("impl", "auto"),

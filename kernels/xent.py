@@ -234,6 +234,13 @@ def _option_sums(z, w, t, mask, shift, sum_w, sum_wz, sum_wt, sum_wtz,
 
 
 @triton.jit
+def _finite_below(d):
+    """z - max with -inf (a masked class: e = 0) raised to -1e4, where e is 0 all the same, so
+    that e * (k + k2 * d) is 0 and not 0 * inf; NaN stays NaN in e."""
+    return tl.maximum(d, -1.0e4)
+
+
+@triton.jit
 def _grad(e, z, w, t, k, label_smoothing, smooth_c, row_scale, inv_softcap, row_max, k2,
           HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, PROB_TARGET: tl.constexpr,
           HAS_WEIGHT: tl.constexpr, ENT_GRAD: tl.constexpr):  # fmt: skip
@@ -244,7 +251,7 @@ def _grad(e, z, w, t, k, label_smoothing, smooth_c, row_scale, inv_softcap, row_
     the entropy's constant term as well.
     """
     if ENT_GRAD:
-        dx = e * tl.fma(k2, z - row_max, k)
+        dx = e * tl.fma(k2, _finite_below(z - row_max), k)
     else:
         dx = e * k
     if PROB_TARGET:
@@ -336,7 +343,7 @@ def _write_target_grad(g_row_ptr, col, here, z_t, row_max, k, k2, row_scale, w_t
     formula (``k``, ``k2`` as in ``_grad``) and the one-hot term."""
     e_t = _exp2((z_t - row_max) * LOG2E)
     if ENT_GRAD:
-        e_t = e_t * tl.fma(k2, z_t - row_max, k)
+        e_t = e_t * tl.fma(k2, _finite_below(z_t - row_max), k)
     else:
         e_t = e_t * k
     dx_t = e_t - ((1.0 - label_smoothing) * w_target + smooth_c * w_target) * row_scale

@@ -239,8 +239,8 @@ def test_signature_extends_torchs():
     extras = ours[len(theirs) :]
     assert all(kind == inspect.Parameter.KEYWORD_ONLY for _, kind, _ in extras)
     assert {name for name, _, _ in extras} == {
-        "lse_square_scale", "softcap", "logit_scale", "return_lse", "chunk_size",
-        "fp32_weight_grad", "process_group", "impl",
+        "lse_square_scale", "softcap", "logit_scale", "return_lse", "return_stats",
+        "token_weight", "chunk_size", "fp32_weight_grad", "process_group", "impl",
     }  # fmt: skip
     theirs = _params(torch.nn.LinearCrossEntropyLoss.__init__)
     ours = _params(LinearCrossEntropyLoss.__init__)
