@@ -446,6 +446,16 @@ def _backward_rows(logits, target, opts, stats, dloss, grad) -> None:
 
 xent_prologue = reference.xent_prologue
 
+# The reference's dense temporaries (a dozen (rows, C) float32 tensors) fit the cache in chunks
+# of this many logits, where whole (N, C) ones would be mapped afresh on every call.
+REFERENCE_CHUNK_ELEMENTS = 1 << 18
+
+
+def _reference_chunks(logits):
+    n_rows, n_cols = logits.shape
+    step = max(1, REFERENCE_CHUNK_ELEMENTS // max(n_cols, 1))
+    return [slice(start, start + step) for start in range(0, n_rows, step)]
+
 
 @torch.no_grad()
 def xent_forward(
@@ -454,11 +464,19 @@ def xent_forward(
     logprob=False,
 ) -> None:  # fmt: skip
     """As :func:`fused_xent.kernels.xent.xent_forward`. The per-token outputs and weights
-    (entropy, argmax, token weight, log-prob) are left to the reference."""
+    (entropy, argmax, token weight, log-prob) are left to the reference, on chunks of rows."""
     if entropy is not None or predicted is not None or row_weight is not None or logprob:
-        reference.xent_forward(logits, target, opts, loss, stats, grad, grad_scale, reduction,
-                               total, den, counter, entropy, predicted, row_weight,
-                               logprob)  # fmt: skip
+        if reduction != "none":
+            reference.xent_forward(logits, target, opts, loss, stats, grad, grad_scale,
+                                   reduction, total, den, counter, entropy, predicted,
+                                   row_weight, logprob)  # fmt: skip
+            return
+        for sl in _reference_chunks(logits):
+            reference.xent_forward(
+                logits[sl], target[sl], opts, loss[sl], stats[:, sl], _part(grad, sl),
+                grad_scale, "none", None, None, None, _part(entropy, sl), _part(predicted, sl),
+                _part(row_weight, sl), logprob,
+            )  # fmt: skip
         return
     del counter
     scale = grad_scale
@@ -478,9 +496,17 @@ def xent_backward(
     """As :func:`fused_xent.kernels.xent.xent_backward` (a host read of the incoming gradient
     costs nothing on the CPU)."""
     if target_grad is not None or grad is None or dentropy is not None or row_weight is not None:
-        reference.xent_backward(logits, target, opts, stats, dloss, grad, reduction, den,
-                                skip_if_one, target_grad, dentropy, entropy, row_weight,
-                                logprob)  # fmt: skip
+        if reduction != "none":
+            reference.xent_backward(logits, target, opts, stats, dloss, grad, reduction, den,
+                                    skip_if_one, target_grad, dentropy, entropy, row_weight,
+                                    logprob)  # fmt: skip
+            return
+        for sl in _reference_chunks(logits):
+            reference.xent_backward(
+                logits[sl], target[sl], opts, stats[:, sl], _part(dloss, sl), _part(grad, sl),
+                "none", None, False, _part(target_grad, sl), _part(dentropy, sl),
+                _part(entropy, sl), _part(row_weight, sl), logprob,
+            )  # fmt: skip
         return
     if logprob:
         dloss = -dloss
