@@ -499,3 +499,24 @@ def test_linear_cross_entropy_stats_and_token_weight(small_blocks, impl, reducti
         fused_xent.linear_cross_entropy(
             h, w.reshape(v, 1, d), t.reshape(n, 1), return_stats=True, impl=impl
         )
+
+
+def test_cpu_fallback_in_chunks(monkeypatch):
+    """impl="auto" on the CPU: the reference on chunks of rows (40 logits a chunk: 1 row of 37
+    classes), for the log-probs, the stats and the token weights."""
+    from fused_xent import cpu
+
+    if DEVICE.type != "cpu":
+        pytest.skip("the CPU fallback")
+    monkeypatch.setattr(cpu, "REFERENCE_CHUNK_ELEMENTS", 40)
+    x = _logits((5, 37), torch.bfloat16, seed=42)
+    t = _ids((5,), 37, seed=42, ignored=(3,))
+    _run_and_check(x, t, "auto", temperature=0.7, softcap=6.0)
+    tw = torch.linspace(-1.0, 1.0, 5)
+    xg = x.clone().requires_grad_()
+    loss, stats = fused_xent.cross_entropy(
+        xg, t, reduction="none", token_weight=tw, return_stats=True
+    )
+    want = _weighted_oracle(x.double().requires_grad_(), t, "none", tw)
+    _check(loss, want, LOSS_RTOL, "loss")
+    _check_stats(stats, x)
