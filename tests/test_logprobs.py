@@ -520,3 +520,31 @@ def test_cpu_fallback_in_chunks(monkeypatch):
     want = _weighted_oracle(x.double().requires_grad_(), t, "none", tw)
     _check(loss, want, LOSS_RTOL, "loss")
     _check_stats(stats, x)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_compile_fullgraph_linear_and_stats(impl):
+    """The linear form and the statistics traced without graph breaks, with the eager numbers."""
+    torch._dynamo.reset()
+    h = _logits((6, 8), torch.float32, seed=43, scale=1.0)
+    w0 = _logits((30, 8), torch.float32, seed=44, scale=1.0)
+    t = _ids((6,), 30, seed=43, ignored=(2,))
+    tw = torch.linspace(0.5, 1.5, 6, device=DEVICE)
+
+    def step(h, w, t):
+        logp, entropy = fused_xent.linear_token_logprobs(
+            h, w, t, return_entropy=True, chunk_size=4, impl=impl
+        )
+        loss, stats = fused_xent.cross_entropy(
+            h @ w.t(), t, token_weight=tw, return_stats=True, impl=impl
+        )
+        return logp.sum() + entropy.sum() + loss, stats.entropy, stats.predicted
+
+    results = []
+    for fn in (torch.compile(step, fullgraph=True), step):
+        w = w0.clone().requires_grad_()
+        total, entropy, predicted = fn(h, w, t)
+        total.backward()
+        results.append((total.detach(), entropy, predicted, w.grad))
+    for got, want in zip(results[0], results[1], strict=True):
+        assert torch.equal(got, want) if got.dtype == torch.int64 else rel_err(got, want) <= 1e-6
