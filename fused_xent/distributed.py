@@ -183,15 +183,20 @@ def combine_argmax(stats_r, predicted_r, group):
     return offer
 
 
-def _sharded_rows(logits, target, opts, backend, group, return_stats):
-    """Global per-row loss, statistics, denominator, and (entropy, predicted) or None."""
-    token_stats = token_stats_outputs(logits) if return_stats else None
+def _sharded_rows(logits, target, opts, backend, group, return_stats, entropy_only=False):
+    """Global per-row loss, statistics, denominator, and (entropy, predicted) or None
+    (``entropy_only``: (entropy, None), no argmax computed or combined)."""
+    token_stats = None
+    if return_stats:
+        token_stats = token_stats_outputs(logits)
+        if entropy_only:
+            token_stats = (token_stats[0], None)
     loss_r, stats_r = _local_forward(logits, target, opts, backend, token_stats)
     loss, stats, denominator = combine(loss_r, stats_r, target, opts, group, logits.shape[1])
     if return_stats:
         token_stats = (
             combine_entropy(stats_r, token_stats[0], stats, group),
-            combine_argmax(stats_r, token_stats[1], group),
+            None if entropy_only else combine_argmax(stats_r, token_stats[1], group),
         )
     return loss, stats, denominator, token_stats
 
@@ -253,7 +258,7 @@ def sharded_token_rows(logits, target, opts, backend, group, return_entropy):
     """(log p(target), global statistics, entropy or None) of one slice's rows: the entropy
     masked like the log-prob (0 on ignored rows, NaN where the target is invalid)."""
     loss, stats, _, token_stats = _sharded_rows(logits, target, opts, backend, group,
-                                                return_entropy)  # fmt: skip
+                                                return_entropy, entropy_only=True)  # fmt: skip
     logp = 0.0 - loss  # ignored rows: +0
     entropy = None
     if return_entropy:
