@@ -341,7 +341,9 @@ def test_labels_positional():
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_generate_same_tokens(family):
-    model = make_model(family).eval()
+    # The router loss is for training; transformers 4.57's Mixtral fails to generate with it on.
+    options = {"output_router_logits": False} if family == "mixtral" else {}
+    model = make_model(family, **options).eval()
     prompt = make_batch("plain")["input_ids"][:2, :5]
     kwargs = dict(
         attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False, pad_token_id=0
