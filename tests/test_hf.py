@@ -39,7 +39,8 @@ LOSS_RTOL = 1e-5
 GRAD_RTOL = 1e-4
 VOCAB = 97
 BATCH, SEQ = 3, 11
-CASES = ("plain", "padded", "shift_labels", "num_items", "shift_num_items")  # make_batch's
+# make_batch's cases
+CASES = ("plain", "padded", "shift_labels", "num_items", "shift_num_items", "ignore_index")
 COMMON = dict(
     vocab_size=VOCAB,
     hidden_size=32,
@@ -141,6 +142,8 @@ def make_batch(case: str, seed: int = 0) -> dict:
         batch["num_items_in_batch"] = torch.tensor(23)  # as Trainer passes it: a tensor
     if case == "shift_num_items":
         batch["num_items_in_batch"] = 41  # an int, as a custom loop may pass it
+    if case == "ignore_index":  # a real class as ignore_index: its labels leave the loss
+        batch["ignore_index"] = int(labels[0, 4])
     return batch
 
 
@@ -182,6 +185,9 @@ def test_imports_without_transformers():
 # --- ForCausalLMLoss against transformers' own --------------------------------------------
 
 
+LOSS_KEYWORDS = ("shift_labels", "num_items_in_batch", "ignore_index")
+
+
 def causal_oracle(logits, labels, shift_labels=None, num_items_in_batch=None, ignore_index=-100):
     """The causal LM loss in float64 with plain torch: shift, ignore, mean or sum / items."""
     if shift_labels is None:
@@ -201,7 +207,7 @@ def test_loss_function_matches_transformers(case, dtype):
     batch = make_batch(case)
     gen = torch.Generator().manual_seed(5)
     logits = (torch.randn(BATCH, SEQ, VOCAB, generator=gen, dtype=torch.float64) * 3).to(dtype)
-    kwargs = {k: batch[k] for k in ("shift_labels", "num_items_in_batch") if k in batch}
+    kwargs = {k: batch[k] for k in LOSS_KEYWORDS if k in batch}
     x64 = logits.double().requires_grad_()
     want = causal_oracle(x64, batch["labels"], **kwargs)
     want.backward()
