@@ -248,7 +248,7 @@ class _Patch:
             )
         if request.expected is None:
             raise RuntimeError("fused_xent.hf: the model called its loss function twice in a call")
-        if labels is not request.labels or shift_labels is not request.shift_labels:
+        if not (_same(labels, request.labels) and _same(shift_labels, request.shift_labels)):
             raise RuntimeError(
                 "fused_xent.hf: the model passed its loss function other labels than it was "
                 "given; this model cannot be patched with linear=True (use linear=False)"
@@ -291,6 +291,20 @@ class _Patch:
         # A fresh tensor: the model may add its router loss in place (`loss += ...`).
         loss = proxy.reshape(-1)[0]
         return loss + torch.where(ok, 0.0, math.nan).to(loss.dtype)
+
+
+def _same(passed, given) -> bool:
+    """The labels the model passed its loss are the ones it was called with (or a copy of them on
+    another device, as a model split over devices makes)."""
+    if passed is given:
+        return True
+    return (
+        isinstance(passed, torch.Tensor)
+        and isinstance(given, torch.Tensor)
+        and passed.device != given.device
+        and passed.shape == given.shape
+        and passed.dtype == given.dtype
+    )
 
 
 def _head_forward(head: nn.Module, input: torch.Tensor) -> torch.Tensor:

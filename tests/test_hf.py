@@ -317,6 +317,24 @@ def test_outputs_beside_the_loss(family):
     torch.testing.assert_close(got_tuple[0], want_tuple[0], rtol=LOSS_RTOL, atol=0)
 
 
+def test_gradient_checkpointing():
+    """Trainer's gradient_checkpointing=True recomputes the layers in the backward; the head is
+    outside them, so nothing changes."""
+    model = make_model("qwen3")
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    model.train()
+    batch = make_batch("padded")
+    want, want_grads = loss_and_grads(model, batch)
+    hf.patch(model)
+    got, got_grads = loss_and_grads(model, batch)
+    assert abs(got.loss.item() - want.loss.item()) <= LOSS_RTOL * abs(want.loss.item())
+    assert_grads_close(got_grads, want_grads)
+
+
 def test_without_labels_or_grad_is_the_original():
     """No labels, or no_grad (evaluation): the original forward, logits and all; the loss then
     comes from ForCausalLMLoss on the logits."""
