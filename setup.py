@@ -29,5 +29,8 @@ setup(
         "dev": ["ruff>=0.6"],
         # bench/report.py draws report.png with it (and skips the plot without it).
         "bench": ["matplotlib>=3.7"],
+        # fused_xent.hf (tests/test_hf.py, examples/hf_finetune.py); tested with transformers
+        # 4.57.6 and 5.24.0. accelerate: transformers' Trainer needs it (5.x: >= 1.1).
+        "hf": ["transformers>=4.57,<6", "accelerate>=1.1"],
     },
 )

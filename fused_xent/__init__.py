@@ -1,7 +1,11 @@
 """fused_xent: one-pass Triton softmax cross-entropy with a pure-PyTorch reference beside it.
 
-Importing this package does not import Triton; the kernels load on first use.
+Importing this package does not import Triton; the kernels load on first use. ``fused_xent.hf``
+(the Hugging Face transformers integration) loads on first access, and imports transformers only
+when a model is patched.
 """
+
+import importlib
 
 from .functional import TokenStats, cross_entropy, linear_cross_entropy
 from .logprobs import linear_token_logprobs, token_logprobs
@@ -18,3 +22,9 @@ __all__ = [
     "__version__",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "hf":
+        return importlib.import_module(".hf", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

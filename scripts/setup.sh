@@ -19,4 +19,5 @@ if ! python -c "import torch" 2>/dev/null; then
         python -m pip install torch==2.13.0
     fi
 fi
-python -m pip install -e ".[test,dev,bench]"
+# hf: transformers and accelerate, so tests/test_hf.py runs (it skips itself without them).
+python -m pip install -e ".[test,dev,bench,hf]"

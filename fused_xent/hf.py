@@ -1,0 +1,554 @@
+"""Hugging Face ``transformers``: train a causal LM on fused_xent with one call.
+
+```python
+import fused_xent.hf
+
+fused_xent.hf.patch(model)  # any decoder-only *ForCausalLM built the standard way
+```
+
+Importing this module does not import ``transformers``; :func:`patch` does.
+
+What the two entry points do:
+
+* :func:`ForCausalLMLoss` has the contract of transformers' own loss function of that name
+  (``transformers/loss/loss_utils.py``) and can be installed as ``model.loss_function``: the labels
+  shifted by one (or ``shift_labels`` given already shifted), ``ignore_index``, and with
+  ``num_items_in_batch`` the summed loss divided by it. It reads bf16 / fp16 logits as they are
+  (transformers makes a float32 copy first) and returns a float32 loss.
+* :func:`patch` with ``linear=True`` (the default) makes a training call never hold the
+  (B, T, V) logits: when the model is called with ``labels`` while gradients are enabled, the loss
+  is :func:`fused_xent.linear_cross_entropy` of the hidden states entering the output embedding
+  (``get_output_embeddings()``, the ``lm_head``) and that module's weight and bias, and the output's
+  ``logits`` is ``None``. Every other call is the model's own forward.
+
+Design: the model's own forward runs; only its head and its loss function are intercepted. Per
+family patching (a forward rewritten for each architecture) would have to track every release of
+every model; instead, a training call runs the model's unchanged ``forward`` with a request set on
+the patch, and two things change for that call only:
+
+1. The ``lm_head`` module's ``forward`` (replaced on the instance) receives the final hidden
+   states, already sliced by ``logits_to_keep`` and already scaled by whatever the model does to
+   them before the head, and computes the loss itself with ``linear_cross_entropy`` on its own
+   ``weight`` and ``bias`` and the shifted labels (``ignore_index``, ``num_items_in_batch`` read
+   from the call's keywords, as the model's loss function would get them). Running inside the
+   head's ``forward`` is what makes FSDP2 work: ``fully_shard``'s pre-forward hook has gathered the
+   weight, its post-forward hook registers the pre-backward hook on what the head returns, and the
+   weight gradient lands on the gathered parameter, to be reduce-scattered as usual. A weight that
+   is still a ``DTensor`` inside the forward (tensor parallelism, not FSDP) is refused, never read
+   as a local shard.
+2. Instead of logits the head returns a small *proxy* tensor: the loss followed by a few fixed
+   probe values, with the hidden states' number of dimensions. The model then applies to it
+   whatever it applies to logits (Gemma 2's softcap, Cohere's ``logit_scale``, Granite's
+   ``logits_scaling``) and passes the result to ``self.loss_function``, which is the patch's: it
+   takes the loss from the proxy (so the gradient flows through the head's output, as FSDP
+   expects), and checks that the model transformed the probe values exactly as the softcap and
+   scale read from the config predict. A model that transforms its logits some other way (an
+   unknown multiplier, another order) gets a ``ValueError`` on its first training call, and on
+   compiled calls a NaN loss; a wrong loss is never returned. The model adds a mixture-of-experts
+   router loss to what its loss function returned, as it always does.
+
+The softcap and scale come from the config (or its ``text_config``): ``final_logit_softcapping``
+is our ``softcap``, ``logit_scale`` multiplies and ``logits_scaling`` divides; both scales are
+taken as applied before the softcap (``softcap * tanh(scale * x / softcap)``), which the probe
+confirms. The training call checks that the head was called once and the loss function once, with
+the labels and loss keywords the model was given, and otherwise raises.
+
+``patch`` replaces, on the instance only: ``model.forward`` (whose signature stays the original's,
+so ``Trainer`` and ``generate`` see the same parameters), ``lm_head.forward`` and
+``model.loss_function``; ``unpatch`` puts back what was there. ``linear=False`` only sets the loss
+function. ``copy.deepcopy`` of a patched model gives a patched copy.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .functional import cross_entropy, linear_cross_entropy
+
+__all__ = ["ForCausalLMLoss", "patch", "unpatch"]
+
+_ATTR = "_fused_xent_hf"  # the patch's state, on the model and on its head
+
+
+class _Missing:
+    """'No such attribute before the patch'; one instance, kept by copy and pickle."""
+
+    def __reduce__(self):
+        return "_MISSING"
+
+
+_MISSING = _Missing()
+# The probe values the head returns after the loss: spread over the range where a softcap of
+# 30 and a scale of 1/16 both change them by much more than the tolerance below.
+_PROBE = (-37.5, -3.0, 0.5, 2.0, 11.0, 53.0)
+_PROBE_RTOL = 1e-4  # float32 tanh / division rounding is ~1e-7
+
+
+def _shifted(labels, ignore_index: int, shift_labels):
+    """transformers' shift: position t predicts labels[t + 1]; the last position is ignored."""
+    if shift_labels is None:
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(
+                f"labels must be a tensor of class indices, got {type(labels).__name__} "
+                "(or pass shift_labels)"
+            )
+        return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    if not isinstance(shift_labels, torch.Tensor):
+        raise TypeError(f"shift_labels must be a tensor, got {type(shift_labels).__name__}")
+    return shift_labels
+
+
+def _divide(loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+    if num_items_in_batch is None:
+        return loss
+    if isinstance(num_items_in_batch, torch.Tensor):
+        # Trainer counts the items on the host or on another device; a copy to the loss's
+        # device is queued on the stream rather than waited for.
+        num_items_in_batch = num_items_in_batch.to(loss.device, non_blocking=True)
+    return loss / num_items_in_batch
+
+
+def _check_ignore_index(ignore_index) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    return ignore_index
+
+
+def ForCausalLMLoss(  # noqa: N802  (transformers' name)
+    logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    vocab_size: int,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """transformers' ``ForCausalLMLoss`` on fused_xent: a drop-in ``model.loss_function``.
+
+    Args:
+        logits: (..., T, V) float32 / float16 / bfloat16, read as they are (no float32 copy).
+        labels: (..., T) class indices; position t's loss is against ``labels[..., t + 1]`` and the
+            last position is ignored. Unused when ``shift_labels`` is given.
+        vocab_size: V, which must be ``logits.shape[-1]``.
+        num_items_in_batch: None for the mean over the non-ignored positions; otherwise the
+            summed loss is divided by it (an int, or a tensor on any device: Trainer's count of
+            the tokens in all the accumulated micro-batches, which makes gradient accumulation
+            exact).
+        ignore_index: label value whose positions give no loss.
+        shift_labels: (..., T) labels already shifted (context / sequence parallelism passes
+            them); then ``labels`` is not read.
+        **kwargs: the model's other keywords, ignored (as transformers does).
+
+    Returns:
+        The 0-dim loss, float32 (float64 for float64 logits); NaN for "mean" over no items, as
+        transformers.
+    """
+    del kwargs
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise TypeError(
+            f"logits must be a floating tensor, got {getattr(logits, 'dtype', type(logits))}"
+        )
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
+        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    if logits.dim() == 0 or logits.shape[-1] != vocab_size:
+        raise ValueError(
+            f"logits of shape {tuple(logits.shape)} do not end in vocab_size={vocab_size}"
+        )
+    ignore_index = _check_ignore_index(ignore_index)
+    target = _shifted(labels, ignore_index, shift_labels)
+    rows = logits.reshape(-1, vocab_size)
+    target = target.reshape(-1).to(rows.device, non_blocking=True)
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = cross_entropy(rows, target, ignore_index=ignore_index, reduction=reduction)
+    return _divide(loss, num_items_in_batch)
+
+
+class _Request:
+    """What one training call of a patched model asks of its head and its loss function."""
+
+    __slots__ = ("labels", "shift_labels", "num_items", "ignore_index", "head_out", "expected")
+
+    def __init__(self, labels, shift_labels, num_items, ignore_index):
+        self.labels = labels
+        self.shift_labels = shift_labels
+        self.num_items = num_items
+        self.ignore_index = ignore_index
+        self.head_out = None  # the proxy the head returned: (loss, *probe)
+        self.expected = None  # the probe as the config's softcap and scale transform it
+
+
+class _Patch:
+    """A patched model's state: what was there before, and the training call in flight.
+
+    Callable: it is the model's ``loss_function``.
+    """
+
+    def __init__(self, model: nn.Module, head: nn.Module | None, linear: bool):
+        self.linear = linear
+        self.head = head
+        self.forward_before = model.__dict__.get("forward", _MISSING)
+        self.loss_before = model.__dict__.get("_loss_function", _MISSING)
+        self.head_forward_before = (
+            head.__dict__.get("forward", _MISSING) if head is not None else _MISSING
+        )
+        self.labels_position = None  # index of `labels` in the forward's positional parameters
+        self.config = model.config
+        self.request: _Request | None = None
+        self.checked = False  # the probe has been checked on an eager call
+
+    # -- options read from the config ------------------------------------------------------
+    def _config_value(self, name: str):
+        text = None
+        get_text = getattr(self.config, "get_text_config", None)
+        if callable(get_text):
+            text = get_text()
+        for config in (self.config, getattr(self.config, "text_config", None), text):
+            value = getattr(config, name, None) if config is not None else None
+            if value is not None:
+                return value
+        return None
+
+    def head_options(self) -> tuple[float | None, float]:
+        """(softcap, logit_scale) as fused_xent takes them: softcap * tanh(scale * x / softcap)."""
+        softcap = self._config_value("final_logit_softcapping")
+        scale = float(self._config_value("logit_scale") or 1.0)
+        scale /= float(self._config_value("logits_scaling") or 1.0)
+        return (float(softcap) if softcap else None), scale
+
+    # -- the loss function -----------------------------------------------------------------
+    def __call__(
+        self,
+        logits,
+        labels,
+        vocab_size,
+        num_items_in_batch=None,
+        ignore_index=-100,
+        shift_labels=None,
+        **kwargs,
+    ):
+        request = self.request
+        if request is None:
+            return ForCausalLMLoss(
+                logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels, **kwargs
+            )
+        name = type(self.head).__name__
+        if request.head_out is None:
+            raise RuntimeError(
+                "fused_xent.hf: the model computed its loss without calling the output embedding "
+                f"it had when patched ({name}); if it was replaced (resize_token_embeddings), call "
+                "fused_xent.hf.patch(model) again"
+            )
+        if request.expected is None:
+            raise RuntimeError("fused_xent.hf: the model called its loss function twice in a call")
+        if not (_same(labels, request.labels) and _same(shift_labels, request.shift_labels)):
+            raise RuntimeError(
+                "fused_xent.hf: the model passed its loss function other labels than it was "
+                "given; this model cannot be patched with linear=True (use linear=False)"
+            )
+        if num_items_in_batch is not request.num_items or ignore_index != request.ignore_index:
+            raise RuntimeError(
+                "fused_xent.hf: the model passed its loss function other num_items_in_batch / "
+                "ignore_index than it was given; it cannot be patched with linear=True"
+            )
+        rows = self.head.weight.shape[0]
+        if vocab_size != rows:
+            raise ValueError(
+                f"fused_xent.hf: vocab_size={vocab_size} but the output embedding has {rows} rows; "
+                "the logits would have been reshaped, which linear=True cannot reproduce"
+            )
+        return self._loss_from_proxy(request, logits)
+
+    def _loss_from_proxy(self, request: _Request, logits) -> torch.Tensor:
+        expected, request.expected = request.expected, None
+        proxy = request.head_out
+        n_probe = len(_PROBE)
+        if not isinstance(logits, torch.Tensor) or logits.numel() != n_probe + 1:
+            raise ValueError(
+                "fused_xent.hf: the model reshaped what its output embedding returned before the "
+                "loss; cannot be patched with linear=True (use linear=False)"
+            )
+        seen = logits.detach().reshape(-1)[1:].to(expected.dtype)
+        rtol = max(_PROBE_RTOL, 4 * torch.finfo(logits.dtype).eps)
+        ok = torch.isclose(seen, expected, rtol=rtol, atol=rtol).all()
+        if not self.checked and not torch.compiler.is_compiling():
+            if not bool(ok):
+                softcap, scale = self.head_options()
+                raise ValueError(
+                    "fused_xent.hf: the model transforms its logits in a way the config does not "
+                    f"describe: the values {list(_PROBE)} became {seen.tolist()}, but softcap="
+                    f"{softcap} and logit_scale={scale} (from final_logit_softcapping, logit_scale "
+                    f"and logits_scaling) give {expected.tolist()}. Use linear=False for this model"
+                )
+            self.checked = True
+        # A fresh tensor: the model may add its router loss in place (`loss += ...`).
+        loss = proxy.reshape(-1)[0]
+        return loss + torch.where(ok, 0.0, math.nan).to(loss.dtype)
+
+
+def _same(passed, given) -> bool:
+    """The labels the model passed its loss are the ones it was called with (or a copy of them on
+    another device, as a model split over devices makes)."""
+    if passed is given:
+        return True
+    return (
+        isinstance(passed, torch.Tensor)
+        and isinstance(given, torch.Tensor)
+        and passed.device != given.device
+        and passed.shape == given.shape
+        and passed.dtype == given.dtype
+    )
+
+
+def _head_forward(head: nn.Module, input: torch.Tensor) -> torch.Tensor:
+    """The patched output embedding: the original outside a training call; in one, the loss."""
+    state: _Patch = head.__dict__[_ATTR]
+    request = state.request
+    if request is None:
+        before = state.head_forward_before
+        return before(input) if before is not _MISSING else type(head).forward(head, input)
+    if request.head_out is not None:
+        raise RuntimeError(
+            "fused_xent.hf: the model called its output embedding twice in one call; it cannot "
+            "be patched with linear=True (use linear=False)"
+        )
+    weight, bias = head.weight, head.bias
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if _is_dtensor(tensor):
+            raise TypeError(
+                f"fused_xent.hf: the output embedding's {name} is a DTensor inside its forward "
+                "(tensor parallelism?); only FSDP2's fully_shard, which gathers it before the "
+                "forward, is supported"
+            )
+    softcap, scale = state.head_options()
+    target = _shifted(request.labels, request.ignore_index, request.shift_labels)
+    hidden = input.reshape(-1, input.shape[-1])
+    target = target.reshape(-1).to(hidden.device, non_blocking=True)
+    if target.shape[0] != hidden.shape[0]:
+        raise ValueError(
+            f"fused_xent.hf: {target.shape[0]} labels for {hidden.shape[0]} positions reaching "
+            "the output embedding (logits_to_keep with labels?)"
+        )
+    reduction = "mean" if request.num_items is None else "sum"
+    loss = linear_cross_entropy(
+        hidden, weight, target, linear_bias=bias, reduction=reduction,
+        ignore_index=request.ignore_index, softcap=softcap, logit_scale=scale,
+    )  # fmt: skip
+    loss = _divide(loss, request.num_items)
+    probe = torch.tensor(_PROBE, dtype=loss.dtype, device=loss.device)
+    expected = probe * scale
+    if softcap is not None:
+        expected = softcap * torch.tanh(expected / softcap)
+    lead = (1,) * (input.dim() - 1)
+    # One fresh tensor (not a view: FSDP2 warns about views), with the logits' number of dims.
+    proxy = torch.cat([loss.reshape(*lead, 1), probe.reshape(*lead, -1)], dim=-1)
+    request.head_out, request.expected = proxy, expected
+    return proxy
+
+
+def _is_dtensor(tensor) -> bool:
+    if tensor is None or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _patched_forward(model: nn.Module, args: tuple, kwargs: dict):
+    state: _Patch = model.__dict__[_ATTR]
+    before = state.forward_before
+    if before is _MISSING:
+        original = functools.partial(type(model).forward, model)
+    else:
+        original = before
+    position = state.labels_position
+    if "labels" in kwargs:
+        labels = kwargs["labels"]
+    elif position is not None and len(args) > position:
+        labels = args[position]
+    else:
+        labels = None
+    if labels is None or not torch.is_grad_enabled():
+        return original(*args, **kwargs)
+    if state.request is not None:
+        raise RuntimeError("fused_xent.hf: a patched model's forward was re-entered")
+    return_dict = kwargs.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(model.config, "return_dict", True)
+    request = _Request(
+        labels,
+        kwargs.get("shift_labels"),
+        kwargs.get("num_items_in_batch"),
+        _check_ignore_index(kwargs.get("ignore_index", -100)),
+    )
+    state.request = request
+    try:
+        out = original(*args, return_dict=True, **kwargs)
+    finally:
+        state.request = None
+    if request.head_out is None:
+        raise RuntimeError(
+            f"fused_xent.hf: {type(model).__name__}.forward did not call its output embedding "
+            f"({type(state.head).__name__}) as a module; it cannot be patched with linear=True"
+        )
+    if request.expected is not None:
+        raise RuntimeError(
+            f"fused_xent.hf: {type(model).__name__}.forward did not call self.loss_function with "
+            "its labels; it cannot be patched with linear=True (use linear=False)"
+        )
+    # The proxy the model made of the logits is not logits: say None, as documented.
+    out = type(out)(**{key: value for key, value in out.items() if key != "logits"})
+    return out if return_dict else out.to_tuple()
+
+
+def _make_forward(signature: inspect.Signature, doc: str | None):
+    def forward(self, *args, **kwargs):
+        return _patched_forward(self, args, kwargs)
+
+    # Trainer (dataset columns, loss keywords) and generate() read the forward's signature.
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+    forward.__signature__ = signature.replace(
+        parameters=[self_param, *signature.parameters.values()]
+    )
+    forward.__doc__ = (doc or "") + (
+        "\n\nPatched by fused_xent.hf (linear=True): called with `labels` while gradients are "
+        "enabled, the loss comes from fused_xent.linear_cross_entropy on the final hidden states "
+        "and the returned `logits` is None."
+    )
+    return forward
+
+
+def _causal_lm_loss():
+    from transformers.loss.loss_utils import ForCausalLMLoss as hf_loss
+
+    return hf_loss
+
+
+def _check_model(model, linear: bool) -> tuple[nn.Module | None, inspect.Signature]:
+    """The standard layout, or an error naming what is missing. Returns (head, forward sig)."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError as exc:  # pragma: no cover - the module's tests skip without it
+        raise ImportError(
+            "fused_xent.hf.patch needs transformers: pip install 'fused_xent[hf]'"
+        ) from exc
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    name = type(model).__name__
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(f"{name} is an encoder-decoder model; patch takes decoder-only causal LMs")
+    loss = model.loss_function
+    if loss is not _causal_lm_loss() and loss is not ForCausalLMLoss:
+        raise ValueError(
+            f"{name}.loss_function is {getattr(loss, '__qualname__', type(loss).__name__)}, not "
+            "transformers' ForCausalLMLoss: not a causal LM (or its loss was replaced)"
+        )
+    original = model.__dict__.get("forward", model.forward)
+    signature = inspect.signature(original)
+    if "labels" not in signature.parameters:
+        raise ValueError(f"{name}.forward takes no `labels`")
+    if not linear:
+        return None, signature
+    decoder = getattr(model, "model", None)
+    if not isinstance(decoder, nn.Module):
+        try:
+            decoder = model.get_decoder()
+        except (AttributeError, NotImplementedError):  # older releases raise where none is
+            decoder = None
+    if not isinstance(decoder, nn.Module) or decoder is model:
+        raise ValueError(
+            f"{name} has no decoder module (neither `model.model` nor `model.get_decoder()`)"
+        )
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{name}.get_output_embeddings() returned None: no output embedding")
+    if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
+        raise ValueError(
+            f"{name}.get_output_embeddings() is a {type(head).__name__}, not an nn.Linear "
+            "(a wrapped or quantised head cannot be read as a weight and bias); use linear=False"
+        )
+    return head, signature
+
+
+def patch(model, *, linear: bool = True):
+    """Make a transformers causal LM compute its training loss with fused_xent, in place.
+
+    Args:
+        model: a ``transformers`` ``PreTrainedModel`` of a decoder-only causal LM built the
+            standard way: a decoder (``model.model`` or ``get_decoder()``), an ``nn.Linear``
+            output embedding (``get_output_embeddings()``) that its forward calls as a module, and
+            transformers' ``ForCausalLMLoss`` as ``loss_function``. Anything else raises
+            ``TypeError`` / ``ValueError`` naming what is missing, and nothing is changed.
+        linear: True (the default): a call with ``labels`` while gradients are enabled computes
+            the loss with :func:`fused_xent.linear_cross_entropy` on the final hidden states and
+            the output embedding's weight and bias, so the (B, T, V) logits never exist; **the
+            returned ``logits`` is then None**. Everything else is the model's own: the decoder's
+            arguments (``logits_to_keep``, ``past_key_values``, hidden states and attentions when
+            asked), ``return_dict``, a mixture-of-experts router loss added as the model adds it,
+            tied embeddings, the config's softcap and logit scale. Without labels, or under
+            ``torch.no_grad()`` (generation, evaluation), the model's forward runs as before, with
+            :func:`ForCausalLMLoss` as its loss function. False: only the loss function becomes
+            :func:`ForCausalLMLoss`; the logits are made and returned as before.
+
+    Returns:
+        ``model``, patched. Patching again with the same ``linear`` does nothing; with the other
+        one re-patches. :func:`unpatch` restores the original.
+    """
+    if not isinstance(linear, bool):
+        raise TypeError(f"linear must be a bool, got {type(linear).__name__}")
+    state = getattr(model, "__dict__", {}).get(_ATTR)
+    if state is not None:
+        if state.linear == linear:
+            return model
+        unpatch(model)
+    head, signature = _check_model(model, linear)
+    state = _Patch(model, head, linear)
+    model.__dict__[_ATTR] = state
+    if not linear:
+        model.loss_function = ForCausalLMLoss
+        return model
+    model.loss_function = state
+    params = [
+        p
+        for p in signature.parameters.values()
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    names = [p.name for p in params]
+    state.labels_position = names.index("labels") if "labels" in names else None
+    original = model.__dict__.get("forward", _MISSING)
+    doc = type(model).forward.__doc__ if original is _MISSING else original.__doc__
+    model.forward = types.MethodType(_make_forward(signature, doc), model)
+    head.__dict__[_ATTR] = state
+    head.forward = types.MethodType(_head_forward, head)
+    return model
+
+
+def unpatch(model):
+    """Undo :func:`patch`: the model's forward, its head's forward and its loss function are what
+    they were before. A model that is not patched is returned unchanged."""
+    state = getattr(model, "__dict__", {}).get(_ATTR)
+    if state is None:
+        return model
+    if state.request is not None:
+        raise RuntimeError("fused_xent.hf.unpatch called during the patched model's forward")
+    if state.linear:
+        _restore(model.__dict__, "forward", state.forward_before)
+        _restore(state.head.__dict__, "forward", state.head_forward_before)
+        state.head.__dict__.pop(_ATTR, None)
+    _restore(model.__dict__, "_loss_function", state.loss_before)
+    del model.__dict__[_ATTR]
+    return model
+
+
+def _restore(namespace: dict, key: str, before) -> None:
+    if before is _MISSING:
+        namespace.pop(key, None)
+    else:
+        namespace[key] = before
