@@ -7,9 +7,15 @@ when a model is patched.
 
 import importlib
 
+from .distillation import distillation_loss, linear_distillation_loss
 from .functional import TokenStats, cross_entropy, linear_cross_entropy
 from .logprobs import linear_token_logprobs, token_logprobs
-from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
+from .modules import (
+    CrossEntropyLoss,
+    DistillationLoss,
+    LinearCrossEntropyLoss,
+    LinearDistillationLoss,
+)
 
 __all__ = [
     "cross_entropy",
@@ -19,6 +25,10 @@ __all__ = [
     "token_logprobs",
     "linear_token_logprobs",
     "TokenStats",
+    "distillation_loss",
+    "linear_distillation_loss",
+    "DistillationLoss",
+    "LinearDistillationLoss",
     "__version__",
 ]
 __version__ = "0.1.0"

@@ -657,3 +657,182 @@ class LinearTokenLogprobFunction(torch.autograd.Function):
         )  # fmt: skip
         grads = finish_linear_grads(grads, scale, ctx.dtypes, w_scale)
         return (*grads, None, None, None, None, None, None)
+
+
+# --------------------------------------------------------------------------------------------
+# Knowledge distillation
+# --------------------------------------------------------------------------------------------
+
+# Rows of the per-row statistics the distillation backends keep for their backward (the layout
+# is the backend's own; kernels/distill.py's docstring says what the kernels keep).
+DISTILL_STATS = 7
+
+
+def distill_outputs(logits):
+    """The per-row loss and the (7, N) statistics of a distillation backend."""
+    dtype, n_rows = _loss_dtype(logits), logits.shape[0]
+    return _alloc.empty((n_rows,), dtype, logits.device), _alloc.empty(
+        (DISTILL_STATS, n_rows), dtype, logits.device
+    )
+
+
+def distill_denominator(target, opts, n_rows, dtype, device) -> torch.Tensor:
+    """What "mean" divides by: the positions whose target is not ``ignore_index`` (all of them
+    without a target); a device tensor (no host synchronisation)."""
+    if target is None:
+        return torch.full((), float(n_rows), dtype=dtype, device=device)
+    return (target != opts.ignore_index).sum().to(dtype)
+
+
+def distill_no_grad(student, teacher, target, opts, reduction, backend):
+    """The loss alone: one read of both logits (two for the JSD's long rows), nothing written."""
+    loss, stats = distill_outputs(student)
+    backend.distill_forward(student, teacher, target, opts, loss, stats)
+    den = None
+    if reduction == "mean":
+        den = distill_denominator(target, opts, student.shape[0], loss.dtype, student.device)
+    return _reduce(loss, reduction, den)
+
+
+class DistillationFunction(torch.autograd.Function):
+    """soft_weight * D(P_t, P_s) + hard_weight * CE of (N, V) student logits against teacher
+    logits (no gradient to the teacher).
+
+    The schedules, as :class:`CrossEntropyFunction`'s: "mean"/"sum" (not in place) write the
+    gradient in the forward for an incoming gradient of 1 (over the "mean" denominator), and the
+    backward keeps it when the incoming gradient is 1 (checked on the device) or recomputes it from
+    the logits; "none" and every in-place call keep seven floats per row and make the gradient in
+    the backward, into the student's own storage with ``inplace_backward``.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, target, opts, reduction, inplace_backward, backend):
+        ctx.backend, ctx.opts, ctx.reduction = backend, opts, reduction
+        ctx.inplace_backward, ctx.consumed = inplace_backward, False
+        ctx.fused = reduction != "none" and not inplace_backward
+        loss, stats = distill_outputs(student)
+        den = None
+        if reduction == "mean":
+            den = distill_denominator(target, opts, student.shape[0], loss.dtype, student.device)
+        grad = grad_scale = None
+        if ctx.fused:
+            grad = _alloc.grad_like(student)
+            if den is not None:
+                grad_scale = mean_scale(torch.ones((), dtype=loss.dtype, device=den.device), den)
+        backend.distill_forward(student, teacher, target, opts, loss, stats, grad, grad_scale)
+        ctx.save_for_backward(student, teacher, target, stats, den, grad)
+        return _reduce(loss, reduction, den)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        refuse_double_backward()
+        if ctx.fused or ctx.inplace_backward:
+            why = "its gradient is computed in the forward and handed out once. Call the loss "
+            why += "again, or use reduction='none'."
+            if ctx.inplace_backward:
+                why = "with inplace_backward=True the first backward overwrote the student's "
+                why += "logits with their gradient. Use inplace_backward=False to backward twice."
+            _refuse_second_backward(ctx, "distillation_loss", why)
+        student, teacher, target, stats, den, grad = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 7
+        if ctx.inplace_backward:
+            grad = student
+        elif grad is None:
+            grad = _alloc.grad_like(student)
+        ctx.backend.distill_backward(student, teacher, target, ctx.opts, stats, grad_loss, grad,
+                                     ctx.reduction, den, ctx.fused)  # fmt: skip
+        if ctx.inplace_backward:
+            torch.autograd.graph.increment_version(student)
+        return grad, None, None, None, None, None, None
+
+
+def linear_distill_rows(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, target, opts,
+                        chunk_size, backend, grads=None, w_scale=1.0, dloss=None,
+                        stats=None):  # fmt: skip
+    """The distillation of ``s_hidden @ s_weight.T + s_bias`` against the teacher's product, one
+    chunk of rows at a time: the teacher's chunk under no_grad, never a full logit matrix.
+
+    Without ``grads``: the per-row losses and statistics. With ``grads`` (the accumulators of
+    :func:`linear_grad_buffers`): the forward's (``dloss`` None: the gradient of the per-row
+    losses, written over each student chunk and accumulated) or the backward's (``dloss`` the
+    per-row incoming gradient, ``stats`` the forward's). Returns (loss, stats) (None in the
+    backward)."""
+    n_rows = s_hidden.shape[0]
+    loss = None
+    if dloss is None:
+        loss, stats = distill_outputs(s_hidden)
+    for start, end in _chunks(n_rows, chunk_size):
+        rows = slice(start, end)
+        student = _chunk_logits(s_hidden, s_weight, s_bias, start, end)
+        with torch.no_grad():
+            teacher = _chunk_logits(t_hidden, t_weight, t_bias, start, end)
+        part = _part(target, rows)
+        if dloss is None:
+            grad = student if grads is not None else None
+            backend.distill_forward(student, teacher, part, opts, loss[rows], stats[:, rows], grad)
+        else:
+            backend.distill_backward(student, teacher, part, opts, stats[:, rows], dloss[rows],
+                                     student)  # fmt: skip
+        if grads is not None:
+            # student now holds d(loss)/d(logits) of this chunk.
+            accumulate_chunk_grads(grads, student, s_hidden, s_weight, rows, start == 0, w_scale)
+    if grads is not None and n_rows == 0:
+        zero_unwritten(grads)
+    return loss, stats
+
+
+class LinearDistillationFunction(torch.autograd.Function):
+    """The distillation loss of ``s_hidden @ s_weight.T + s_bias`` (N, V) against
+    ``t_hidden @ t_weight.T + t_bias`` (N, V; the teacher's hidden size may differ), over chunks of
+    rows, gradients to the student's three tensors only.
+
+    As :class:`LinearCrossEntropyFunction`: each student chunk is turned in place into the
+    gradient of its per-row losses and accumulated in float32 (d_hidden, d_weight, d_bias), each
+    gradient rounded once to its parameter's dtype after the incoming gradient and the "mean"
+    denominator are applied. "mean"/"sum": in the forward (the accumulators live until the
+    backward); "none": the backward recomputes both chunks of logits from the forward's per-row
+    statistics with the incoming gradients over a power of two (:func:`row_scale`).
+    """
+
+    @staticmethod
+    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, target, opts,
+                reduction, chunk_size, backend):  # fmt: skip
+        ctx.opts, ctx.chunk_size, ctx.backend, ctx.reduction = opts, chunk_size, backend, reduction
+        ctx.dtypes = _param_dtypes(s_hidden, s_weight, s_bias)
+        ctx.fused = reduction != "none"
+        den = None
+        args = (s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, target, opts, chunk_size,
+                backend)  # fmt: skip
+        if ctx.fused:
+            grads = linear_grad_buffers(s_hidden, s_weight, s_bias, ctx.needs_input_grad[:3], True)
+            ctx.w_scale = weight_sum_scale(grads[1], s_hidden.shape[0])
+            loss, _ = linear_distill_rows(*args, grads=grads, w_scale=ctx.w_scale)
+            if reduction == "mean":
+                den = distill_denominator(target, opts, loss.shape[0], loss.dtype, loss.device)
+            save_forward_grads(ctx, (*grads, den))
+        else:
+            loss, stats = linear_distill_rows(*args)
+            ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, target,
+                                  stats)  # fmt: skip
+        return _reduce(loss, reduction, den)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        refuse_double_backward()
+        if ctx.fused:
+            *grads, den = take_forward_grads(ctx, "linear_distillation_loss")
+            scale, w_scale = mean_scale(grad_loss, den), ctx.w_scale
+        else:
+            s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, target, stats = (
+                ctx.saved_tensors
+            )
+            dloss, scale = row_scale(grad_loss)
+            grads = linear_grad_buffers(s_hidden, s_weight, s_bias, ctx.needs_input_grad[:3], True)
+            w_scale = weight_sum_scale(grads[1], s_hidden.shape[0])
+            linear_distill_rows(
+                s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, target, ctx.opts,
+                ctx.chunk_size, ctx.backend, grads=grads, w_scale=w_scale, dloss=dloss, stats=stats,
+            )  # fmt: skip
+        grads = finish_linear_grads(grads, scale, ctx.dtypes, w_scale)
+        return (*grads, None, None, None, None, None, None, None, None)

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from .distillation import distillation_loss, linear_distillation_loss
 from .functional import _check_chunk_size, cross_entropy, linear_cross_entropy
 
 
@@ -219,3 +220,119 @@ class LinearCrossEntropyLoss(torch.nn.Module):
             if getattr(self, name) != default:
                 options.append(f"{name}={getattr(self, name)!r}")
         return ", ".join(options)
+
+
+class DistillationLoss(torch.nn.Module):
+    """Module form of :func:`fused_xent.distillation_loss`; same options, same semantics:
+    ``forward(student_logits, teacher_logits, target=None)``."""
+
+    def __init__(
+        self,
+        *,
+        beta: float = 0.0,
+        temperature: float = 1.0,
+        soft_weight: float = 1.0,
+        hard_weight: float = 0.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        inplace_backward: bool = False,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.beta = beta
+        self.temperature = temperature
+        self.soft_weight = soft_weight
+        self.hard_weight = hard_weight
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.inplace_backward = inplace_backward
+        self.impl = impl
+
+    def forward(self, student_logits, teacher_logits, target=None) -> torch.Tensor:
+        return distillation_loss(
+            student_logits,
+            teacher_logits,
+            target,
+            beta=self.beta,
+            temperature=self.temperature,
+            soft_weight=self.soft_weight,
+            hard_weight=self.hard_weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            inplace_backward=self.inplace_backward,
+            impl=self.impl,
+        )
+
+    def extra_repr(self) -> str:
+        return _distill_repr(self, (("inplace_backward", False),))
+
+
+class LinearDistillationLoss(torch.nn.Module):
+    """Module form of :func:`fused_xent.linear_distillation_loss`: ``forward(student_input,
+    student_weight, teacher_input, teacher_weight, target=None, *, student_bias=None,
+    teacher_bias=None)``.
+
+    It owns no parameters: the student's head belongs to the student (often tied to its
+    embeddings) and the teacher's to the teacher, so both are passed in, as Liger's fused JSD
+    takes them."""
+
+    def __init__(
+        self,
+        *,
+        beta: float = 0.0,
+        temperature: float = 1.0,
+        soft_weight: float = 1.0,
+        hard_weight: float = 0.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        chunk_size: int | None = None,
+        impl: str = "auto",
+    ) -> None:
+        _check_chunk_size(chunk_size)
+        super().__init__()
+        self.beta = beta
+        self.temperature = temperature
+        self.soft_weight = soft_weight
+        self.hard_weight = hard_weight
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.chunk_size = chunk_size
+        self.impl = impl
+
+    def forward(self, student_input, student_weight, teacher_input, teacher_weight, target=None,
+                *, student_bias=None, teacher_bias=None) -> torch.Tensor:  # fmt: skip
+        return linear_distillation_loss(
+            student_input,
+            student_weight,
+            teacher_input,
+            teacher_weight,
+            target,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            beta=self.beta,
+            temperature=self.temperature,
+            soft_weight=self.soft_weight,
+            hard_weight=self.hard_weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            chunk_size=self.chunk_size,
+            impl=self.impl,
+        )
+
+    def extra_repr(self) -> str:
+        return _distill_repr(self, (("chunk_size", None),))
+
+
+def _distill_repr(module, extra) -> str:
+    options = [f"beta={module.beta}", f"temperature={module.temperature}"]
+    for name, default in (
+        ("soft_weight", 1.0),
+        ("hard_weight", 0.0),
+        ("ignore_index", -100),
+        ("reduction", "mean"),
+        *extra,
+        ("impl", "auto"),
+    ):
+        if getattr(module, name) != default:
+            options.append(f"{name}={getattr(module, name)!r}")
+    return ", ".join(options)

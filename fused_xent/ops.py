@@ -300,7 +300,176 @@ class OpBackend:
                 *_option_args(opts, False), self.impl,
             )  # fmt: skip
 
+    # Knowledge distillation (``kernels/distill.py``; the CPU backend runs the reference).
+
+    def _distill_eager(self):
+        return None if torch.compiler.is_compiling() else _distill_module(self.impl)
+
+    def distill_forward(self, student, teacher, target, opts, loss, stats, grad=None,
+                        grad_scale=None):  # fmt: skip
+        if (m := self._distill_eager()) is not None:
+            return m.distill_forward(student, teacher, target, opts, loss, stats, grad, grad_scale)
+        if grad is student:
+            torch.ops.fused_xent.distill_forward_inplace(
+                student, teacher, target, loss, stats, grad_scale, *_distill_args(opts), self.impl
+            )
+        else:
+            torch.ops.fused_xent.distill_forward(
+                student, teacher, target, loss, stats, grad, grad_scale, *_distill_args(opts),
+                self.impl,
+            )  # fmt: skip
+
+    def distill_backward(self, student, teacher, target, opts, stats, dloss, grad,
+                         reduction="none", den=None, skip_if_one=False):  # fmt: skip
+        if (m := self._distill_eager()) is not None:
+            return m.distill_backward(student, teacher, target, opts, stats, dloss, grad,
+                                      reduction, den, skip_if_one)  # fmt: skip
+        if grad is student:
+            torch.ops.fused_xent.distill_backward_inplace(
+                student, teacher, target, stats, dloss, den, reduction, *_distill_args(opts),
+                self.impl,
+            )  # fmt: skip
+        else:
+            torch.ops.fused_xent.distill_backward(
+                student, teacher, target, stats, dloss, den, grad, reduction, skip_if_one,
+                *_distill_args(opts), self.impl,
+            )  # fmt: skip
+
 
 REFERENCE = OpBackend("reference")  # the oracle: one general formulation
 CPU = OpBackend("cpu")  # what impl="auto" runs off CUDA: fused_xent/cpu.py, fast, same numbers
 TRITON = OpBackend("triton")
+
+
+# --------------------------------------------------------------------------------------------
+# Knowledge distillation: the ops behind OpBackend.distill_*
+# --------------------------------------------------------------------------------------------
+
+
+def _distill_module(impl: str):
+    """The distillation backend: the kernels for "triton"; the reference otherwise (the CPU
+    fallback has no distillation of its own)."""
+    if impl == "triton":
+        from .kernels import distill
+
+        return distill
+    from . import reference
+
+    return reference
+
+
+def _distill_args(opts) -> tuple:
+    return (opts.beta, opts.temperature, opts.soft_weight, opts.hard_weight, opts.ignore_index)
+
+
+def _distill_opts(beta, temperature, soft_weight, hard_weight, ignore_index):
+    from .distillation import DistillOptions  # imports this module: not at the top
+
+    return DistillOptions(beta, temperature, soft_weight, hard_weight, ignore_index)
+
+
+@torch.library.custom_op(
+    "fused_xent::distill_forward", mutates_args=("loss", "stats", "grad"), device_types=None
+)
+def _distill_forward(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: Optional[torch.Tensor],
+    loss: torch.Tensor,
+    stats: torch.Tensor,
+    grad: Optional[torch.Tensor],
+    grad_scale: Optional[torch.Tensor],
+    beta: float,
+    temperature: float,
+    soft_weight: float,
+    hard_weight: float,
+    ignore_index: int,
+    impl: str,
+) -> None:
+    opts = _distill_opts(beta, temperature, soft_weight, hard_weight, ignore_index)
+    _distill_module(impl).distill_forward(student, teacher, target, opts, loss, stats, grad,
+                                          grad_scale)  # fmt: skip
+
+
+_distill_forward.register_fake(_noop_fake)
+
+
+@torch.library.custom_op(
+    "fused_xent::distill_forward_inplace",
+    mutates_args=("student", "loss", "stats"),
+    device_types=None,
+)
+def _distill_forward_inplace(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: Optional[torch.Tensor],
+    loss: torch.Tensor,
+    stats: torch.Tensor,
+    grad_scale: Optional[torch.Tensor],
+    beta: float,
+    temperature: float,
+    soft_weight: float,
+    hard_weight: float,
+    ignore_index: int,
+    impl: str,
+) -> None:
+    """Per-row loss and statistics, and the gradient written over the student's logits."""
+    opts = _distill_opts(beta, temperature, soft_weight, hard_weight, ignore_index)
+    _distill_module(impl).distill_forward(student, teacher, target, opts, loss, stats, student,
+                                          grad_scale)  # fmt: skip
+
+
+_distill_forward_inplace.register_fake(_noop_fake)
+
+
+@torch.library.custom_op("fused_xent::distill_backward", mutates_args=("grad",), device_types=None)
+def _distill_backward(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: Optional[torch.Tensor],
+    stats: torch.Tensor,
+    dloss: torch.Tensor,
+    den: Optional[torch.Tensor],
+    grad: torch.Tensor,
+    reduction: str,
+    skip_if_one: bool,
+    beta: float,
+    temperature: float,
+    soft_weight: float,
+    hard_weight: float,
+    ignore_index: int,
+    impl: str,
+) -> None:
+    opts = _distill_opts(beta, temperature, soft_weight, hard_weight, ignore_index)
+    _distill_module(impl).distill_backward(student, teacher, target, opts, stats, dloss, grad,
+                                           reduction, den, skip_if_one)  # fmt: skip
+
+
+_distill_backward.register_fake(_noop_fake)
+
+
+@torch.library.custom_op(
+    "fused_xent::distill_backward_inplace", mutates_args=("student",), device_types=None
+)
+def _distill_backward_inplace(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: Optional[torch.Tensor],
+    stats: torch.Tensor,
+    dloss: torch.Tensor,
+    den: Optional[torch.Tensor],
+    reduction: str,
+    beta: float,
+    temperature: float,
+    soft_weight: float,
+    hard_weight: float,
+    ignore_index: int,
+    impl: str,
+) -> None:
+    """The gradient written over the student's logits."""
+    opts = _distill_opts(beta, temperature, soft_weight, hard_weight, ignore_index)
+    _distill_module(impl).distill_backward(student, teacher, target, opts, stats, dloss, student,
+                                           reduction, den, False)  # fmt: skip
+
+
+_distill_backward_inplace.register_fake(_noop_fake)

@@ -185,3 +185,107 @@ def xent_backward(
         # Decided on the device, as the kernels do: no host synchronisation.
         new = torch.where(dloss.reshape(()) == 1, grad, new)
     grad.copy_(new)
+
+
+# --------------------------------------------------------------------------------------------
+# Knowledge distillation (the math in fused_xent/kernels/distill.py's docstring)
+# --------------------------------------------------------------------------------------------
+
+
+def _distill_target(target, opts, n_cols):
+    """(ignored rows, the hard term's safe target column) of a class-index target or None; a
+    target outside [0, V) that is not ignore_index raises where the hard term would use it."""
+    if target is None:
+        return None, None
+    target = target.long()
+    ignored = target == opts.ignore_index
+    if opts.hard_weight == 0.0:
+        return ignored, None
+    bad = ~ignored & ((target < 0) | (target >= n_cols))
+    if bool(bad.any()):
+        raise IndexError(
+            f"target holds {int(target[bad][0])}, outside [0, {n_cols}) and not "
+            f"ignore_index={opts.ignore_index}"
+        )
+    return ignored, torch.where(ignored, 0, target)
+
+
+def _xlogy_diff(p, log_p, log_q):
+    """sum p (log p - log q) per row; a class with p = 0 adds 0 (no 0 * inf)."""
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(dim=1)
+
+
+def _distill(student, teacher, target, opts, row_scale=None):
+    """Per-row loss, and with ``row_scale`` (N,) the student's gradient (float32; float64 for
+    float64 logits). Ignored rows give 0 (and a zero gradient), as does a zero row scale."""
+    dtype = _compute_dtype(student.dtype)
+    beta, n_cols = opts.beta, student.shape[1]
+    ignored, col = _distill_target(target, opts, n_cols)
+    log_ps = torch.log_softmax(student.to(dtype) / opts.temperature, dim=1)
+    log_pt = torch.log_softmax(teacher.to(dtype) / opts.temperature, dim=1)
+    ps, pt = log_ps.exp(), log_pt.exp()
+    if beta == 0.0:  # KL(P_t || P_s)
+        div = _xlogy_diff(pt, log_pt, log_ps)
+        d_div = ps - pt
+    elif beta == 1.0:  # KL(P_s || P_t)
+        div = _xlogy_diff(ps, log_ps, log_pt)
+        d_div = torch.where(ps > 0, ps * (log_ps - log_pt - div[:, None]), 0.0)
+    else:  # beta KL(P_t || M) + (1 - beta) KL(P_s || M)
+        log_m = torch.log(beta * pt + (1.0 - beta) * ps)
+        kl_s = _xlogy_diff(ps, log_ps, log_m)
+        div = beta * _xlogy_diff(pt, log_pt, log_m) + (1.0 - beta) * kl_s
+        g = (1.0 - beta) * (log_ps - log_m)
+        d_div = torch.where(ps > 0, ps * (g - ((1.0 - beta) * kl_s)[:, None]), 0.0)
+    loss = opts.soft_weight * div
+    if col is not None:  # the hard term, at temperature 1
+        log_p1 = torch.log_softmax(student.to(dtype), dim=1)
+        loss = loss - opts.hard_weight * log_p1.gather(1, col[:, None]).squeeze(1)
+    if ignored is not None:
+        loss = loss.masked_fill(ignored, 0.0)
+    if row_scale is None:
+        return loss, None
+    row_scale = row_scale.to(dtype)
+    grad = d_div * (opts.soft_weight / opts.temperature * row_scale)[:, None]
+    if col is not None:
+        onehot = torch.zeros_like(log_p1).scatter_(1, col[:, None], 1.0)
+        grad = grad + (log_p1.exp() - onehot) * (opts.hard_weight * row_scale)[:, None]
+    zero = row_scale == 0
+    if ignored is not None:
+        zero = zero | ignored
+    # An ignored row or a zero incoming gradient gives exact zeros, as in the kernels.
+    return loss, grad.masked_fill_(zero[:, None], 0.0)
+
+
+def distill_forward(student, teacher, target, opts, loss, stats, grad=None, grad_scale=None):
+    """The per-row loss (and the gradient of the per-row losses times ``grad_scale`` when
+    ``grad`` is given), as ``kernels/distill.py``'s launcher. ``stats`` is filled with zeros:
+    the backward here recomputes everything from the logits."""
+    scale = None
+    if grad is not None:
+        scale = torch.ones(student.shape[0], dtype=loss.dtype, device=student.device)
+        if grad_scale is not None:
+            scale = scale * grad_scale.to(loss.dtype).reshape(())
+    row_loss, row_grad = _distill(student, teacher, target, opts, scale)
+    loss.copy_(row_loss)
+    stats.zero_()
+    if grad is not None:
+        grad.copy_(row_grad)
+
+
+def distill_backward(student, teacher, target, opts, stats, dloss, grad, reduction="none",
+                     den=None, skip_if_one=False) -> None:  # fmt: skip
+    """grad = d(loss) / d student for the incoming gradient ``dloss`` (per row for "none", else
+    of the reduced loss, "mean" divided by ``den``); with ``skip_if_one`` ``grad`` already holds
+    the gradient for an incoming gradient of 1 (kept when ``dloss`` is 1, decided on the
+    device)."""
+    del stats
+    dtype = _compute_dtype(student.dtype)
+    if reduction == "none":
+        row_scale = dloss.to(dtype)
+    else:
+        g = dloss.to(dtype).reshape(())
+        row_scale = (g / den.to(dtype) if reduction == "mean" else g).expand(student.shape[0])
+    _, new = _distill(student, teacher, target, opts, row_scale)
+    if skip_if_one:
+        new = torch.where(dloss.reshape(()) == 1, grad, new)
+    grad.copy_(new)

@@ -1,0 +1,324 @@
+"""Public API for knowledge distillation: KL, reverse KL and the generalized Jensen-Shannon
+divergence between a student's and a teacher's softmax, plus an optional hard cross-entropy term.
+
+``distillation_loss`` takes the two sets of logits; ``linear_distillation_loss`` takes the hidden
+states and LM heads of both models and never holds either full logit matrix (chunks of rows; the
+teacher's products run without autograd). The math and the memory traffic are in
+``fused_xent.kernels.distill``'s docstring; the autograd Functions are in ``fused_xent.autograd``
+(``DistillationFunction``, ``LinearDistillationFunction``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import ops
+from .autograd import (
+    DistillationFunction,
+    LinearDistillationFunction,
+    _reduce,
+    distill_denominator,
+    distill_no_grad,
+    linear_distill_rows,
+    pick_chunk_size,
+)
+from .functional import (
+    _INPUT_DTYPES,
+    _KERNEL_DTYPES,
+    _TARGET_DTYPES,
+    IMPLS,
+    REDUCTIONS,
+    _backend,
+    _check_chunk_size,
+    _check_float,
+)
+
+
+@dataclass(frozen=True)
+class DistillOptions:
+    """The checked options, read by the autograd layer and both backends."""
+
+    beta: float = 0.0
+    temperature: float = 1.0
+    soft_weight: float = 1.0
+    hard_weight: float = 0.0
+    ignore_index: int = -100
+
+
+def _options(beta, temperature, soft_weight, hard_weight, ignore_index, target) -> DistillOptions:
+    beta = _check_float("beta", beta, 0.0, 1.0)
+    temperature = _check_float("temperature", temperature)
+    if temperature <= 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    soft_weight = _check_float("soft_weight", soft_weight, 0.0)
+    hard_weight = _check_float("hard_weight", hard_weight, 0.0)
+    if hard_weight > 0.0 and target is None:
+        raise ValueError(
+            f"hard_weight={hard_weight} > 0 needs a target (the hard cross-entropy's labels); "
+            "pass target=..., or hard_weight=0"
+        )
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    return DistillOptions(beta, temperature, soft_weight, hard_weight, ignore_index)
+
+
+def _check_tensor(name: str, value, device=None) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in _INPUT_DTYPES:
+        raise TypeError(
+            f"{name} must be float32, float16 or bfloat16 (float64 on the reference path), "
+            f"got {value.dtype}"
+        )
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} must be on the student's device {device}, got {value.device}")
+
+
+def _refuse_teacher_grad(**tensors) -> None:
+    """The teacher gets no gradient: a teacher tensor that requires one is refused (under
+    no_grad nothing would flow, and it is accepted)."""
+    if not torch.is_grad_enabled():
+        return
+    for name, value in tensors.items():
+        if value is not None and value.requires_grad:
+            raise ValueError(
+                f"{name} requires grad, but the distillation losses give the teacher no gradient; "
+                f"pass {name}.detach() (or compute the teacher under torch.no_grad())"
+            )
+
+
+def _check_target(target, lead: tuple, device, what: str) -> None:
+    if target is None:
+        return
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor or None, got {type(target).__name__}")
+    if target.dtype not in _TARGET_DTYPES:
+        raise TypeError(f"target must hold int64 or int32 class indices, got {target.dtype}")
+    if tuple(target.shape) != lead:
+        raise ValueError(f"target must have shape {what} = {lead}, got {tuple(target.shape)}")
+    if target.device != device:
+        raise ValueError(f"target must be on the student's device {device}, got {target.device}")
+
+
+def _check_common(reduction, impl) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def _pick_backend(impl, student, teacher):
+    backend = _backend(impl, student)
+    if backend is ops.TRITON and teacher.dtype not in _KERNEL_DTYPES:
+        raise TypeError(
+            f"impl='triton' takes float32, float16 or bfloat16 teacher logits, got {teacher.dtype}"
+        )
+    return backend
+
+
+def _unit_stride(rows: torch.Tensor, backend) -> torch.Tensor:
+    """The kernels stride over rows, not over classes."""
+    if backend is ops.TRITON and rows.shape[1] > 1 and rows.stride(1) != 1:
+        return rows.contiguous()
+    return rows
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    beta: float = 0.0,
+    temperature: float = 1.0,
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    inplace_backward: bool = False,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Knowledge distillation of a student's logits towards a teacher's, without materialising
+    either softmax.
+
+    Per position, with ``P_s = softmax(student_logits / temperature)`` and
+    ``P_t = softmax(teacher_logits / temperature)``: ``beta = 0`` gives the forward KL
+    ``D = KL(P_t || P_s)``, ``beta = 1`` the reverse KL ``KL(P_s || P_t)``, and ``0 < beta < 1``
+    the generalized Jensen-Shannon divergence ``beta * KL(P_t || M) + (1 - beta) * KL(P_s || M)``
+    with ``M = beta * P_t + (1 - beta) * P_s`` (the GKD paper's parameterisation, as TRL's
+    ``generalized_jsd_loss``). The loss is ``soft_weight * D + hard_weight * CE``, ``CE`` the
+    cross-entropy of the student's logits at temperature 1 against ``target``. There is no
+    ``temperature**2`` factor: multiply ``soft_weight`` by it for Hinton's scaling.
+
+    Args:
+        student_logits: (..., V) float32 / float16 / bfloat16 (float64 on the reference path).
+            Receives the gradient.
+        teacher_logits: (..., V) with the student's shape, any of those dtypes; only read (never
+            written, no gradient: one that requires grad is refused, detach it).
+        target: optional (...) int64 / int32 class indices, ``student_logits.shape[:-1]``.
+            Needed when ``hard_weight > 0``; when given, positions whose target is
+            ``ignore_index`` leave both terms and the "mean" denominator.
+        beta: in [0, 1], as above.
+        temperature: > 0, divides both sets of logits in ``D`` (not in the hard term).
+        soft_weight, hard_weight: >= 0, the weights of ``D`` and of the hard cross-entropy.
+        ignore_index: the target value of positions to leave out.
+        reduction: "mean" (the average over the kept positions: NaN when none is kept, with zero
+            gradients, as torch), "sum", or "none" (the leading shape, 0 at ignored positions).
+        inplace_backward: write the gradient into ``student_logits``' own storage, so that no
+            second (..., V) buffer exists; its version counter is bumped, so autograd raises where
+            anything saved those logits for its own backward.
+        impl: "auto" (the Triton kernels for CUDA tensors, the reference elsewhere), "triton"
+            (on CPU tensors it needs ``TRITON_INTERPRET=1``), "reference".
+
+    Returns:
+        The float32 loss (float64 for float64 logits): 0-dim, or ``student_logits.shape[:-1]``
+        for "none".
+    """
+    _check_tensor("student_logits", student_logits)
+    _check_tensor("teacher_logits", teacher_logits, student_logits.device)
+    _check_common(reduction, impl)
+    if student_logits.dim() < 1:
+        raise ValueError("student_logits must have a vocabulary dimension (..., V)")
+    s_shape, t_shape = tuple(student_logits.shape), tuple(teacher_logits.shape)
+    if t_shape[-1:] != s_shape[-1:]:
+        raise ValueError(
+            f"teacher_logits must have the student's vocabulary: V = {s_shape[-1]} in "
+            f"student_logits {s_shape}, got teacher_logits {t_shape}"
+        )
+    if t_shape != s_shape:
+        raise ValueError(
+            f"teacher_logits must have the student's leading shape {s_shape[:-1]}, got "
+            f"{t_shape[:-1]} (teacher_logits {t_shape})"
+        )
+    vocab = s_shape[-1]
+    if vocab == 0:
+        raise ValueError("student_logits must have at least one class (V >= 1)")
+    _check_target(target, s_shape[:-1], student_logits.device, "student_logits.shape[:-1]")
+    _refuse_teacher_grad(teacher_logits=teacher_logits)
+    opts = _options(beta, temperature, soft_weight, hard_weight, ignore_index, target)
+    backend = _pick_backend(impl, student_logits, teacher_logits)
+    student = _unit_stride(student_logits.reshape(-1, vocab), backend)
+    teacher = _unit_stride(teacher_logits.reshape(-1, vocab), backend)
+    rows_target = None if target is None else target.reshape(-1)
+    if torch.is_grad_enabled() and student_logits.requires_grad:
+        loss = DistillationFunction.apply(
+            student, teacher, rows_target, opts, reduction, bool(inplace_backward), backend
+        )
+    else:
+        loss = distill_no_grad(student, teacher, rows_target, opts, reduction, backend)
+    return loss.reshape(s_shape[:-1]) if reduction == "none" else loss
+
+
+def _check_head(name: str, weight, bias, input, bias_name: str) -> None:
+    _check_tensor(name, weight, input.device)
+    if weight.dtype != input.dtype:
+        raise TypeError(f"{name} must have its input's dtype {input.dtype}, got {weight.dtype}")
+    dim = input.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != dim:
+        raise ValueError(
+            f"{name} must have shape (V, D) with D = {dim} (its input's last dimension), got "
+            f"{tuple(weight.shape)}"
+        )
+    if bias is not None:
+        _check_tensor(bias_name, bias, input.device)
+        if bias.dtype != input.dtype:
+            raise TypeError(f"{bias_name} must have its input's dtype {input.dtype}")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(
+                f"{bias_name} must have shape ({weight.shape[0]},), got {tuple(bias.shape)}"
+            )
+
+
+def linear_distillation_loss(
+    student_input: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_input: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    beta: float = 0.0,
+    temperature: float = 1.0,
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """:func:`distillation_loss` of ``linear(student_input, student_weight, student_bias)``
+    against ``linear(teacher_input, teacher_weight, teacher_bias)``, without either full logit
+    matrix: chunks of rows, each chunk's two logit matrices one product each (the teacher's
+    without autograd), the student's turned in place into its gradient and accumulated in float32
+    into the student's three gradients, each rounded once to its parameter's dtype.
+
+    Args:
+        student_input: (..., D_s) hidden states; float32 / float16 / bfloat16 (float64 on the
+            reference path).
+        student_weight: (V, D_s), the student's LM head; the input's dtype.
+        teacher_input: (..., D_t) with the student's leading shape (D_t may differ from D_s);
+            read only, no gradient (one that requires grad is refused).
+        teacher_weight: (V, D_t), the teacher's head: the same V; the teacher input's dtype.
+        target: optional (...) int64 / int32 class indices, the inputs' leading shape.
+        student_bias, teacher_bias: optional (V,).
+        chunk_size: rows per chunk; None picks it from the shapes alone, as
+            :func:`fused_xent.linear_cross_entropy` does, counting both chunks of logits.
+        The other arguments as in :func:`distillation_loss`.
+
+    Returns:
+        The float32 loss: 0-dim, or the inputs' leading shape for "none".
+    """
+    _check_tensor("student_input", student_input)
+    device = student_input.device
+    _check_tensor("teacher_input", teacher_input, device)
+    _check_common(reduction, impl)
+    if student_input.dim() < 1 or teacher_input.dim() < 1:
+        raise ValueError("student_input and teacher_input must have a hidden dimension (..., D)")
+    _check_head("student_weight", student_weight, student_bias, student_input, "student_bias")
+    _check_head("teacher_weight", teacher_weight, teacher_bias, teacher_input, "teacher_bias")
+    vocab = student_weight.shape[0]
+    if teacher_weight.shape[0] != vocab:
+        raise ValueError(
+            f"teacher_weight must have the student's vocabulary: V = {vocab} rows in "
+            f"student_weight, got teacher_weight {tuple(teacher_weight.shape)}"
+        )
+    if vocab == 0:
+        raise ValueError("student_weight must have at least one class (V >= 1)")
+    lead = tuple(student_input.shape[:-1])
+    if tuple(teacher_input.shape[:-1]) != lead:
+        raise ValueError(
+            f"teacher_input must have the student's leading shape {lead}, got "
+            f"{tuple(teacher_input.shape[:-1])} (teacher_input {tuple(teacher_input.shape)})"
+        )
+    _check_target(target, lead, device, "student_input.shape[:-1]")
+    _refuse_teacher_grad(
+        teacher_input=teacher_input, teacher_weight=teacher_weight, teacher_bias=teacher_bias
+    )
+    _check_chunk_size(chunk_size)
+    opts = _options(beta, temperature, soft_weight, hard_weight, ignore_index, target)
+    backend = _pick_backend(impl, student_input, teacher_input)
+    hidden = student_input.reshape(-1, student_input.shape[-1])
+    t_hidden = teacher_input.reshape(-1, teacher_input.shape[-1])
+    rows_target = None if target is None else target.reshape(-1)
+    n_rows = hidden.shape[0]
+    if chunk_size is None:
+        # Two chunks of logits (student and teacher) live at once: counted as twice the vocabulary.
+        chunk_size = pick_chunk_size(
+            n_rows, 2 * vocab, hidden.shape[1], student_input.dtype, backend is not ops.TRITON
+        )
+    args = (hidden, student_weight, student_bias, t_hidden, teacher_weight, teacher_bias,
+            rows_target, opts)  # fmt: skip
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (student_input, student_weight, student_bias)
+    )
+    if wants_grad:
+        loss = LinearDistillationFunction.apply(*args, reduction, chunk_size, backend)
+    else:
+        loss, _ = linear_distill_rows(*args, chunk_size, backend)
+        den = None
+        if reduction == "mean":
+            den = distill_denominator(rows_target, opts, n_rows, loss.dtype, loss.device)
+        loss = _reduce(loss, reduction, den)
+    return loss.reshape(lead) if reduction == "none" else loss
