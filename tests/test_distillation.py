@@ -1,0 +1,458 @@
+"""distillation_loss / linear_distillation_loss (issue #14) against float64 torch formulas.
+
+The oracle is written out from torch's own ops in float64 (``_loss64``): ``log_softmax`` of both
+sets of logits at the temperature, ``sum p (log p - log q)`` for each KL with a class of
+probability 0 adding 0, ``M = beta P_t + (1 - beta) P_s`` for the JSD, ``F.cross_entropy`` for the
+hard term, and the gradient from autograd. Both paths run every test ("reference" and "triton";
+without CUDA the kernels run under Triton's interpreter), and every output the package allocates
+starts as NaN (conftest's poisoning), so an unwritten element fails.
+
+Sizes: a few rows of 37 classes in blocks of 16 (the ``small_blocks`` fixture: two whole blocks,
+a partial one, a 16-byte head and tail for 2-byte dtypes) exercise the long-row schedule; 9 and
+300 classes with the launch table's own blocks a row held whole, and 4100 one past its block.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import DEVICE, GRAD_RTOL, IMPLS, LOSS_RTOL, REDUCTIONS, dtype_id, rel_err
+
+import fused_xent
+
+BETAS = (0.0, 0.1, 0.5, 0.9, 1.0)
+TEMPERATURES = (0.5, 1.0, 2.0)
+V = 37  # two whole blocks of 16, a partial one
+
+
+def _gen(seed):
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def _logits(shape, dtype, seed, scale=3.0):
+    x = torch.randn(shape, generator=_gen(seed), dtype=torch.float64) * scale
+    return x.to(dtype).to(DEVICE)
+
+
+def _ids(shape, vocab, seed, ignored=()):
+    t = torch.randint(0, vocab, shape, generator=_gen(seed + 1))
+    t.view(-1)[list(ignored)] = -100
+    return t.to(DEVICE)
+
+
+def _kl(p, log_p, log_q):
+    """sum p (log p - log q); a class with p = 0 adds 0 and passes no NaN to the gradient."""
+    keep = p > 0
+    diff = torch.where(keep, log_p, 0.0) - torch.where(keep, log_q, 0.0)
+    return torch.where(keep, p * diff, 0.0).sum(-1)
+
+
+def _loss64(s64, t, target=None, *, beta=0.0, temperature=1.0, soft_weight=1.0, hard_weight=0.0,
+            ignore_index=-100, reduction="mean"):  # fmt: skip
+    """The loss in float64 from float64 student logits ``s64`` (differentiable) and teacher
+    logits ``t``, straight from the issue's definitions."""
+    log_ps = torch.log_softmax(s64 / temperature, dim=-1)
+    log_pt = torch.log_softmax(t.detach().to(torch.float64) / temperature, dim=-1)
+    ps, pt = log_ps.exp(), log_pt.exp()
+    if beta == 0.0:
+        div = _kl(pt, log_pt, log_ps)
+    elif beta == 1.0:
+        div = _kl(ps, log_ps, log_pt)
+    else:
+        m = beta * pt + (1.0 - beta) * ps
+        log_m = torch.log(torch.where(m > 0, m, 1.0))
+        div = beta * _kl(pt, log_pt, log_m) + (1.0 - beta) * _kl(ps, log_ps, log_m)
+    loss = soft_weight * div
+    n_kept = loss.numel()
+    if target is not None:
+        kept = target != ignore_index
+        if hard_weight:
+            ce = F.cross_entropy(
+                s64.reshape(-1, s64.shape[-1]), target.reshape(-1).long(), reduction="none",
+                ignore_index=ignore_index,
+            ).reshape(target.shape)  # fmt: skip
+            loss = loss + hard_weight * ce
+        loss = torch.where(kept, loss, 0.0)
+        n_kept = kept.sum()
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" else loss.sum() / n_kept
+
+
+def _grad_out(reduction, shape, seed):
+    g = torch.rand(shape if reduction == "none" else (), generator=_gen(seed + 2)) * 3 - 1.5
+    return g.to(torch.float32).to(DEVICE)
+
+
+def _check(actual, expected, tol, what):
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol}"
+
+
+def _run_and_check(s, t, target=None, impl="triton", grad_out=None, **opts):
+    """distillation_loss and its gradient against float64; returns the gradient."""
+    x = s.clone().requires_grad_()
+    loss = fused_xent.distillation_loss(x, t, target, impl=impl, **opts)
+    s64 = s.detach().to(torch.float64).requires_grad_()
+    want = _loss64(s64, t, target, **opts)
+    assert loss.dtype == torch.float32 and loss.shape == want.shape
+    _check(loss, want, LOSS_RTOL, "loss")
+    g64 = None if grad_out is None else grad_out.to(torch.float64)
+    (want * (1.0 if g64 is None else g64)).sum().backward()
+    (loss * (1.0 if grad_out is None else grad_out)).sum().backward()
+    assert x.grad.dtype == s.dtype
+    _check(x.grad, s64.grad, GRAD_RTOL[s.dtype], "gradient")
+    return x.grad
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("beta", BETAS)
+def test_every_beta_and_temperature(small_blocks, impl, beta, temperature):
+    """Each divergence at each temperature, with a hard term (its own softmax at T != 1) and an
+    ignored position; rows of 37 classes cross blocks of 16."""
+    s = _logits((5, V), torch.float32, seed=1)
+    t = _logits((5, V), torch.float32, seed=2)
+    y = _ids((5,), V, seed=3, ignored=(2,))
+    _run_and_check(s, t, y, impl, beta=beta, temperature=temperature, hard_weight=0.3)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_reductions_shapes_and_incoming_gradient(small_blocks, impl, reduction, beta):
+    """(B, T, V) logits with ignored positions, every reduction, an incoming gradient other than 1
+    (after a forward that wrote the gradient for 1, the backward recomputes it)."""
+    s = _logits((2, 3, V), torch.float32, seed=4)
+    t = _logits((2, 3, V), torch.float32, seed=5)
+    y = _ids((2, 3), V, seed=6, ignored=(0, 4))
+    g = _grad_out(reduction, (2, 3), seed=7)
+    _run_and_check(s, t, y, impl, g, beta=beta, temperature=2.0, soft_weight=0.7,
+                   hard_weight=0.2, reduction=reduction)  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_without_target(small_blocks, impl, reduction):
+    """No target: every position counts ("mean" over all of them), (N, V) logits."""
+    s = _logits((4, V), torch.float32, seed=8)
+    t = _logits((4, V), torch.float32, seed=9)
+    _run_and_check(s, t, None, impl, beta=0.5, reduction=reduction)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_low_precision(small_blocks, impl, dtype, beta):
+    """16-bit logits: the loss in float32 to 1e-5, the gradient rounded once to the dtype."""
+    s = _logits((4, V), dtype, seed=10)
+    t = _logits((4, V), dtype, seed=11)
+    y = _ids((4,), V, seed=12, ignored=(1,))
+    _run_and_check(s, t, y, impl, beta=beta, temperature=0.5, hard_weight=0.5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mixed_dtypes_and_strided_rows(small_blocks, impl):
+    """A bfloat16 student against a float32 teacher (the kernels cut the rows element by element
+    where the two differ), a teacher sliced from a wider tensor, a transposed (B, T, V) view."""
+    s = _logits((4, V), torch.bfloat16, seed=13)
+    t = _logits((4, V), torch.float32, seed=14)
+    _run_and_check(s, t, None, impl, beta=0.9)
+    wide = _logits((4, V + 5), torch.bfloat16, seed=15)
+    _run_and_check(s, wide[:, 1 : V + 1], None, impl, beta=0.0, temperature=2.0)
+    s3 = _logits((3, 2, V), torch.float32, seed=16).transpose(0, 1)
+    t3 = _logits((2, 3, V), torch.float32, seed=17)
+    _run_and_check(s3, t3, _ids((2, 3), V, seed=18, ignored=(1,)), impl, beta=1.0, hard_weight=1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_rows_held_whole_and_one_past_the_block(impl, beta):
+    """The launch table's own blocks: rows held in registers (9 classes; 300 bfloat16 ones with a
+    16-byte head and tail) and a row one past the largest block (4100 > 4096)."""
+    for vocab, dtype in ((9, torch.float32), (300, torch.bfloat16), (4100, torch.float32)):
+        s = _logits((2, vocab), dtype, seed=vocab)
+        t = _logits((2, vocab), dtype, seed=vocab + 1)
+        y = _ids((2,), vocab, seed=vocab)
+        _run_and_check(s, t, y, impl, beta=beta, temperature=2.0, hard_weight=0.5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_extreme_logits(small_blocks, impl, beta):
+    """A nearly one-hot teacher (one logit 60 above the rest: the others' probability 1e-26 at
+    T = 1, 1e-52 at T = 0.5), -inf in masked vocabulary entries of the teacher (beta = 1: of both,
+    else KL(P_s || P_t) is infinite), and logits near 1e4 (nothing cancels)."""
+    s = _logits((4, V), torch.float32, seed=19)
+    t = torch.zeros(4, V, device=DEVICE)
+    t[torch.arange(4), torch.tensor([0, 5, 17, 36])] = 60.0
+    for temperature in (1.0, 0.5):
+        _run_and_check(s, t, None, impl, beta=beta, temperature=temperature)
+    t = _logits((4, V), torch.float32, seed=20)
+    t[:, 20:] = float("-inf")
+    t[0, :5] = float("-inf")
+    if beta == 1.0:
+        s = s.clone()
+        s[t == float("-inf")] = float("-inf")
+    grad = _run_and_check(s, t, None, impl, beta=beta)
+    if beta == 1.0:
+        assert torch.equal(grad[t == float("-inf")], torch.zeros_like(grad[t == float("-inf")]))
+    s = _logits((3, V), torch.float32, seed=21) + 1.0e4
+    t = _logits((3, V), torch.float32, seed=22) + 1.0e4
+    _run_and_check(s, t, _ids((3,), V, seed=23), impl, beta=beta, temperature=2.0, hard_weight=1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_weights_and_ignored_positions(small_blocks, impl):
+    """hard_weight alone is torch's cross-entropy; ignored positions give 0 and an exact-zero
+    gradient; a target with hard_weight = 0 only masks; "mean" over no kept position is NaN with
+    zero gradients (as torch)."""
+    s = _logits((5, V), torch.float32, seed=24)
+    t = _logits((5, V), torch.float32, seed=25)
+    y = _ids((5,), V, seed=26, ignored=(0, 3))
+    x = s.clone().requires_grad_()
+    loss = fused_xent.distillation_loss(x, t, y, soft_weight=0.0, hard_weight=1.0, impl=impl,
+                                        temperature=3.0)  # fmt: skip
+    loss.backward()
+    x64 = s.double().requires_grad_()
+    want = F.cross_entropy(x64, y)
+    want.backward()
+    _check(loss, want, LOSS_RTOL, "hard loss")
+    _check(x.grad, x64.grad, GRAD_RTOL[torch.float32], "hard gradient")
+    for hard in (0.0, 0.5):
+        x = s.clone().requires_grad_()
+        loss = fused_xent.distillation_loss(x, t, y, beta=0.5, hard_weight=hard,
+                                            reduction="none", impl=impl)  # fmt: skip
+        loss.sum().backward()
+        assert torch.equal(loss[[0, 3]], torch.zeros(2, device=DEVICE))
+        assert torch.equal(x.grad[[0, 3]], torch.zeros(2, V, device=DEVICE))
+        assert (loss[[1, 2, 4]] > 0).all()
+    x = s.clone().requires_grad_()
+    everything = torch.full((5,), -100, device=DEVICE)
+    loss = fused_xent.distillation_loss(x, t, everything, hard_weight=1.0, impl=impl)
+    loss.backward()
+    assert loss.isnan() and torch.equal(x.grad, torch.zeros_like(x.grad))
+
+
+def test_out_of_range_target_with_hard_term():
+    """The kernels give NaN at that position (no out-of-bounds access); the reference raises.
+    Without the hard term the target only masks, and any value is fine."""
+    s = _logits((3, 20), torch.float32, seed=27).requires_grad_()
+    t = _logits((3, 20), torch.float32, seed=28)
+    y = torch.tensor([1, 20, 4], device=DEVICE)
+    loss = fused_xent.distillation_loss(s, t, y, hard_weight=1.0, reduction="none", impl="triton")
+    assert loss[1].isnan() and loss[[0, 2]].isfinite().all()
+    loss[[0, 2]].sum().backward()
+    assert s.grad[1].isnan().all() and s.grad[[0, 2]].isfinite().all()
+    with pytest.raises(IndexError, match="outside"):
+        fused_xent.distillation_loss(s, t, y, hard_weight=1.0, impl="reference")
+    for impl in IMPLS:
+        assert fused_xent.distillation_loss(s, t, y, impl=impl).isfinite()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_inplace_backward_and_no_grad(small_blocks, impl, reduction):
+    """The gradient in the student's own storage (the same numbers), a second backward refused;
+    under no_grad the loss alone (the JSD's two passes)."""
+    s = _logits((4, V), torch.float32, seed=29)
+    t = _logits((4, V), torch.float32, seed=30)
+    y = _ids((4,), V, seed=31, ignored=(2,))
+    opts = dict(beta=0.5, temperature=2.0, hard_weight=0.5, reduction=reduction)
+    want = _run_and_check(s, t, y, impl, **opts)
+    leaf = s.clone().requires_grad_()
+    logits = leaf * 1.0  # a non-leaf, as a model's output
+    loss = fused_xent.distillation_loss(logits, t, y, inplace_backward=True, impl=impl, **opts)
+    loss.sum().backward(retain_graph=True)
+    assert rel_err(leaf.grad, want) <= 1e-6
+    assert rel_err(logits.detach(), want) <= 1e-6  # the gradient lives in the logits' storage
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.sum().backward()
+    with torch.no_grad():
+        quiet = fused_xent.distillation_loss(s.requires_grad_(), t, y, impl=impl, **opts)
+    _check(quiet, _loss64(s.double(), t, y, **opts), LOSS_RTOL, "no_grad loss")
+
+
+def test_launches_forward_and_backward(monkeypatch):
+    """One kernel each way; the reductions are torch sums of the per-row losses."""
+    from test_launches import LaunchCount
+
+    monkeypatch.setattr(fused_xent._alloc, "POISON", False)  # poisoning launches fills
+    s = _logits((4, 40), torch.float32, seed=32).requires_grad_()
+    t = _logits((4, 40), torch.float32, seed=33)
+    y = _ids((4,), 40, seed=34)
+    for reduction in ("none", "mean"):
+        count = LaunchCount()
+        with count:
+            loss = fused_xent.distillation_loss(s, t, y, beta=0.5, reduction=reduction,
+                                                impl="triton")  # fmt: skip
+            loss.backward(torch.ones_like(loss))
+        # "mean" wrote the gradient in the forward; its backward sees the incoming gradient 1 on
+        # the device and keeps it.
+        assert count.triton == ["_distill_fwd_kernel", "_distill_bwd_kernel"], str(count)
+
+
+# --------------------------------------------------------------------------------------------
+# The linear form
+# --------------------------------------------------------------------------------------------
+
+
+def _linear_case(n, d_s, d_t, vocab, dtype, seed, bias=True):
+    h = _logits((n, d_s), dtype, seed, scale=1.0)
+    w = _logits((vocab, d_s), dtype, seed + 1, scale=d_s**-0.5 * 2)
+    b = _logits((vocab,), dtype, seed + 2, scale=0.5) if bias else None
+    ht = _logits((n, d_t), dtype, seed + 3, scale=1.0)
+    wt = _logits((vocab, d_t), dtype, seed + 4, scale=d_t**-0.5 * 3)
+    bt = _logits((vocab,), dtype, seed + 5, scale=0.5) if bias else None
+    return h, w, b, ht, wt, bt
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_linear_matches_float64(small_blocks, impl, reduction, beta):
+    """7 rows in chunks of 3 (the last one short), student hidden size 8, teacher 12, biases on
+    both: the loss and the student's three gradients against float64 products."""
+    h, w, b, ht, wt, bt = _linear_case(7, 8, 12, V, torch.float32, seed=40)
+    y = _ids((7,), V, seed=41, ignored=(3,))
+    opts = dict(beta=beta, temperature=2.0, hard_weight=0.3, reduction=reduction)
+    g = _grad_out(reduction, (7,), seed=42)
+    leaves = [p.clone().requires_grad_() for p in (h, w, b)]
+    loss = fused_xent.linear_distillation_loss(
+        leaves[0], leaves[1], ht, wt, y, student_bias=leaves[2], teacher_bias=bt, chunk_size=3,
+        impl=impl, **opts,
+    )  # fmt: skip
+    (loss * g).sum().backward()
+    leaves64 = [p.double().requires_grad_() for p in (h, w, b)]
+    s64 = leaves64[0] @ leaves64[1].T + leaves64[2]
+    t64 = ht.double() @ wt.double().T + bt.double()
+    want = _loss64(s64, t64, y, **opts)
+    (want * g.double()).sum().backward()
+    _check(loss, want, LOSS_RTOL, "loss")
+    for name, got, ref in zip(("d_hidden", "d_weight", "d_bias"), leaves, leaves64, strict=True):
+        assert got.grad.dtype == torch.float32
+        _check(got.grad, ref.grad, GRAD_RTOL[torch.float32], name)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_low_precision_and_no_grad(small_blocks, impl):
+    """bfloat16 heads without biases, (B, T, D) inputs, no target, the default chunking; under
+    no_grad the same loss."""
+    h, w, _, ht, wt, _ = _linear_case(6, 8, 4, V, torch.bfloat16, seed=43, bias=False)
+    h, ht = h.reshape(2, 3, 8), ht.reshape(2, 3, 4)
+    hl, wl = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = fused_xent.linear_distillation_loss(hl, wl, ht, wt, beta=0.1, impl=impl)
+    loss.backward()
+    # The oracle at the logits torch's bfloat16 products make (the loss's input), then the
+    # gradients' products in float64.
+    s64 = (h @ w.T).double().requires_grad_()
+    want = _loss64(s64, ht @ wt.T, beta=0.1)
+    want.backward()
+    _check(loss, want, LOSS_RTOL, "loss")
+    d_hidden = (s64.grad @ w.double()).reshape(h.shape)
+    d_weight = s64.grad.reshape(-1, V).T @ h.double().reshape(-1, 8)
+    _check(hl.grad, d_hidden, GRAD_RTOL[torch.bfloat16], "d_hidden")
+    _check(wl.grad, d_weight, GRAD_RTOL[torch.bfloat16], "d_weight")
+    with torch.no_grad():
+        quiet = fused_xent.linear_distillation_loss(h, w, ht, wt, beta=0.1, impl=impl)
+    assert rel_err(quiet, loss.detach()) <= 1e-6
+
+
+def test_modules():
+    s = _logits((3, V), torch.float32, seed=44)
+    t = _logits((3, V), torch.float32, seed=45)
+    y = _ids((3,), V, seed=46)
+    module = fused_xent.DistillationLoss(beta=0.5, temperature=2.0, hard_weight=0.1)
+    assert "beta=0.5" in repr(module) and "hard_weight=0.1" in repr(module)
+    want = fused_xent.distillation_loss(s, t, y, beta=0.5, temperature=2.0, hard_weight=0.1)
+    assert torch.equal(module(s, t, y), want)
+    h, w, b, ht, wt, bt = _linear_case(5, 8, 6, V, torch.float32, seed=47)
+    module = fused_xent.LinearDistillationLoss(beta=1.0, reduction="sum", chunk_size=2)
+    got = module(h, w, ht, wt, student_bias=b, teacher_bias=bt)
+    want = fused_xent.linear_distillation_loss(h, w, ht, wt, student_bias=b, teacher_bias=bt,
+                                               beta=1.0, reduction="sum", chunk_size=2)  # fmt: skip
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_compile_fullgraph(impl):
+    """Both forms traced by torch.compile(fullgraph=True), with the eager numbers."""
+    torch._dynamo.reset()
+    lin = torch.nn.Linear(8, 30).to(DEVICE)
+    h = _logits((2, 5, 8), torch.float32, seed=48, scale=1.0)
+    ht = _logits((10, 6), torch.float32, seed=49, scale=1.0)
+    wt = _logits((30, 6), torch.float32, seed=50)
+    teacher = _logits((2, 5, 30), torch.float32, seed=51)
+    y = _ids((2, 5), 30, seed=52, ignored=(3,))
+
+    def step(h):
+        soft = fused_xent.distillation_loss(lin(h), teacher, y, beta=0.5, temperature=2.0,
+                                            hard_weight=0.5, impl=impl)  # fmt: skip
+        linear = fused_xent.linear_distillation_loss(
+            h.reshape(10, 8), lin.weight, ht, wt, y.reshape(10), student_bias=lin.bias,
+            beta=1.0, reduction="none", chunk_size=4, impl=impl,
+        )  # fmt: skip
+        return soft + linear.sum()
+
+    results = []
+    for fn in (torch.compile(step, fullgraph=True), step):
+        lin.zero_grad()
+        loss = fn(h)
+        loss.backward()
+        results.append((loss.detach(), lin.weight.grad.clone(), lin.bias.grad.clone()))
+    for got, want in zip(results[0], results[1], strict=True):
+        assert rel_err(got, want) <= 1e-6
+
+
+def test_errors():
+    s = _logits((2, 5), torch.float32, seed=53)
+    t = _logits((2, 5), torch.float32, seed=54)
+    y = _ids((2,), 5, seed=55)
+    loss = fused_xent.distillation_loss
+    for beta in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="beta"):
+            loss(s, t, beta=beta)
+    for temperature in (0.0, -1.0):
+        with pytest.raises(ValueError, match="temperature"):
+            loss(s, t, temperature=temperature)
+    with pytest.raises(ValueError, match="hard_weight.*needs a target"):
+        loss(s, t, hard_weight=0.5)
+    with pytest.raises(ValueError, match="soft_weight"):
+        loss(s, t, soft_weight=-1.0)
+    with pytest.raises(ValueError, match="vocabulary"):
+        loss(s, _logits((2, 6), torch.float32, seed=56))
+    with pytest.raises(ValueError, match="leading shape"):
+        loss(s, _logits((3, 5), torch.float32, seed=56))
+    with pytest.raises(ValueError, match="target must have shape"):
+        loss(s, t, y[:1])
+    with pytest.raises(TypeError, match="target must hold"):
+        loss(s, t, y.float())
+    with pytest.raises(ValueError, match="teacher_logits requires grad"):
+        loss(s.requires_grad_(), t.clone().requires_grad_())
+    with torch.no_grad():  # nothing would flow: accepted
+        loss(s, t.clone().requires_grad_())
+    with pytest.raises(TypeError, match="teacher_logits must be"):
+        loss(s, t.long())
+    with pytest.raises(ValueError, match="reduction"):
+        loss(s, t, reduction="batchmean")
+    with pytest.raises(ValueError, match="impl"):
+        loss(s, t, impl="cuda")
+    h, w, _, ht, wt, _ = _linear_case(2, 8, 4, 5, torch.float32, seed=57, bias=False)
+    lin = fused_xent.linear_distillation_loss
+    with pytest.raises(ValueError, match="teacher_weight must have the student's vocabulary"):
+        lin(h, w, ht, wt[:4])
+    with pytest.raises(ValueError, match="teacher_input must have the student's leading shape"):
+        lin(h, w, ht[:1], wt)
+    with pytest.raises(ValueError, match="teacher_weight must have shape"):
+        lin(h, w, ht, w)
+    with pytest.raises(ValueError, match="teacher_weight requires grad"):
+        lin(h, w, ht, wt.clone().requires_grad_())
+    with pytest.raises(ValueError, match="teacher_input requires grad"):
+        lin(h, w, ht.clone().requires_grad_(), wt)
+    with pytest.raises(ValueError, match="hard_weight"):
+        lin(h, w, ht, wt, hard_weight=1.0)
+    with pytest.raises(ValueError, match="beta"):
+        lin(h, w, ht, wt, beta=2.0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        lin(h, w, ht, wt, chunk_size=0)
