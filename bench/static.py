@@ -99,7 +99,7 @@ from dataclasses import dataclass, field
 
 import torch
 import triton
-from fused_xent.kernels import xent
+from fused_xent.kernels import distill, xent
 from triton.backends.compiler import GPUTarget
 from triton.runtime.cache import get_cache_manager
 from triton.runtime.driver import driver as _driver
@@ -107,6 +107,7 @@ from triton.runtime.jit import JITFunction
 
 from fused_xent import _alloc
 from fused_xent._options import LossOptions
+from fused_xent.distillation import DistillOptions
 
 # ============================================================================================
 # What to compile. Re-point this section when the launchers change; nothing below reads the
@@ -167,6 +168,7 @@ class Step:
     run: Callable  # run(logits, target, opts): calls the real launcher(s)
     writes_grad: bool  # the floor counts a gradient write (the logits are always read once)
     tile: Callable[[str, dict], tuple[int, int]] = _row_block
+    reads: int = 1  # (N, C) inputs the floor counts a read of: 2 for a distillation's teacher
 
 
 FWD = Step("fwd", _fwd, writes_grad=False)
@@ -242,7 +244,54 @@ def _scenarios() -> list[Scenario]:
     return [Scenario(*k, quick=k in QUICK) for k in keys]
 
 
-SCENARIOS = _scenarios()
+# Knowledge distillation (kernels/distill.py): the student and a teacher of the same dtype, read
+# once each per pass; "kd" steps name the divergence (b = beta) and, with "+hard", a hard term at
+# T = 2 (its own softmax: one more exponential a logit).
+
+
+def _kd_step(name: str, beta: float, phase: str, hard: bool = False) -> Step:
+    opts = DistillOptions(beta=beta, temperature=2.0 if hard else 1.0,
+                          hard_weight=0.5 if hard else 0.0)  # fmt: skip
+
+    def run(x, t, _):
+        n = x.shape[0]
+        teacher, target = torch.empty_like(x), t if hard else None
+        loss, stats = torch.empty(n), torch.empty(distill.N_STATS, n)
+        if phase == "bwd":
+            distill.distill_backward(x, teacher, target, opts, stats, torch.ones(n),
+                                     _alloc.grad_like(x))  # fmt: skip
+        else:
+            grad = _alloc.grad_like(x) if phase == "fwd+grad" else None
+            distill.distill_forward(x, teacher, target, opts, loss, stats, grad)
+
+    run.__doc__ = f"Distillation {name}: {phase}."
+    return Step(f"kd-{name} {phase}", run, writes_grad=phase != "fwd", reads=2)
+
+
+KD_BETAS = {"b=0": 0.0, "b=0.5": 0.5, "b=1": 1.0}
+KD_STEPS = {
+    (name, phase): _kd_step(name, beta, phase)
+    for name, beta in KD_BETAS.items()
+    for phase in ("fwd", "fwd+grad", "bwd")
+}
+KD_STEPS.update({("b=0+hard", p): _kd_step("b=0+hard", 0.0, p, True) for p in ("fwd+grad", "bwd")})
+KD_QUICK = {("b=0", "fwd+grad", "bf16", 128256), ("b=0.5", "fwd+grad", "bf16", 128256),
+            ("b=0.5", "fwd+grad", "bf16", 4096)}  # fmt: skip
+
+
+def _kd_scenarios() -> list[Scenario]:
+    keys = [(n, p, "bf16", c) for n in KD_BETAS for p in ("fwd", "fwd+grad", "bwd")
+            for c in (4096, 128256)]  # fmt: skip
+    keys += [("b=0+hard", p, "bf16", c) for p in ("fwd+grad", "bwd") for c in (4096, 128256)]
+    keys += [(n, "fwd+grad", "fp32", c) for n in KD_BETAS for c in (2048, 128256)]
+    keys += [(n, "fwd+grad", "bf16", c) for n in ("b=0", "b=0.5") for c in (2047, 32000)]
+    return [
+        Scenario(KD_STEPS[name, phase], dtype, c, quick=(name, phase, dtype, c) in KD_QUICK)
+        for name, phase, dtype, c in keys
+    ]
+
+
+SCENARIOS = _scenarios() + _kd_scenarios()
 
 # Columns the coverage probe tries: every power of two and one more (up to 2^18 = 262144).
 PROBE_COLS = sorted({1 << k for k in range(19)} | {(1 << k) + 1 for k in range(18)})
@@ -686,7 +735,8 @@ def describe(sc: Scenario, call: Call, arch: Arch) -> dict:
 
 def predict(sc: Scenario, kernels: list[dict], arch: Arch) -> dict:
     b = DTYPES[sc.dtype].itemsize
-    per_logit = b * (1 + sc.step.writes_grad) + (b if OPTIONS[sc.options].get("prob_target") else 0)
+    per_logit = b * (sc.step.reads + sc.step.writes_grad)
+    per_logit += b if OPTIONS[sc.options].get("prob_target") else 0
     floor_bytes = per_logit * sc.rows * sc.n_cols
     floor_s = floor_bytes / arch.copy_bw
     rate = arch.issue_per_clock * arch.sms * arch.clock_hz
@@ -795,7 +845,12 @@ def _per_pass(passes: list[dict], key: str, fmt: str, reliable: bool) -> str:
     return text if reliable else "~" + text
 
 
-_SHORT = {"_xent_fwd_kernel": "fwd", "_xent_bwd_kernel": "bwd"}
+_SHORT = {
+    "_xent_fwd_kernel": "fwd",
+    "_xent_bwd_kernel": "bwd",
+    "_distill_fwd_kernel": "kd-fwd",
+    "_distill_bwd_kernel": "kd-bwd",
+}
 _FLAGS = {
     "SINGLE_BLOCK": "1blk",
     "WRITE_GRAD": "grad",

@@ -170,8 +170,8 @@ def test_mixed_dtypes_and_strided_rows(small_blocks, impl):
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_rows_held_whole_and_one_past_the_block(impl, beta):
     """The launch table's own blocks: rows held in registers (9 classes; 300 bfloat16 ones with a
-    16-byte head and tail) and a row one past the largest block (4100 > 4096)."""
-    for vocab, dtype in ((9, torch.float32), (300, torch.bfloat16), (4100, torch.float32)):
+    16-byte head and tail) and a row one past the 16-bit block (4100 > 4096)."""
+    for vocab, dtype in ((9, torch.float32), (300, torch.bfloat16), (4100, torch.bfloat16)):
         s = _logits((2, vocab), dtype, seed=vocab)
         t = _logits((2, vocab), dtype, seed=vocab + 1)
         y = _ids((2,), vocab, seed=vocab)
