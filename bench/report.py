@@ -1,7 +1,7 @@
 """One benchmark run of fused_xent and its peers: markdown tables, JSON and a plot.
 
     python bench/report.py [--quick] [--out DIR] [--device auto|cpu|cuda] [--no-plot]
-                           [--sections xent,linear] [--impls A,B] [--cases ID,ID]
+                           [--sections xent,linear,distill] [--impls A,B] [--cases ID,ID]
 
 Section "xent", the cross-entropy on given logits: first the card's copy bandwidth (a 2 GiB fp32
 device-to-device copy, bytes read + written), then for every case and implementation
@@ -27,13 +27,21 @@ include torch's own ``F.linear_cross_entropy`` wherever the installed torch has 
 ``torch_lce`` with ``options=None`` (its unchunked reference) and ``torch_lce_chunked`` with
 ``options=LinearCrossEntropyOptions()`` (its chunked path, default policy).
 
+Section "distill", knowledge distillation on given logits (``DISTILL_CUDA_CASES``: bf16
+8192 x 128256 at beta 0, the forward KL, and 0.5, the generalized JSD): forward + backward of a
+mean loss with the student's gradient, fused_xent's ``distillation_loss`` against the float32 eager
+recipe (TRL's ``generalized_jsd_loss``: both log-softmaxes in float32, ``kl_div``): ms, GB/s
+counting one read of each set of logits and one write of the gradient, % of the copy bandwidth,
+peak extra memory, and the errors of the loss and the gradient against float64 (a block of rows
+at a time).
+
 In each case the first fused_xent variant is timed again after all the peers, so the table shows
 the noise. Writes report.md (also printed), report.json and, when the xent section ran,
 report.png (% of copy bandwidth by vocabulary size) to --out (default bench/out/). The plot needs
 matplotlib (``pip install -e .[bench]``); without it, or with ``--no-plot``, the run says the plot
 was skipped and writes the other two.
 
-``--sections``: run only some sections (default ``xent,linear``), for a short device slot.
+``--sections``: run only some sections (default all three), for a short device slot.
 ``--impls`` / ``--cases`` keep the named implementations / the cases whose id contains one of the
 given strings, in either section.
 
@@ -53,10 +61,12 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import benchlib
 import torch
+import torch.nn.functional as F
 from benchlib import FWD, FWD_BWD, Case, LinearCase
 
 import fused_xent
@@ -467,6 +477,193 @@ def noise(rows: list[dict], fields: tuple[str, ...] = ("mode", "dtype", "n_rows"
 
 
 # --------------------------------------------------------------------------------------------
+# Section "distill"
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistillCase:
+    """Distillation of (N, V) student logits towards a teacher's, forward + backward of a mean."""
+
+    dtype: torch.dtype
+    n_rows: int
+    n_cols: int
+    beta: float
+
+    mode = FWD_BWD
+
+    @property
+    def nbytes_logits(self) -> int:
+        return self.n_rows * self.n_cols * self.dtype.itemsize
+
+    @property
+    def bytes_moved(self) -> int:
+        return 3 * self.nbytes_logits  # read the student + read the teacher + write its gradient
+
+    @property
+    def dtype_name(self) -> str:
+        return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[self.dtype]
+
+    @property
+    def id(self) -> str:
+        return f"distill-{self.dtype_name}-{self.n_rows}x{self.n_cols}-beta{self.beta:g}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.dtype_name} {self.n_rows} x {self.n_cols}, beta {self.beta:g}"
+
+
+DISTILL_CUDA_CASES = [
+    DistillCase(torch.bfloat16, 8192, 128256, 0.0),
+    DistillCase(torch.bfloat16, 8192, 128256, 0.5),
+]
+DISTILL_CPU_CASES = [
+    DistillCase(torch.bfloat16, 64, 2048, 0.0),
+    DistillCase(torch.bfloat16, 64, 2048, 0.5),
+]
+
+
+def eager_distillation(s: torch.Tensor, t: torch.Tensor, beta: float) -> torch.Tensor:
+    """TRL's generalized_jsd_loss at temperature 1, "batchmean": float32 log-softmaxes of both
+    (float64 for float64 logits: the accuracy reference)."""
+    dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
+    log_s = torch.log_softmax(s.to(dtype), dim=-1)
+    log_t = torch.log_softmax(t.to(dtype), dim=-1)
+    if beta == 0.0:
+        div = F.kl_div(log_s, log_t, reduction="none", log_target=True)
+    elif beta == 1.0:
+        div = F.kl_div(log_t, log_s, reduction="none", log_target=True)
+    else:
+        b = torch.tensor(beta, dtype=log_s.dtype, device=s.device)
+        log_m = torch.logsumexp(torch.stack([log_s + torch.log1p(-b), log_t + torch.log(b)]), 0)
+        div = beta * F.kl_div(log_m, log_t, reduction="none", log_target=True) + (
+            1 - beta
+        ) * F.kl_div(log_m, log_s, reduction="none", log_target=True)
+    return div.sum() / div.shape[0]
+
+
+@dataclass(frozen=True)
+class DistillImpl:
+    name: str
+    note: str
+
+    def skip_reason(self, case, device) -> str | None:
+        return None
+
+    def loss_fn(self, case: DistillCase, device: torch.device):
+        if self.name == "fused_xent":
+            impl = "triton" if device.type == "cuda" else "reference"  # as Impl.loss_fn
+            return lambda s, t: fused_xent.distillation_loss(s, t, beta=case.beta, impl=impl)
+        return lambda s, t: eager_distillation(s, t, case.beta)
+
+
+DISTILL_IMPLS = [
+    DistillImpl("fused_xent", "fused_xent.distillation_loss(s, t, beta=beta): gradient in a new "
+                "buffer"),
+    DistillImpl("torch", "the float32 eager recipe (TRL's generalized_jsd_loss): log_softmax of "
+                "both in float32, F.kl_div, sum / N"),
+]  # fmt: skip
+
+
+def distill_inputs(case: DistillCase, device: torch.device, seed: int = 0):
+    """randn student logits (requiring grad) and a sharper teacher's (randn x 2)."""
+    shape = benchlib.Case(FWD_BWD, case.dtype, case.n_rows, case.n_cols)
+    s, _ = benchlib.make_inputs(shape, device, seed=1000 + seed)
+    t, _ = benchlib.make_inputs(shape, device, seed=2000 + seed)
+    return s.requires_grad_(True), t.mul_(2)
+
+
+class DistillRotation(benchlib.Rotation):
+    """Distinct (student, teacher) pairs in turn (2-8, 1 GiB in all where 8 allow)."""
+
+    def __init__(self, case: DistillCase, device: torch.device):
+        copies = max(2, min(8, -(-benchlib.ROTATE_BYTES // max(2 * case.nbytes_logits, 1))))
+        self.bufs = [distill_inputs(case, device, seed=1 + i) for i in range(copies)]
+        self._i = 0
+
+
+def distill_float64_errors(s, t, beta, loss, ds) -> tuple[float, float]:
+    """Relative errors of the mean loss and of the student's gradient against float64, a block of
+    rows at a time (the issue's definitions, autograd for the gradient)."""
+    n_rows, n_cols = s.shape
+    rows = max(1, BLOCK_ELEMS // n_cols)
+    loss_sum = num = den = 0.0
+    for r0 in range(0, n_rows, rows):
+        s64 = s.detach()[r0 : r0 + rows].to(torch.float64).requires_grad_()
+        t64 = t[r0 : r0 + rows].to(torch.float64)
+        blk = eager_distillation(s64, t64, beta) * (s64.shape[0] / n_rows)  # its share of the mean
+        (ref,) = torch.autograd.grad(blk, s64)
+        loss_sum += float(blk.detach())
+        diff = ds.detach()[r0 : r0 + rows].to(torch.float64).sub_(ref)
+        num += float(diff.square().sum())
+        den += float(ref.square().sum())
+        del s64, t64, ref, diff
+    return _rel(float(loss.detach().double()), loss_sum), num**0.5 / den**0.5
+
+
+def run_distill_case(case: DistillCase, device, quick: bool, copy_bw: float, only=None):
+    impls = [i for i in DISTILL_IMPLS if only is None or i.name in only]
+    rotation = DistillRotation(case, device)
+
+    def new_row(name, run):
+        return {
+            "dtype": case.dtype_name, "n_rows": case.n_rows, "n_cols": case.n_cols,
+            "beta": case.beta, "impl": name, "run": run, "bytes": case.bytes_moved,
+            "floor_ms": case.bytes_moved / copy_bw * 1e3, "ms": None, "gbps": None,
+            "pct_copy": None, "peak_extra_bytes": None, "loss_rel_err": None,
+            "grad_rel_err": None, "first_call_s": None, "input_copies": len(rotation.bufs),
+            "skipped": None, "error": None,
+        }  # fmt: skip
+
+    def on_timed(r):
+        r["gbps"] = benchlib.gbps(case.bytes_moved, r["ms"])
+        r["pct_copy"] = 100 * case.bytes_moved / (r["ms"] * 1e-3) / copy_bw
+        return f"{r['pct_copy']:6.1f}% of copy"
+
+    rows, steps = time_impls(case, impls, "fused_xent", rotation, new_row, on_timed, device, quick)
+    rotation.release()
+    free_memory(device)
+    s, t = distill_inputs(case, device)
+
+    def errors(loss, ds):
+        loss_err, grad_err = distill_float64_errors(s, t, case.beta, loss, ds)
+        return {"loss_rel_err": loss_err, "grad_rel_err": grad_err}
+
+    check_accuracy(rows, steps, lambda: (s.detach().clone().requires_grad_(True), t), errors)
+    del steps
+    free_memory(device)
+    return rows
+
+
+def _distill_markdown(rows: list[dict], noise_rows: list[dict]) -> list[str]:
+    lines = [
+        "## Knowledge distillation: forward + backward of a mean loss (floor: read the student "
+        "and the teacher + write the student's gradient)",
+        "",
+        "- Implementations: " + "; ".join(f"**{i.name}** = {i.note}" for i in DISTILL_IMPLS)
+        + ". The teacher's logits are randn x 2, the student's randn; temperature 1. On the CPU "
+        "fused_xent runs its reference path (impl='reference').",
+        "",
+        "| logits | floor ms | implementation | ms | GB/s | % of copy | +GB | loss rel err "
+        "| grad rel err |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for r in rows:
+        name = r["impl"] + (" (again)" if r["run"] == 2 else "")
+        label = f"{r['dtype']} {r['n_rows']} x {r['n_cols']}, beta {r['beta']:g}"
+        if r["skipped"] or r["error"]:
+            lines.append(f"| {label} | | {name} | {r['skipped'] or 'error: ' + r['error']} |||||")
+            continue
+        lines.append(
+            f"| {label} | {r['floor_ms']:.3f} | {name} | {r['ms']:.3f} | {_g(r['gbps'])} "
+            f"| {_g(r['pct_copy'])}% | {_gb(r['peak_extra_bytes'])} "
+            f"| {_f(r['loss_rel_err'], '.1e')} | {_f(r['grad_rel_err'], '.1e')} |"
+        )
+    lines.append("")
+    return lines + _noise_line(noise_rows, lambda n: f"{n['dtype']} beta {n['beta']:g}")
+
+
+# --------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------
 
@@ -513,6 +710,8 @@ def markdown(
     noise_rows: list[dict],
     linear_rows: list[dict] | None = None,
     linear_noise: list[dict] | None = None,
+    distill_rows: list[dict] | None = None,
+    distill_noise: list[dict] | None = None,
 ) -> str:
     lines = [
         "# fused_xent benchmark report",
@@ -532,6 +731,8 @@ def markdown(
         lines += _xent_markdown(meta, rows, noise_rows)
     if linear_rows:
         lines += _linear_markdown(meta, linear_rows, linear_noise or [])
+    if distill_rows:
+        lines += _distill_markdown(distill_rows, distill_noise or [])
     return "\n".join(lines)
 
 
@@ -677,7 +878,7 @@ def plot(path: Path, meta: dict, rows: list[dict]) -> str | None:
     return None
 
 
-SECTIONS = ("xent", "linear")
+SECTIONS = ("xent", "linear", "distill")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -694,7 +895,7 @@ def main(argv: list[str] | None = None) -> int:
         "--sections",
         default=",".join(SECTIONS),
         help="comma-separated subset of: xent (the cross-entropy on given logits), linear (the "
-        "fused linear + cross-entropy); default both",
+        "fused linear + cross-entropy), distill (knowledge distillation); default all",
     )
     ap.add_argument(
         "--impls",
@@ -704,7 +905,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--cases",
         help="comma-separated substrings of case ids to keep, e.g. fwd+bwd-bf16-8192x128256, "
-        "linear-bf16-8192x4096x128256",
+        "linear-bf16-8192x4096x128256, distill-bf16-8192x128256-beta0.5",
     )
     ap.add_argument("--no-plot", action="store_true", help="write no report.png")
     args = ap.parse_args(argv)
@@ -722,10 +923,15 @@ def main(argv: list[str] | None = None) -> int:
         log("no CUDA device: running the CPU smoke cases (as --quick, with longer timing)")
     cases = benchlib.cases_for(device, args.quick) if "xent" in sections else []
     linear_cases = benchlib.linear_cases_for(device, args.quick) if "linear" in sections else []
+    distill_cases = []
+    if "distill" in sections:
+        distill_cases = DISTILL_CUDA_CASES if device.type == "cuda" and not args.quick else []
+        distill_cases = distill_cases or DISTILL_CPU_CASES
     if args.cases:
         keep = args.cases.split(",")
         cases = [c for c in cases if any(k in c.id for k in keep)]
         linear_cases = [c for c in linear_cases if any(k in c.id for k in keep)]
+        distill_cases = [c for c in distill_cases if any(k in c.id for k in keep)]
     only = None
     if args.impls:
         only = set(args.impls.split(","))
@@ -737,7 +943,9 @@ def main(argv: list[str] | None = None) -> int:
             cases = []
         if not only & set(benchlib.LINEAR_IMPLS_BY_NAME):
             linear_cases = []
-    if not cases and not linear_cases:
+        if not only & {i.name for i in DISTILL_IMPLS}:
+            distill_cases = []
+    if not cases and not linear_cases and not distill_cases:
         ap.error("no case left to run")
     benchlib.cpu_threads(device)
     torch.manual_seed(0)
@@ -745,8 +953,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = metadata(device, args.quick)
     meta["sections"] = [s for s in SECTIONS if s in sections]
     meta["copy_bandwidth"] = meta["matmul"] = None
-    rows, linear_rows = [], []
-    if cases:
+    rows, linear_rows, distill_rows = [], [], []
+    if cases or distill_cases:
         bw, nbytes = benchlib.copy_bandwidth(device, quick=args.quick)
         meta["copy_bandwidth"] = {"gbps": bw / GB, "bytes": nbytes, "counted": "read + write"}
         log(f"{meta['device']}: copy bandwidth {bw / GB:.0f} GB/s")
@@ -760,11 +968,16 @@ def main(argv: list[str] | None = None) -> int:
         for case in linear_cases:
             log(f"linear {case.label}: floor {case.flops / rate * 1e3:.4f} ms")
             linear_rows += run_linear_case(case, device, args.quick, rate, only)
+    for case in distill_cases:
+        log(f"distill {case.label}: floor {case.bytes_moved / bw * 1e3:.4f} ms")
+        distill_rows += run_distill_case(case, device, args.quick, bw, only)
     noise_rows = noise(rows)
     linear_noise = noise(linear_rows, ("dtype", "n_rows", "dim", "vocab"))
+    distill_noise = noise(distill_rows, ("dtype", "n_rows", "n_cols", "beta"))
 
     args.out.mkdir(parents=True, exist_ok=True)
-    table = markdown(meta, rows, noise_rows, linear_rows, linear_noise)
+    table = markdown(meta, rows, noise_rows, linear_rows, linear_noise, distill_rows,
+                     distill_noise)  # fmt: skip
     print(table)
     (args.out / "report.md").write_text(table + "\n")
     written = "report.json"
@@ -784,12 +997,16 @@ def main(argv: list[str] | None = None) -> int:
         "linear_cases": [c.id for c in linear_cases],
         "linear_results": linear_rows,
         "linear_noise": linear_noise,
+        "distill_cases": [c.id for c in distill_cases],
+        "distill_results": distill_rows,
+        "distill_noise": distill_noise,
     }
     (args.out / "report.json").write_text(json.dumps(doc, indent=2) + "\n")
     log(f"wrote {args.out / 'report.md'}, {written}")
 
     # A broken fused_xent is a failed run; a broken peer is only a note in the table.
-    failed = [r for r in rows + linear_rows if r["error"] and r["impl"].startswith("fused_xent")]
+    every = rows + linear_rows + distill_rows
+    failed = [r for r in every if r["error"] and r["impl"].startswith("fused_xent")]
     return 1 if failed else 0
 
 
