@@ -679,10 +679,13 @@ def _distill_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 # Two rows (student and teacher) are live per lane, and the JSD keeps a few more arrays of a row
-# held whole: at most this many logits a block, 16 logits a thread (8 for float32), as the option
-# builds of kernels/xent.py. From the sm_90 build (bench/static.py, Triton 3.9): bf16 4096 x 8
-# warps, 48-105 registers, 2-5 programs per SM, no spills; float32 at 4096 x 16 warps left the
-# JSD one program (16 warps) per SM, at 2048 x 8 warps it keeps three.
+# held whole: blocks of at most 4096 logits (2048 in float32), 32 logits a thread (16 in float32),
+# so 4 warps. From the sm_90 build (bench/static.py, Triton 3.9, fwd+grad at 128256 classes):
+# 16 logits a thread (8 warps) took 37 / 40 / 69 instructions a logit over the passes of beta
+# 0 / 1 / 0.5 in bf16, 32 take 31 / 34 / 63 (the per-block reductions amortised over twice the
+# logits) with 96-128 registers, 4-5 programs (16-20 warps) per SM and twice the bytes in flight
+# a thread, no spills; float32 at 4096 x 16 warps left the JSD one program per SM, 2048 x 4 warps
+# keeps five (31 / 34 / 60 instructions a logit).
 _DISTILL_BLOCK_MAX = {torch.float32: 2048}
 _DISTILL_BLOCK_MAX_16BIT = 4096
 
@@ -691,7 +694,7 @@ def _launch_config(n_cols: int, dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK, num_warps) for rows of ``n_cols`` logits of ``dtype`` (the wider of the two)."""
     block, _ = xent._launch_config(n_cols, dtype)  # the tests' small_blocks fixture patches this
     block = min(block, _DISTILL_BLOCK_MAX.get(dtype, _DISTILL_BLOCK_MAX_16BIT))
-    per_thread = 8 if dtype == torch.float32 else 16
+    per_thread = 16 if dtype == torch.float32 else 32
     return block, min(max(block // (32 * per_thread), 1), 16)
 
 
