@@ -377,7 +377,9 @@ def test_modules():
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_compile_fullgraph(impl):
-    """Both forms traced by torch.compile(fullgraph=True), with the eager numbers."""
+    """Both forms traced by torch.compile(fullgraph=True) with the eager numbers, through all four
+    custom ops: the gradient written in the forward (into a new buffer: "mean"; over the chunk's
+    logits: the linear "mean"), in the backward (a new buffer: "none"; in place)."""
     torch._dynamo.reset()
     lin = torch.nn.Linear(8, 30).to(DEVICE)
     h = _logits((2, 5, 8), torch.float32, seed=48, scale=1.0)
@@ -387,13 +389,18 @@ def test_compile_fullgraph(impl):
     y = _ids((2, 5), 30, seed=52, ignored=(3,))
 
     def step(h):
-        soft = fused_xent.distillation_loss(lin(h), teacher, y, beta=0.5, temperature=2.0,
+        logits = lin(h)
+        soft = fused_xent.distillation_loss(logits, teacher, y, beta=0.5, temperature=2.0,
                                             hard_weight=0.5, impl=impl)  # fmt: skip
+        rows = fused_xent.distillation_loss(logits, teacher, beta=0.0, reduction="none",
+                                            impl=impl)  # fmt: skip
+        inplace = fused_xent.distillation_loss(lin(h), teacher, y, beta=1.0,
+                                               inplace_backward=True, impl=impl)  # fmt: skip
         linear = fused_xent.linear_distillation_loss(
             h.reshape(10, 8), lin.weight, ht, wt, y.reshape(10), student_bias=lin.bias,
-            beta=1.0, reduction="none", chunk_size=4, impl=impl,
+            beta=0.9, chunk_size=4, impl=impl,
         )  # fmt: skip
-        return soft + linear.sum()
+        return soft + rows.sum() + inplace + linear
 
     results = []
     for fn in (torch.compile(step, fullgraph=True), step):
@@ -403,6 +410,21 @@ def test_compile_fullgraph(impl):
         results.append((loss.detach(), lin.weight.grad.clone(), lin.bias.grad.clone()))
     for got, want in zip(results[0], results[1], strict=True):
         assert rel_err(got, want) <= 1e-6
+
+
+def test_linear_under_autocast():
+    """As F.linear under autocast: the products in bfloat16, the loss in float32, the
+    gradients in the parameters' dtype."""
+    h, w, b, ht, wt, bt = _linear_case(5, 8, 6, V, torch.float32, seed=58)
+    hl, wl = h.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        loss = fused_xent.linear_distillation_loss(hl, wl, ht, wt, beta=0.5, impl="reference")
+    loss.backward()
+    assert loss.dtype == torch.float32 and hl.grad.dtype == wl.grad.dtype == torch.float32
+    want = fused_xent.linear_distillation_loss(
+        h.bfloat16(), w.bfloat16(), ht.bfloat16(), wt.bfloat16(), beta=0.5, impl="reference"
+    )
+    assert rel_err(loss, want) <= 1e-6
 
 
 def test_errors():
