@@ -418,7 +418,7 @@ def _distill_fwd_kernel(
     if ignored:
         # No work for an ignored row (prompt tokens): loss 0, statistics 0, gradient 0.
         tl.store(loss_ptr + row, zero)
-        for k in range(0, 7):
+        for k in range(0, 7):  # the N_STATS rows
             tl.store(stats_ptr + k * stride_stats + row, zero)
         if WRITE_GRAD:
             _zero_row(g_row, g_body, head, body, tail, BLOCK, VEC, EDGES, SINGLE_BLOCK)
