@@ -16,7 +16,7 @@ import dataclasses
 
 import torch
 
-from . import distributed, ops
+from . import _dtensor, distributed, ops
 from .autograd import (
     LinearTokenLogprobFunction,
     TokenLogprobFunction,
@@ -31,6 +31,8 @@ from .functional import (
     _backend,
     _check_chunk_size,
     _check_float,
+    _dtensor_call,
+    _dtensor_linear_call,
     _options,
 )
 
@@ -112,6 +114,13 @@ def token_logprobs(
     On the kernel path a target outside [0, V) that is not ``ignore_index`` gives NaN at that
     position (no out-of-bounds access); the reference raises ``IndexError``.
     """
+    if _dtensor.any_dtensor(logits, target):
+        return _dtensor_call(
+            token_logprobs, "logits", logits, -1, process_group, dict(target=target),
+            dict(temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+                 ignore_index=ignore_index, return_entropy=return_entropy,
+                 inplace_backward=inplace_backward, impl=impl),
+        )  # fmt: skip
     sharded = process_group is not None
     _check_logits("logits", logits, target, impl, sharded)
     vocab = logits.shape[-1]
@@ -191,6 +200,14 @@ def linear_token_logprobs(
     Returns:
         ``logp``, or ``(logp, entropy)`` with ``return_entropy``: float32, ``target``'s shape.
     """
+    if _dtensor.any_dtensor(input, linear_weight, linear_bias, target):
+        return _dtensor_linear_call(
+            linear_token_logprobs, input, linear_weight, linear_bias, process_group,
+            dict(target=target),
+            dict(temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+                 ignore_index=ignore_index, return_entropy=return_entropy,
+                 chunk_size=chunk_size, fp32_weight_grad=fp32_weight_grad, impl=impl),
+        )  # fmt: skip
     sharded = process_group is not None
     _check_logits("input", input, target, impl, sharded)
     for name, value in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
