@@ -61,3 +61,18 @@ def test_dtensor_world(world, tmp_path):
     assert len(cases.pop()) >= 20
     failures = [f for r in reports for f in r["failures"]]
     assert not failures, "\n".join(failures[:20])
+
+
+def test_tensor_parallel_example_dtensor():
+    """examples/tensor_parallel.py --dtensor under torchrun, 2 ranks: an nn.Linear head under
+    ColwiseParallel, the loss on its DTensor logits, matching the unsharded training."""
+    example = WORKER.parent.parent / "examples" / "tensor_parallel.py"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(example),
+        "--dtensor",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=DEADLINE_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "DTensor (ColwiseParallel)" in proc.stdout
+    assert "sharded and unsharded match" in proc.stdout, proc.stdout[-3000:]
