@@ -13,6 +13,7 @@ gradients is in ``fused_xent.kernels.xent``'s docstring; the autograd Functions 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -20,9 +21,9 @@ from . import _dtensor, distributed, ops
 from .autograd import (
     LinearTokenLogprobFunction,
     TokenLogprobFunction,
-    _row_outputs,
     linear_loss_rows,
     pick_chunk_size,
+    token_rows,
     token_stats_outputs,
 )
 from .functional import (
@@ -142,12 +143,13 @@ def token_logprobs(
             opts, process_group, rows.shape[0], vocab, False, "none", rows.device
         )
         if wants_grad:
-            out = distributed.ShardedTokenLogprobFunction.apply(
-                rows, row_target, opts, backend, process_group, return_entropy, inplace_backward
-            )
+            out = TokenLogprobFunction.apply(
+                rows, row_target, opts, backend, return_entropy, inplace_backward,
+                functools.partial(distributed.sharded_token_rows, group=process_group),
+            )  # fmt: skip
         else:
             logp, _, entropy = distributed.sharded_token_rows(
-                rows, row_target, opts, backend, process_group, return_entropy
+                rows, row_target, opts, backend, return_entropy, group=process_group
             )
             out = (logp, entropy) if return_entropy else logp
     elif wants_grad:
@@ -155,9 +157,7 @@ def token_logprobs(
             rows, row_target, opts, backend, return_entropy, inplace_backward
         )
     else:
-        logp, stats = _row_outputs(rows)
-        entropy = token_stats_outputs(rows)[0] if return_entropy else None
-        backend.xent_forward(rows, row_target, opts, logp, stats, entropy=entropy, logprob=True)
+        logp, _, entropy = token_rows(rows, row_target, opts, backend, return_entropy)
         out = (logp, entropy) if return_entropy else logp
     shape = target.shape
     if return_entropy:

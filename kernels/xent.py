@@ -714,6 +714,10 @@ def _xent_fwd_kernel(
                 )  # fmt: skip
 
     log_sum = (_log2(s) - log2_shift) * LN2
+    # log_sum >= 0 (s holds the max's own term, 1), but the approximate log2 and the shift of a
+    # long row can round it to -1e-8: that would make log p(target) > 0 where the target holds
+    # all the probability. Kept at 0 then; -inf (no finite logit) and NaN stay.
+    log_sum = tl.where(log_sum < 0.0, tl.where(s > 0.0, 0.0, log_sum), log_sum)
     lse = row_max + log_sum
     lse_rel = (row_max - shift) + log_sum  # lse - shift, without rounding lse first
 
@@ -754,6 +758,7 @@ def _xent_fwd_kernel(
     if ENTROPY != 0:
         # entropy = lse - sum(p z) = log_sum - sum(p (z - max)), sum(p (z - max)) from u.
         entropy = log_sum - (u * _rcp(s) - log2_shift) * LN2
+        entropy = tl.where(entropy < 0.0, 0.0, entropy)  # >= 0, as log_sum (NaN stays)
         if ENTROPY == 2 and not PROB_TARGET:
             entropy = tl.where(valid, entropy, float("nan"))
             entropy = tl.where(ignored, 0.0, entropy)
