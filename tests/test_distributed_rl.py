@@ -56,25 +56,12 @@ def test_linear_cross_entropy_stats_and_token_weight_match_unsharded(rl_world3, 
     check_group(rl_world3, f"linear_cross_entropy_stats/{world}", WORLDS[world])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug (kernels/xent.py:709, the multi-block row pass): log_sum = "
-    "log2(s) - log2_shift rounds below 0 when the max holds p ~ 1 - 1e-9, so log p ~ +6e-8 (a "
-    "negative cross-entropy) and the entropy ~ -2e-8; unsharded too. Remove the mark once "
-    "log p <= 0 and entropy >= 0 hold.",
-)
 def test_token_logprobs_signs(rl_world3):
     """log p <= 0 and entropy >= 0 on rows whose target holds p ~ 1 - 1e-9 (the target's logit
     20-30 above the rest), float32, on both paths."""
     check_group(rl_world3, "signs/world3", (0, 1, 2))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug (kernels/xent.py _grad / _write_target_grad with ENT_GRAD): the "
-    "entropy's gradient e * fma(k2, z - row_max, k) is 0 * -inf = NaN at a -inf logit (a masked "
-    "or padded vocabulary); unsharded too. Remove the mark once fixed.",
-)
 def test_token_logprobs_masked_vocabulary_on_kernels(rl_world3):
     """-inf logits (the last 3 classes, and all of slice 0 in one row) with incoming gradients
     on the entropy, on the kernel path: the gradient is 0 there, as in float64 torch. (The
