@@ -29,12 +29,14 @@ from .autograd import (
 from .functional import (
     _INPUT_DTYPES,
     _TARGET_DTYPES,
+    _TORCH_CPU_MAX_ELEMENTS,
     _backend,
     _check_chunk_size,
     _check_float,
     _dtensor_call,
     _dtensor_linear_call,
     _options,
+    _refuse_create_graph,
 )
 
 
@@ -70,6 +72,38 @@ def _token_options(ignore_index, temperature, logit_scale, softcap):
         logit_scale=opts.logit_scale / temperature,
         softcap=None if opts.softcap is None else opts.softcap / temperature,
     )
+
+
+def _torch_cpu(logits, target, opts, return_entropy):
+    """Small CPU calls: torch's log-softmax on a float32 copy (the kernel path's contract: float32
+    outputs, 0 and no gradient at ignored positions, the gradient rounded once into the logits'
+    dtype by the copy's backward, double backward refused), where the reference's dense passes
+    would cost several times more at these sizes."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z = logits.to(dtype)
+    if opts.logit_scale != 1.0:
+        z = z * opts.logit_scale
+    if opts.softcap is not None:
+        z = opts.softcap * torch.tanh(z / opts.softcap)
+    logsm = torch.log_softmax(z, dim=-1)
+    t = target.long()
+    ignored = t == opts.ignore_index
+    bad = ~ignored & ((t < 0) | (t >= logits.shape[-1]))
+    if bool(bad.any()):  # as the reference: a host read costs nothing here
+        raise IndexError(
+            f"target holds {int(t[bad][0])}, outside [0, {logits.shape[-1]}) and not "
+            f"ignore_index={opts.ignore_index}"
+        )
+    logp = logsm.gather(-1, torch.where(ignored, 0, t).unsqueeze(-1)).squeeze(-1)
+    outputs = [torch.where(ignored, 0.0, logp)]
+    if return_entropy:
+        # -sum p log p; a class of probability 0 (a -inf logit) adds 0, and no NaN gradient.
+        finite = torch.where(torch.isinf(logsm), 0.0, logsm)
+        outputs.append(torch.where(ignored, 0.0, -(logsm.exp() * finite).sum(-1)))
+    for out in outputs:
+        if out.requires_grad:
+            out.register_hook(_refuse_create_graph)
+    return tuple(outputs) if return_entropy else outputs[0]
 
 
 def token_logprobs(
@@ -134,6 +168,12 @@ def token_logprobs(
         )
     opts = _token_options(ignore_index, temperature, logit_scale, softcap)
     backend = _backend(impl, logits)
+    if (
+        backend is ops.CPU
+        and logits.numel() <= _TORCH_CPU_MAX_ELEMENTS
+        and not (sharded or inplace_backward)
+    ):
+        return _torch_cpu(logits, target, opts, return_entropy)
     rows, row_target = logits.reshape(-1, vocab), target.reshape(-1)
     if backend is ops.TRITON and vocab > 1 and rows.stride(1) != 1:
         rows = rows.contiguous()
