@@ -8,6 +8,11 @@ Bytes counted per case (``b`` = bytes per element of the logits dtype, targets a
 That is the least any implementation must move, so bytes / time is an honest lower bound on the
 bandwidth it reached, and the floor is those bytes at the copy bandwidth measured in the same run.
 
+The RL step (``RLCase``: log p of sampled tokens and the entropy, incoming gradients on both):
+``3 * N * C * b``. The incoming gradients arrive only in the backward, so unlike a mean loss's the
+gradient cannot be written in the forward: read the logits once in the forward, once more in the
+backward, and write the gradient once.
+
 The fused linear + cross-entropy (``LinearCase``: hidden (N, D), weight (V, D)) is counted in
 flops instead: ``6 * N * D * V`` for forward + backward, the three matrix products of
 ``2 * N * D * V`` each (logits, d_hidden, d_weight); its floor is those flops at the bf16 matrix
@@ -76,6 +81,10 @@ class Case:
         return self.nbytes_logits * (2 if self.mode == FWD_BWD else 1)
 
     @property
+    def bytes_counted(self) -> str:
+        return "read logits + write grad" if self.mode == FWD_BWD else "read logits"
+
+    @property
     def dtype_name(self) -> str:
         return _SHORT[self.dtype]
 
@@ -112,6 +121,35 @@ CPU_CASES = [
     Case(FWD_BWD, torch.float32, 64, 2048),
     Case(FWD, torch.bfloat16, 64, 2048),
 ]
+
+
+@dataclass(frozen=True)
+class RLCase(Case):
+    """``token_logprobs(x, t, return_entropy=True)``, forward + backward (mode ``FWD_BWD``)."""
+
+    @property
+    def bytes_moved(self) -> int:
+        # Forward: read x once; backward: read x once more + write dx once (module docstring).
+        return 3 * self.nbytes_logits
+
+    @property
+    def bytes_counted(self) -> str:
+        return "read logits twice + write grad"
+
+    @property
+    def id(self) -> str:
+        return f"rl-{self.dtype_name}-{self.shape}"
+
+
+# The issue's RL step: Llama-3 and Qwen vocabularies at a rollout batch's tokens.
+RL_CUDA_CASES = [
+    RLCase(FWD_BWD, torch.bfloat16, 8192, 128256),
+    RLCase(FWD_BWD, torch.bfloat16, 16384, 151936),
+]
+RL_CPU_CASES = [RLCase(FWD_BWD, torch.bfloat16, 64, 2048)]
+
+# GRPO's default sampling temperature in TRL and verl; the trainers' recipe divides by it anyway.
+RL_TEMPERATURE = 1.0
 
 
 @dataclass(frozen=True)
@@ -175,6 +213,10 @@ def cpu_threads(device: torch.device) -> None:
 
 def cases_for(device: torch.device, quick: bool = False) -> list[Case]:
     return CUDA_CASES if device.type == "cuda" and not quick else CPU_CASES
+
+
+def rl_cases_for(device: torch.device, quick: bool = False) -> list[RLCase]:
+    return RL_CUDA_CASES if device.type == "cuda" and not quick else RL_CPU_CASES
 
 
 def linear_cases_for(device: torch.device, quick: bool = False) -> list[LinearCase]:
@@ -310,6 +352,59 @@ IMPLS_BY_NAME = {i.name: i for i in IMPLS}
 def primary_impl(case: Case) -> str:
     """The fused_xent variant timed twice (first and last) to show the run-to-run noise."""
     return "fused_xent_inplace" if case.mode == FWD_BWD else "fused_xent"
+
+
+# --------------------------------------------------------------------------------------------
+# The RL step: log p of the sampled tokens and the entropy, with gradients through both
+# --------------------------------------------------------------------------------------------
+
+
+def rl_eager(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(t) and the entropy as RL trainers compute them (TRL's ``selective_log_softmax`` and
+    ``entropy_from_logits``, without their loops over rows): a float32 log-softmax of the logits
+    over the temperature, a gather, and the entropy from the probabilities."""
+    logp_all = torch.log_softmax(x.float() / RL_TEMPERATURE, dim=-1)
+    logp = logp_all.gather(-1, t.unsqueeze(-1)).squeeze(-1)
+    return logp, -(logp_all.exp() * logp_all).sum(-1)
+
+
+@dataclass(frozen=True)
+class RLImpl(Impl):
+    """An RL peer: ``loss_fn(x, t, *incoming gradients) -> (logp, entropy)`` (``make_step``)."""
+
+    def loss_fn(self, case: Case, device: torch.device):
+        # impl="auto" on the CPU: its fast path there (the Triton interpreter is too slow to time).
+        impl = "triton" if device.type == "cuda" else "auto"
+        if self.name.startswith("fused_xent"):
+            inplace = self.name == "fused_xent_inplace"
+            return lambda x, t, *_: fused_xent.token_logprobs(
+                x, t, temperature=RL_TEMPERATURE, return_entropy=True,
+                inplace_backward=inplace, impl=impl,
+            )  # fmt: skip
+        if self.name == "torch":
+            return lambda x, t, *_: rl_eager(x, t)
+        if self.name == "torch.compile":
+            torch._dynamo.reset()  # a fresh compile per case, as Impl.loss_fn
+            fn = torch.compile(rl_eager, dynamic=False)
+            return lambda x, t, *_: fn(x, t)
+        raise ValueError(self.name)
+
+
+RL_IMPLS = [
+    RLImpl(
+        "fused_xent",
+        "fused_xent.token_logprobs(x, t, return_entropy=True): gradient in a new buffer",
+    ),
+    RLImpl("fused_xent_inplace", "the same with inplace_backward=True: gradient over the logits"),
+    RLImpl(
+        "torch",
+        "the trainers' eager recipe (benchlib.rl_eager): float32 log_softmax(x / T), gather, "
+        "entropy from the probabilities",
+    ),
+    RLImpl("torch.compile", "torch.compile(rl_eager, dynamic=False), compiled per case"),
+]
+RL_IMPLS_BY_NAME = {i.name: i for i in RL_IMPLS}
+RL_PRIMARY = "fused_xent"  # timed twice, first and last, as primary_impl()
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,7 +550,9 @@ def make_step(loss_fn, mode: str, n_grad: int = 1):
     """One timed step: ``(*inputs) -> (loss, *gradients of the first n_grad inputs)``.
 
     Cross-entropy: ``(x, t) -> (loss, dx)``, ``(loss, None)`` forward only. Linear (``n_grad=2``):
-    ``(h, W, t) -> (loss, d_hidden, d_weight)``.
+    ``(h, W, t) -> (loss, d_hidden, d_weight)``. RL (a ``loss_fn`` that returns the tuple
+    ``(logp, entropy)``): ``(x, t, a, b) -> (logp, entropy, dx)``, ``a`` and ``b`` their incoming
+    gradients (the gradient of ``(logp * a + entropy * b).sum()``).
 
     The gradients come from ``torch.autograd.grad``, not ``loss.backward()``: with
     ``.backward()`` autograd's accumulate-into-``.grad`` clones a gradient that aliases the leaf
@@ -468,6 +565,8 @@ def make_step(loss_fn, mode: str, n_grad: int = 1):
 
         def step(*inputs):
             loss = loss_fn(*inputs)
+            if isinstance(loss, tuple):  # RL: the inputs after (x, t) are the incoming gradients
+                return (*loss, *torch.autograd.grad(loss, inputs[:n_grad], inputs[2:]))
             return (loss, *torch.autograd.grad(loss, inputs[:n_grad]))
 
     else:
@@ -541,6 +640,22 @@ class Rotation:
 
     def release(self) -> None:
         self.bufs.clear()
+
+
+def rl_grads(case: Case, device: torch.device, seed: int = 99) -> tuple[torch.Tensor, ...]:
+    """Incoming gradients of log p and the entropy: randn (N,) float32 each (per-token advantages
+    and entropy coefficients; both terms of the gradient are then of the same size)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return tuple(torch.randn(2, case.n_rows, generator=g, device=device))
+
+
+class RLRotation(Rotation):
+    """The logits' copies with the incoming gradients of the RL step: ``next()`` gives
+    ``(x, t, a, b)``."""
+
+    def __init__(self, case: RLCase, device: torch.device, copies: int | None = None):
+        super().__init__(case, device, copies)
+        self.bufs = [(x, t, *rl_grads(case, device, seed=i)) for i, (x, t) in enumerate(self.bufs)]
 
 
 class LinearRotation(Rotation):

@@ -1,7 +1,7 @@
 """One benchmark run of fused_xent and its peers: markdown tables, JSON and a plot.
 
     python bench/report.py [--quick] [--out DIR] [--device auto|cpu|cuda] [--no-plot]
-                           [--sections xent,linear,distill] [--impls A,B] [--cases ID,ID]
+                           [--sections xent,rl,linear,distill] [--impls A,B] [--cases ID,ID]
 
 Section "xent", the cross-entropy on given logits: first the card's copy bandwidth (a 2 GiB fp32
 device-to-device copy, bytes read + written), then for every case and implementation
@@ -15,6 +15,13 @@ device-to-device copy, bytes read + written), then for every case and implementa
   allocated before it (the inputs), reset before each;
 * relative error (norm-wise) of the loss and the gradient against a float64 computation on the
   same logits.
+
+Section "rl", the reinforcement-learning step (``benchlib.RL_CUDA_CASES``, ``benchlib.RL_IMPLS``):
+``token_logprobs(x, t, return_entropy=True)`` against the trainers' eager recipe
+(``benchlib.rl_eager``: float32 log-softmax, gather, entropy from the probabilities) and its
+torch.compile, forward + backward with random incoming gradients on log p and on the entropy; the
+same four measurements as "xent", the bytes being one read of the logits in the forward and one
+read + one write in the backward, and the errors those of log p, the entropy and the gradient.
 
 Section "linear", the fused linear + cross-entropy (``benchlib.LINEAR_CUDA_CASES``,
 ``benchlib.LINEAR_IMPLS``): first the bf16 matrix product rate (an 8192^3 ``torch.mm``, 2 n^3
@@ -41,12 +48,14 @@ report.png (% of copy bandwidth by vocabulary size) to --out (default bench/out/
 matplotlib (``pip install -e .[bench]``); without it, or with ``--no-plot``, the run says the plot
 was skipped and writes the other two.
 
-``--sections``: run only some sections (default all three), for a short device slot.
+``--sections``: run only some sections (default ``xent,rl,linear,distill``), for a short device
+slot.
 ``--impls`` / ``--cases`` keep the named implementations / the cases whose id contains one of the
 given strings, in either section.
 
 ``--quick``: the CPU smoke run, tiny shapes, fused_xent's reference path against torch eager,
-a few ms of timing each (the linear case: ~0.1 s a step, bf16 products are slow on a CPU);
+a few ms of timing each (the linear case: ~0.1 s a step, bf16 products are slow on a CPU; the RL
+case runs fused_xent with impl="auto", its CPU path);
 finishes in seconds and still writes every file.
 """
 
@@ -232,6 +241,38 @@ def float64_errors(x, t, loss, dx) -> tuple[float, float | None]:
     return loss_err, grad_err
 
 
+def rl_float64_errors(x, t, a, b, logp, entropy, dx) -> dict:
+    """Relative errors (norm-wise) of log p, the entropy and dx (N, C) against float64.
+
+    A block of rows at a time, as ``float64_errors``: with z = x / T, log p = z - lse(z),
+    entropy = -sum(p log p), and the gradient of sum(a logp + b entropy):
+    dz = a (onehot(t) - p) - b p (log p + entropy), dx = dz / T.
+    """
+    n_rows, n_cols = x.shape
+    x, logp, entropy, dx = (v.detach() for v in (x, logp, entropy, dx))
+    logp64 = torch.empty(n_rows, dtype=torch.float64, device=x.device)
+    ent64 = torch.empty_like(logp64)
+    rows = max(1, BLOCK_ELEMS // n_cols)
+    num = den = 0.0
+    for r0 in range(0, n_rows, rows):
+        s, tt = slice(r0, r0 + rows), t[r0 : r0 + rows, None]
+        lp = x[s].to(torch.float64).div_(benchlib.RL_TEMPERATURE)
+        lp = lp.sub_(torch.logsumexp(lp, dim=1, keepdim=True))
+        logp64[s] = lp.gather(1, tt).squeeze(1)
+        p = lp.exp()
+        ent64[s] = h = -(p * lp).sum(1)
+        dz = p.mul_(lp.add_(h[:, None]).mul_(-b[s, None]).sub_(a[s, None]))
+        dz.scatter_add_(1, tt, a[s, None].to(torch.float64)).div_(benchlib.RL_TEMPERATURE)
+        num += float(dx[s].to(torch.float64).sub_(dz).square().sum())
+        den += float(dz.square().sum())
+        del lp, p, dz
+    return {
+        "logp_rel_err": _rel_norm(logp, logp64),
+        "entropy_rel_err": _rel_norm(entropy, ent64),
+        "grad_rel_err": num**0.5 / den**0.5 if den else num**0.5,
+    }
+
+
 def linear_float64_reference(h, w, t) -> tuple[float, torch.Tensor, torch.Tensor]:
     """Mean loss, d_hidden (N, D) and d_weight (V, D) of cross_entropy(h @ w.T, t) in float64.
 
@@ -312,16 +353,23 @@ def check_accuracy(rows: list[dict], steps: dict, inputs, errors) -> None:
             log(f"  {r['impl']:<20} accuracy FAILED {r['error']}")
 
 
+# The error columns of the byte-counted sections: row keys, from which the headers are made.
+XENT_ERRORS = ("loss_rel_err", "grad_rel_err")
+RL_ERRORS = ("logp_rel_err", "entropy_rel_err", "grad_rel_err")
+
+
 def run_case(
     case: Case, device: torch.device, quick: bool, copy_bw: float, only: set[str] | None = None
 ) -> list[dict]:
+    """A case of the "xent" section, or of the "rl" section (an ``RLCase``)."""
+    rl = isinstance(case, benchlib.RLCase)
     impls = [
         i
-        for i in benchlib.IMPLS
+        for i in (benchlib.RL_IMPLS if rl else benchlib.IMPLS)
         if not (case.mode == FWD and i.name == "fused_xent_inplace")
         and (only is None or i.name in only)
     ]
-    rotation = benchlib.Rotation(case, device)
+    rotation = (benchlib.RLRotation if rl else benchlib.Rotation)(case, device)
 
     def new_row(name, run):
         return {
@@ -337,8 +385,7 @@ def run_case(
             "gbps": None,
             "pct_copy": None,
             "peak_extra_bytes": None,
-            "loss_rel_err": None,
-            "grad_rel_err": None,
+            **dict.fromkeys(RL_ERRORS if rl else XENT_ERRORS),
             "first_call_s": None,
             "input_copies": len(rotation.bufs),
             "skipped": None,
@@ -350,12 +397,12 @@ def run_case(
         r["pct_copy"] = 100 * case.bytes_moved / (r["ms"] * 1e-3) / copy_bw
         return f"{r['pct_copy']:6.1f}% of copy"
 
-    primary = benchlib.primary_impl(case)
+    primary = benchlib.RL_PRIMARY if rl else benchlib.primary_impl(case)
     rows, steps = time_impls(case, impls, primary, rotation, new_row, on_timed, device, quick)
     rotation.release()
     free_memory(device)
 
-    xent_accuracy(case, device, rows, steps)
+    (rl_accuracy if rl else xent_accuracy)(case, device, rows, steps)
     del steps
     free_memory(device)
     return rows
@@ -370,6 +417,17 @@ def xent_accuracy(case: Case, device: torch.device, rows: list[dict], steps: dic
         return {"loss_rel_err": loss_err, "grad_rel_err": grad_err}
 
     check_accuracy(rows, steps, lambda: (x.clone().requires_grad_(case.mode == FWD_BWD), t), errors)
+
+
+def rl_accuracy(case: Case, device: torch.device, rows: list[dict], steps: dict) -> None:
+    """Every implementation on a fresh copy of the same logits and incoming gradients."""
+    x, t = benchlib.make_inputs(case, device, seed=0)
+    a, b = benchlib.rl_grads(case, device)
+
+    def errors(logp, entropy, dx):
+        return rl_float64_errors(x, t, a, b, logp, entropy, dx)
+
+    check_accuracy(rows, steps, lambda: (x.clone().requires_grad_(True), t, a, b), errors)
 
 
 def _chunk_rows(case: LinearCase, device: torch.device) -> int | None:
@@ -710,6 +768,8 @@ def markdown(
     noise_rows: list[dict],
     linear_rows: list[dict] | None = None,
     linear_noise: list[dict] | None = None,
+    rl_rows: list[dict] | None = None,
+    rl_noise: list[dict] | None = None,
     distill_rows: list[dict] | None = None,
     distill_noise: list[dict] | None = None,
 ) -> str:
@@ -729,6 +789,8 @@ def markdown(
     ]
     if rows:
         lines += _xent_markdown(meta, rows, noise_rows)
+    if rl_rows:
+        lines += _rl_markdown(meta, rl_rows, rl_noise or [])
     if linear_rows:
         lines += _linear_markdown(meta, linear_rows, linear_noise or [])
     if distill_rows:
@@ -757,28 +819,62 @@ def _xent_markdown(meta: dict, rows: list[dict], noise_rows: list[dict]) -> list
         mode_rows = [r for r in rows if r["mode"] == mode]
         if not mode_rows:
             continue
-        lines += [
-            f"## {_MODE_TITLE[mode]}",
-            "",
-            "| logits | floor ms | implementation | ms | GB/s | % of copy | +GB "
-            "| loss rel err | grad rel err |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in mode_rows:
-            name = r["impl"] + (" (again)" if r["run"] == 2 else "")
-            label = f"{r['dtype']} {r['n_rows']} x {r['n_cols']}"
-            if r["skipped"] or r["error"]:
-                why = r["skipped"] or f"error: {r['error']}"
-                lines.append(f"| {label} | | {name} | {why} | | | | | |")
-                continue
-            lines.append(
-                f"| {label} | {r['floor_ms']:.3f} | {name} | {r['ms']:.3f} | {_g(r['gbps'])} "
-                f"| {_g(r['pct_copy'])}% | {_gb(r['peak_extra_bytes'])} "
-                f"| {_f(r['loss_rel_err'], '.1e')} | {_f(r['grad_rel_err'], '.1e')} |"
-            )
-        lines.append("")
+        lines += [f"## {_MODE_TITLE[mode]}", ""] + _byte_table(mode_rows, XENT_ERRORS) + [""]
     return lines + _noise_line(
         noise_rows, lambda n: f"{n['dtype']} {n['n_rows']}x{n['n_cols']} {n['mode']}"
+    )
+
+
+def _byte_table(rows: list[dict], errors: tuple[str, ...]) -> list[str]:
+    """The table of a byte-counted section, with one column per key of ``errors``."""
+    heads = " | ".join(e.removesuffix("_rel_err").replace("_", " ") + " rel err" for e in errors)
+    lines = [
+        f"| logits | floor ms | implementation | ms | GB/s | % of copy | +GB | {heads} |",
+        "|---" * (7 + len(errors)) + "|",
+    ]
+    for r in rows:
+        name = r["impl"] + (" (again)" if r["run"] == 2 else "")
+        label = f"{r['dtype']} {r['n_rows']} x {r['n_cols']}"
+        if r["skipped"] or r["error"]:
+            why = r["skipped"] or f"error: {r['error']}"
+            lines.append(f"| {label} | | {name} | {why} |" + " |" * (3 + len(errors)))
+            continue
+        lines.append(
+            f"| {label} | {r['floor_ms']:.3f} | {name} | {r['ms']:.3f} | {_g(r['gbps'])} "
+            f"| {_g(r['pct_copy'])}% | {_gb(r['peak_extra_bytes'])} | "
+            + " | ".join(_f(r[e], ".1e") for e in errors)
+            + " |"
+        )
+    return lines
+
+
+def _rl_markdown(meta: dict, rows: list[dict], noise_rows: list[dict]) -> list[str]:
+    cb = meta["copy_bandwidth"]
+    return (
+        [
+            "## RL step: log p of sampled tokens and the entropy, forward + backward "
+            "(floor: read logits twice + write gradient)",
+            "",
+            f"- Copy bandwidth, this run: {cb['gbps']:.0f} GB/s; timing and inputs as the "
+            "cross-entropy's, each copy of the logits with its own incoming gradients.",
+            f"- Step: `logp, entropy = f(x, t)` at temperature {benchlib.RL_TEMPERATURE:g}, then "
+            "`torch.autograd.grad((logp, entropy), x, (a, b))`, the gradient of "
+            "`(logp * a + entropy * b).sum()`; a, b randn (N,) float32 (per-token advantages and "
+            "entropy coefficients); targets uniform, none ignored.",
+            "- Bytes: one read of the logits in the forward + one read and one write of the "
+            "gradient in the backward (the incoming gradients arrive only in the backward, so "
+            "the forward cannot write the gradient as a mean loss's does). floor = bytes / copy "
+            "bandwidth; % = floor / ms.",
+            "- +GB as above. Errors are norm-wise, relative to float64 on the same logits and "
+            "incoming gradients (log p, entropy, d logits).",
+            "- Implementations: "
+            + "; ".join(f"**{i.name}** = {i.note}" for i in benchlib.RL_IMPLS)
+            + ". On the CPU fused_xent runs impl='auto' (its CPU path).",
+            "",
+        ]
+        + _byte_table(rows, RL_ERRORS)
+        + [""]
+        + _noise_line(noise_rows, lambda n: f"{n['dtype']} {n['n_rows']}x{n['n_cols']}")
     )
 
 
@@ -878,7 +974,7 @@ def plot(path: Path, meta: dict, rows: list[dict]) -> str | None:
     return None
 
 
-SECTIONS = ("xent", "linear", "distill")
+SECTIONS = ("xent", "rl", "linear", "distill")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -894,8 +990,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--sections",
         default=",".join(SECTIONS),
-        help="comma-separated subset of: xent (the cross-entropy on given logits), linear (the "
-        "fused linear + cross-entropy), distill (knowledge distillation); default all",
+        help="comma-separated subset of: xent (the cross-entropy on given logits), rl (log p and "
+        "entropy of sampled tokens), linear (the fused linear + cross-entropy), distill "
+        "(knowledge distillation); default all four",
     )
     ap.add_argument(
         "--impls",
@@ -905,7 +1002,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--cases",
         help="comma-separated substrings of case ids to keep, e.g. fwd+bwd-bf16-8192x128256, "
-        "linear-bf16-8192x4096x128256, distill-bf16-8192x128256-beta0.5",
+        "rl-bf16-16384x151936, linear-bf16-8192x4096x128256, distill-bf16-8192x128256-beta0.5",
     )
     ap.add_argument("--no-plot", action="store_true", help="write no report.png")
     args = ap.parse_args(argv)
@@ -922,6 +1019,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu" and not args.quick:
         log("no CUDA device: running the CPU smoke cases (as --quick, with longer timing)")
     cases = benchlib.cases_for(device, args.quick) if "xent" in sections else []
+    rl_cases = benchlib.rl_cases_for(device, args.quick) if "rl" in sections else []
     linear_cases = benchlib.linear_cases_for(device, args.quick) if "linear" in sections else []
     distill_cases = []
     if "distill" in sections:
@@ -930,22 +1028,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.cases:
         keep = args.cases.split(",")
         cases = [c for c in cases if any(k in c.id for k in keep)]
+        rl_cases = [c for c in rl_cases if any(k in c.id for k in keep)]
         linear_cases = [c for c in linear_cases if any(k in c.id for k in keep)]
         distill_cases = [c for c in distill_cases if any(k in c.id for k in keep)]
     only = None
     if args.impls:
         only = set(args.impls.split(","))
-        unknown = only - set(benchlib.IMPLS_BY_NAME) - set(benchlib.LINEAR_IMPLS_BY_NAME)
+        unknown = only - set(benchlib.IMPLS_BY_NAME) - set(benchlib.RL_IMPLS_BY_NAME)
+        unknown -= set(benchlib.LINEAR_IMPLS_BY_NAME)
         if unknown:
             ap.error(f"unknown --impls {sorted(unknown)}")
         # A section none of whose implementations is asked for does not run.
         if not only & set(benchlib.IMPLS_BY_NAME):
             cases = []
+        if not only & set(benchlib.RL_IMPLS_BY_NAME):
+            rl_cases = []
         if not only & set(benchlib.LINEAR_IMPLS_BY_NAME):
             linear_cases = []
         if not only & {i.name for i in DISTILL_IMPLS}:
             distill_cases = []
-    if not cases and not linear_cases and not distill_cases:
+    if not cases and not rl_cases and not linear_cases and not distill_cases:
         ap.error("no case left to run")
     benchlib.cpu_threads(device)
     torch.manual_seed(0)
@@ -953,14 +1055,17 @@ def main(argv: list[str] | None = None) -> int:
     meta = metadata(device, args.quick)
     meta["sections"] = [s for s in SECTIONS if s in sections]
     meta["copy_bandwidth"] = meta["matmul"] = None
-    rows, linear_rows, distill_rows = [], [], []
-    if cases or distill_cases:
+    rows, rl_rows, linear_rows, distill_rows = [], [], [], []
+    if cases or rl_cases or distill_cases:
         bw, nbytes = benchlib.copy_bandwidth(device, quick=args.quick)
         meta["copy_bandwidth"] = {"gbps": bw / GB, "bytes": nbytes, "counted": "read + write"}
         log(f"{meta['device']}: copy bandwidth {bw / GB:.0f} GB/s")
         for case in cases:
             log(f"{case.mode} {case.label}: floor {case.bytes_moved / bw * 1e3:.4f} ms")
             rows += run_case(case, device, args.quick, bw, only)
+        for case in rl_cases:
+            log(f"rl {case.label}: floor {case.bytes_moved / bw * 1e3:.4f} ms")
+            rl_rows += run_case(case, device, args.quick, bw, only)
     if linear_cases:
         rate, n = benchlib.matmul_rate(device, quick=args.quick)
         meta["matmul"] = {"tflops": rate / 1e12, "n": n, "dtype": "bf16", "flops": 2 * n**3}
@@ -971,13 +1076,13 @@ def main(argv: list[str] | None = None) -> int:
     for case in distill_cases:
         log(f"distill {case.label}: floor {case.bytes_moved / bw * 1e3:.4f} ms")
         distill_rows += run_distill_case(case, device, args.quick, bw, only)
-    noise_rows = noise(rows)
+    noise_rows, rl_noise = noise(rows), noise(rl_rows)
     linear_noise = noise(linear_rows, ("dtype", "n_rows", "dim", "vocab"))
     distill_noise = noise(distill_rows, ("dtype", "n_rows", "n_cols", "beta"))
 
     args.out.mkdir(parents=True, exist_ok=True)
-    table = markdown(meta, rows, noise_rows, linear_rows, linear_noise, distill_rows,
-                     distill_noise)  # fmt: skip
+    table = markdown(meta, rows, noise_rows, linear_rows, linear_noise, rl_rows, rl_noise,
+                     distill_rows, distill_noise)  # fmt: skip
     print(table)
     (args.out / "report.md").write_text(table + "\n")
     written = "report.json"
@@ -994,6 +1099,9 @@ def main(argv: list[str] | None = None) -> int:
         "cases": [c.id for c in cases],
         "results": rows,
         "noise": noise_rows,
+        "rl_cases": [c.id for c in rl_cases],
+        "rl_results": rl_rows,
+        "rl_noise": rl_noise,
         "linear_cases": [c.id for c in linear_cases],
         "linear_results": linear_rows,
         "linear_noise": linear_noise,
@@ -1005,7 +1113,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"wrote {args.out / 'report.md'}, {written}")
 
     # A broken fused_xent is a failed run; a broken peer is only a note in the table.
-    every = rows + linear_rows + distill_rows
+    every = rows + rl_rows + linear_rows + distill_rows
     failed = [r for r in every if r["error"] and r["impl"].startswith("fused_xent")]
     return 1 if failed else 0
 

@@ -154,6 +154,20 @@ def _bwd_scaled(x, t, opts):
                        torch.ones(()), skip_if_one=True)  # fmt: skip
 
 
+def _rl_fwd(x, t, opts):
+    """token_logprobs' forward with the entropy: log p and entropy per row, one read."""
+    logp, stats = _row_outputs(x.shape[0])
+    xent.xent_forward(x, t, opts, logp, stats, entropy=torch.empty(x.shape[0]), logprob=True)
+
+
+def _rl_bwd(x, t, opts):
+    """Its backward with incoming gradients on log p and the entropy: one read, one write."""
+    n = x.shape[0]
+    _, stats = _row_outputs(n)
+    xent.xent_backward(x, t, opts, stats, torch.ones(n), _alloc.grad_like(x),
+                       dentropy=torch.ones(n), entropy=torch.empty(n), logprob=True)  # fmt: skip
+
+
 def _row_block(kernel_name: str, constexprs: dict) -> tuple[int, int]:
     """(rows, cols) one program covers per iteration of its column loop (or in all); the
     reduction's prologue reads RBLOCK targets per iteration."""
@@ -168,6 +182,7 @@ class Step:
     run: Callable  # run(logits, target, opts): calls the real launcher(s)
     writes_grad: bool  # the floor counts a gradient write (the logits are always read once)
     tile: Callable[[str, dict], tuple[int, int]] = _row_block
+    probe_options: tuple[str, ...] | None = None  # the OPTIONS the probe tries (None: all)
     reads: int = 1  # (N, C) inputs the floor counts a read of: 2 for a distillation's teacher
 
 
@@ -175,7 +190,11 @@ FWD = Step("fwd", _fwd, writes_grad=False)
 FWD_GRAD = Step("fwd+grad", _fwd_grad, writes_grad=True)
 BWD = Step("bwd", _bwd, writes_grad=True)
 BWD_SCALED = Step("bwd(g!=1)", _bwd_scaled, writes_grad=True)  # g == 1 moves nothing
-STEPS = (FWD, FWD_GRAD, BWD, BWD_SCALED)
+# token_logprobs: a class-index target, no class weight, smoothing or z-loss.
+_RL_OPTIONS = ("plain", "softcap", "logit-scale")
+RL_FWD = Step("rl-fwd", _rl_fwd, writes_grad=False, probe_options=_RL_OPTIONS)
+RL_BWD = Step("rl-bwd", _rl_bwd, writes_grad=True, probe_options=_RL_OPTIONS)
+STEPS = (FWD, FWD_GRAD, BWD, BWD_SCALED, RL_FWD, RL_BWD)
 
 # LossOptions fields, plus prob_target (a (N, C) probability target of the logits' dtype) and
 # weight=True (a (C,) class weight of the logits' dtype).
@@ -197,8 +216,9 @@ OPTIONS = {
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-# The prediction's N for the shapes the performance issue names; N = 8192 for any other C.
-PREDICT_ROWS = {2048: 32768, 8192: 16384, 32000: 8192, 128256: 8192, 256000: 4096}
+# The prediction's N for the shapes the performance issue names (151936: the RL issue's Qwen
+# vocabulary); N = 8192 for any other C.
+PREDICT_ROWS = {2048: 32768, 8192: 16384, 32000: 8192, 128256: 8192, 151936: 16384, 256000: 4096}
 
 
 @dataclass(frozen=True)
@@ -227,6 +247,8 @@ QUICK = {
     (BWD, "bf16", 128256, "plain"),
     (FWD_GRAD, "bf16", 2047, "plain"),
     (FWD_GRAD, "bf16", 50257, "plain"),
+    (RL_FWD, "bf16", 128256, "plain"),
+    (RL_BWD, "bf16", 128256, "plain"),
 }
 
 
@@ -241,6 +263,11 @@ def _scenarios() -> list[Scenario]:
         keys += [(FWD_GRAD, "bf16", c, opt) for c in (2048, 8192, 16384, 128256)]
     keys += [(step, "bf16", c, "all") for step in (FWD, BWD) for c in (2048, 16384, 128256)]
     keys += [(FWD_GRAD, "fp32", c, "all") for c in (8192, 128256)]
+    # The RL step: a whole row (2048), the block cap its constexprs bring (8192: two passes of
+    # 4096) and the report's vocabularies.
+    keys += [
+        (st, "bf16", c, "plain") for st in (RL_FWD, RL_BWD) for c in (2048, 8192, 128256, 151936)
+    ]
     return [Scenario(*k, quick=k in QUICK) for k in keys]
 
 
@@ -810,7 +837,7 @@ def probe(cap: Capture, arch_id: int, errors: list[str]) -> dict[tuple, Scenario
     cols = sorted(set(PROBE_COLS) | {sc.n_cols for sc in SCENARIOS}, key=lambda c: (c % 16, c))
     try:
         for step in STEPS:
-            for opt in OPTIONS:
+            for opt in step.probe_options or OPTIONS:
                 for dtype in DTYPES:
                     for c in cols:
                         sc = Scenario(step, dtype, c, opt, probe=True)
@@ -859,6 +886,8 @@ _FLAGS = {
     "HAS_SMOOTHING": "eps",
     "HAS_SOFTCAP": "cap",
     "ROUND_BF16": "rnd",
+    "LOGPROB": "logp",
+    "ENT_GRAD": "dent",
 }
 
 

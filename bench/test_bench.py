@@ -11,6 +11,11 @@ fused_xent runs twice in fwd+bwd: ``fused_xent_inplace`` (``inplace_backward=Tru
 like-for-like comparison with Liger, which also writes the gradient over the logits;
 ``fused_xent`` allocates its gradient, as torch does.
 
+The RL step (``benchlib.RL_CUDA_CASES``, ids ``rl-...``) runs in ``test_xent`` too: log p of the
+sampled tokens and the entropy, forward + backward with random incoming gradients on both, against
+the trainers' eager recipe and its torch.compile; its bytes are one read of the logits in the
+forward, one read + one write in the backward.
+
 ``test_linear``: the fused linear + cross-entropy (``benchlib.LINEAR_CUDA_CASES``), forward +
 backward of a mean loss with the gradients of the hidden states and the weight; the hidden states
 rotate, the weight is shared. ``extra_info`` holds the flops (6 N D V), the floor (those flops at
@@ -28,7 +33,7 @@ import pytest
 import torch
 
 DEVICE = benchlib.default_device()
-CASES = benchlib.cases_for(DEVICE)
+CASES = benchlib.cases_for(DEVICE) + benchlib.rl_cases_for(DEVICE)
 LINEAR_CASES = benchlib.linear_cases_for(DEVICE)
 
 
@@ -36,20 +41,21 @@ LINEAR_CASES = benchlib.linear_cases_for(DEVICE)
 PARAMS = [
     pytest.param(case, impl.name, id=f"{case.id}-{impl.name}")
     for case in CASES
-    for impl in benchlib.IMPLS
+    for impl in (benchlib.RL_IMPLS if isinstance(case, benchlib.RLCase) else benchlib.IMPLS)
     if not (case.mode == benchlib.FWD and impl.name == "fused_xent_inplace")
 ]
 
 
 @pytest.mark.parametrize("case, impl_name", PARAMS)
 def test_xent(benchmark, device, copy_bw, case, impl_name):
-    impl = benchlib.IMPLS_BY_NAME[impl_name]
+    rl = isinstance(case, benchlib.RLCase)
+    impl = (benchlib.RL_IMPLS_BY_NAME if rl else benchlib.IMPLS_BY_NAME)[impl_name]
     reason = impl.skip_reason(case, device)
     if reason:
         pytest.skip(reason)
 
     step = benchlib.make_step(impl.loss_fn(case, device), case.mode)
-    rotation = benchlib.Rotation(case, device)
+    rotation = (benchlib.RLRotation if rl else benchlib.Rotation)(case, device)
 
     def run():
         out = step(*rotation.next())
@@ -58,13 +64,10 @@ def test_xent(benchmark, device, copy_bw, case, impl_name):
 
     try:
         # Outside the timing: Triton JIT, torch.compile, allocator warm-up.
-        loss, _ = run()
-        assert torch.isfinite(loss).item()
-        benchmark.group = f"{case.mode} {case.label}"
+        assert torch.isfinite(run()[0]).all().item()
+        benchmark.group = f"{'rl' if rl else case.mode} {case.label}"
         benchmark.extra_info["bytes"] = case.bytes_moved
-        benchmark.extra_info["bytes_counted"] = (
-            "read logits + write grad" if case.mode == benchlib.FWD_BWD else "read logits"
-        )
+        benchmark.extra_info["bytes_counted"] = case.bytes_counted
         benchmark(run)
     finally:
         rotation.release()  # pytest-benchmark may keep `run` alive; let the buffers go

@@ -1,6 +1,7 @@
 """A tensor-parallel LM head: the vocabulary split across ranks, the loss from fused_xent.
 
-    torchrun --nproc_per_node 2 examples/tensor_parallel.py
+    torchrun --nproc_per_node 2 examples/tensor_parallel.py            # process_group=
+    torchrun --nproc_per_node 2 examples/tensor_parallel.py --dtensor  # torch's DTensor TP
 
 Each rank holds a contiguous slice of the vocabulary, in rank order: its rows of the LM head's
 weight and bias (503 and 497 of the 1000 tokens here; slices need not be equal). The layers below
@@ -17,6 +18,13 @@ token otherwise. Rank 0 also trains the same model unsharded in plain PyTorch (`
 ``F.cross_entropy``) from the same initial weights on the same batches, prints both losses at
 every step, and exits with status 1 if they differ by more than 1e-5 (relative), or the trained
 weights by more than 1e-4 (float32 rounding differences compound over the steps).
+
+With ``--dtensor`` the head is an ``nn.Linear`` under torch's own tensor parallelism,
+``parallelize_module(head, mesh, ColwiseParallel(output_layouts=Shard(-1),
+use_local_output=False))``: its weight and bias are DTensors sharded by DTensor's rule (500 and
+500 rows), its output is the logits as a DTensor sharded on the vocabulary, and the loss is just
+``fused_xent.cross_entropy(logits, follows, label_smoothing=...)``, which runs the same
+vocabulary-parallel path on the local shards and returns a replicated DTensor.
 
 Runs on the CPU with the gloo backend (the loss then takes fused_xent's PyTorch path), or on
 CUDA with nccl (the Triton kernels), one GPU per rank.
@@ -88,7 +96,24 @@ def sgd_step(params) -> None:
             p.grad = None
 
 
+def dtensor_head(full, device):
+    """The head as an nn.Linear (the whole weights, from ``full``) under ColwiseParallel: its
+    parameters become DTensors sharded on the vocabulary, its output Shard(-1) logits."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    head = torch.nn.Linear(DIM, VOCAB).to(device)
+    with torch.no_grad():
+        head.weight.copy_(full["head"])
+        head.bias.copy_(full["head_bias"])
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    plan = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+    return parallelize_module(head, mesh, plan)
+
+
 def main() -> int:
+    use_dtensor = "--dtensor" in sys.argv[1:]
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -102,26 +127,42 @@ def main() -> int:
     full = init_params(device)
     # The sharded model: replicated embedding and projection, this rank's rows of the head.
     sharded = {name: p.clone() for name, p in full.items() if name in ("embed", "proj")}
-    sharded["head"] = full["head"][mine].clone()
-    sharded["head_bias"] = full["head_bias"][mine].clone()
+    head = None
+    if use_dtensor:
+        head = dtensor_head(full, device)
+        sharded["head"], sharded["head_bias"] = head.weight, head.bias
+        sizes = [VOCAB // world + (r < VOCAB % world) for r in range(world)]  # DTensor's cut
+        mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    else:
+        sharded["head"] = full["head"][mine].clone()
+        sharded["head_bias"] = full["head_bias"][mine].clone()
     replica = {name: p.clone() for name, p in full.items()} if rank == 0 else None
     for p in [*sharded.values(), *(replica or {}).values()]:
         p.requires_grad_()
     if rank == 0:
-        print(f"vocabulary {VOCAB} over {world} ranks: slices {sizes}; hidden {DIM}; {device}")
+        how = "DTensor (ColwiseParallel)" if use_dtensor else "process_group="
+        print(
+            f"vocabulary {VOCAB} over {world} ranks: slices {sizes} ({how}); hidden {DIM}; {device}"
+        )
 
     worst_loss = 0.0
     for step in range(STEPS):
         tokens, follows = batch(step, device)
-        loss = fused_xent.linear_cross_entropy(
-            hidden_states(sharded, tokens),
-            sharded["head"],
-            follows,
-            linear_bias=sharded["head_bias"],
-            label_smoothing=LABEL_SMOOTHING,
-            process_group=group,
-        )
-        loss.backward()
+        if use_dtensor:
+            logits = head(hidden_states(sharded, tokens))  # a DTensor, Shard(-1)
+            loss = fused_xent.cross_entropy(logits, follows, label_smoothing=LABEL_SMOOTHING)
+            loss.backward()
+            loss = loss.to_local()  # replicated: every rank's copy is the whole loss
+        else:
+            loss = fused_xent.linear_cross_entropy(
+                hidden_states(sharded, tokens),
+                sharded["head"],
+                follows,
+                linear_bias=sharded["head_bias"],
+                label_smoothing=LABEL_SMOOTHING,
+                process_group=group,
+            )
+            loss.backward()
         sgd_step(sharded)
         # Every rank holds the same loss; check that too.
         losses = [torch.empty_like(loss) for _ in range(world)]
@@ -144,6 +185,8 @@ def main() -> int:
         # After training, rank 0's rows of the head and the replicated layers match the replica.
         worst_weight = 0.0
         for name, p in sharded.items():
+            if use_dtensor and name.startswith("head"):
+                p = p.to_local()  # this rank's rows, as DTensor cut them
             want = replica[name].detach()
             want = want[mine] if name.startswith("head") else want
             err = float((p.detach() - want).norm() / want.norm().clamp_min(1e-30))

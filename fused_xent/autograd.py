@@ -186,10 +186,12 @@ class TokenLogprobFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, opts, backend, return_entropy, inplace_backward):
-        logp, stats = _row_outputs(logits)
-        entropy = token_stats_outputs(logits)[0] if return_entropy else None
-        backend.xent_forward(logits, target, opts, logp, stats, entropy=entropy, logprob=True)
+    def forward(ctx, logits, target, opts, backend, return_entropy, inplace_backward,
+                rows=None):  # fmt: skip
+        """``rows(logits, target, opts, backend, return_entropy) -> (logp, stats, entropy)``: how
+        the forward gets them (default :func:`token_rows`; a sharded vocabulary combines them
+        across the ranks). The backward is the same either way."""
+        logp, stats, entropy = (rows or token_rows)(logits, target, opts, backend, return_entropy)
         ctx.backend, ctx.opts, ctx.inplace_backward, ctx.consumed = (
             backend, opts, inplace_backward, False,
         )  # fmt: skip
@@ -201,7 +203,7 @@ class TokenLogprobFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy=None):
         refuse_double_backward()
         if (grad_logp is None and grad_entropy is None) or not ctx.needs_input_grad[0]:
-            return (None,) * 6
+            return (None,) * 7
         if ctx.inplace_backward:
             _refuse_second_backward(
                 ctx, "token_logprobs", "with inplace_backward=True the first backward overwrote "
@@ -217,7 +219,15 @@ class TokenLogprobFunction(torch.autograd.Function):
         )  # fmt: skip
         if ctx.inplace_backward:
             torch.autograd.graph.increment_version(logits)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
+
+
+def token_rows(logits, target, opts, backend, return_entropy):
+    """(log p(target), statistics, entropy or None) of (N, V) logits: one launch."""
+    logp, stats = _row_outputs(logits)
+    entropy = token_stats_outputs(logits)[0] if return_entropy else None
+    backend.xent_forward(logits, target, opts, logp, stats, entropy=entropy, logprob=True)
+    return logp, stats, entropy
 
 
 # --------------------------------------------------------------------------------------------
@@ -641,22 +651,31 @@ class LinearTokenLogprobFunction(torch.autograd.Function):
         refuse_double_backward()
         if grad_logp is None and grad_entropy is None:
             return (None,) * 9
-        hidden, weight, bias, target, stats, entropy = ctx.saved_tensors
-        n_rows = hidden.shape[0]
-        zeros = torch.zeros(n_rows, dtype=stats.dtype, device=hidden.device)
-        incoming = torch.stack([
-            zeros if grad_logp is None else grad_logp.to(stats.dtype),
-            zeros if grad_entropy is None else grad_entropy.to(stats.dtype),
-        ])  # fmt: skip
-        scaled, scale = row_scale(incoming)
-        grads, w_scale = _linear_xent_grads(
-            hidden, weight, bias, target, ctx.opts, ctx.chunk_size, ctx.fp32_wgrad, ctx.backend,
-            ctx.needs_input_grad[:3], stats=stats, dloss=scaled[0],
-            dentropy=None if grad_entropy is None else scaled[1],
-            entropy=None if grad_entropy is None else entropy, logprob=True,
-        )  # fmt: skip
+        grads, scale, w_scale = linear_token_grads(ctx, grad_logp, grad_entropy)
         grads = finish_linear_grads(grads, scale, ctx.dtypes, w_scale)
         return (*grads, None, None, None, None, None, None)
+
+
+def linear_token_grads(ctx, grad_logp, grad_entropy):
+    """The backward of the linear log-probs up to the rounding: the float32 accumulators, the
+    power of two ``scale`` they are still to be multiplied by (:func:`row_scale` of both incoming
+    gradients together) and d_weight's :func:`weight_sum_scale`. ``ctx`` holds what the forward
+    saved: (hidden, weight, bias, target, stats, entropy) and opts, chunk_size, fp32_wgrad,
+    backend."""
+    hidden, weight, bias, target, stats, entropy = ctx.saved_tensors
+    zeros = torch.zeros(hidden.shape[0], dtype=stats.dtype, device=hidden.device)
+    incoming = torch.stack([
+        zeros if grad_logp is None else grad_logp.to(stats.dtype),
+        zeros if grad_entropy is None else grad_entropy.to(stats.dtype),
+    ])  # fmt: skip
+    scaled, scale = row_scale(incoming)
+    grads, w_scale = _linear_xent_grads(
+        hidden, weight, bias, target, ctx.opts, ctx.chunk_size, ctx.fp32_wgrad, ctx.backend,
+        ctx.needs_input_grad[:3], stats=stats, dloss=scaled[0],
+        dentropy=None if grad_entropy is None else scaled[1],
+        entropy=None if grad_entropy is None else entropy, logprob=True,
+    )  # fmt: skip
+    return grads, scale, w_scale
 
 
 # --------------------------------------------------------------------------------------------

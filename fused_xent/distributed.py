@@ -43,6 +43,7 @@ from .autograd import (
     accumulate_chunk_grads,
     finish_linear_grads,
     linear_grad_buffers,
+    linear_token_grads,
     mean_scale,
     refuse_double_backward,
     row_scale,
@@ -169,7 +170,7 @@ def combine_entropy(stats_r, entropy_r, stats, group):
     w = torch.exp(-rel)
     part = torch.where(w > 0, w * (rel + entropy_r), 0.0)
     dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
-    return part
+    return torch.where(part < 0, 0.0, part)  # >= 0, as each slice's (NaN stays)
 
 
 def combine_argmax(stats_r, predicted_r, group):
@@ -254,49 +255,20 @@ def sharded_forward_no_grad(logits, target, opts, reduction, backend, group, row
     return (_reduced(loss, denominator, reduction), stats[0] + stats[1], *(token_stats or ()))
 
 
-def sharded_token_rows(logits, target, opts, backend, group, return_entropy):
+def sharded_token_rows(logits, target, opts, backend, return_entropy, group):
     """(log p(target), global statistics, entropy or None) of one slice's rows: the entropy
     masked like the log-prob (0 on ignored rows, NaN where the target is invalid)."""
     loss, stats, _, token_stats = _sharded_rows(logits, target, opts, backend, group,
                                                 return_entropy, entropy_only=True)  # fmt: skip
     logp = 0.0 - loss  # ignored rows: +0
+    # The combined loss of a row whose target holds all the probability can round to -1e-8:
+    # log p <= 0 always (NaN stays).
+    logp = torch.where(logp > 0, 0.0, logp)
     entropy = None
     if return_entropy:
         entropy = torch.where(target == opts.ignore_index, 0.0, token_stats[0])
         entropy = torch.where(torch.isnan(loss), float("nan"), entropy)
     return logp, stats, entropy
-
-
-class ShardedTokenLogprobFunction(torch.autograd.Function):
-    """token_logprobs over one rank's vocabulary slice: log p(target) = -(the sharded
-    cross-entropy of the row), the entropy combined from the slices'; the backward needs no
-    communication (every rank has the global statistics and entropy)."""
-
-    @staticmethod
-    def forward(ctx, logits, target, opts, backend, group, return_entropy, inplace_backward):
-        logp, stats, entropy = sharded_token_rows(logits, target, opts, backend, group,
-                                                  return_entropy)  # fmt: skip
-        ctx.save_for_backward(logits, target, stats, entropy)
-        ctx.opts, ctx.backend, ctx.inplace_backward = opts, backend, inplace_backward
-        ctx.set_materialize_grads(False)
-        return (logp, entropy) if return_entropy else logp
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy=None):
-        refuse_double_backward()
-        if grad_logp is None and grad_entropy is None:
-            return (None,) * 7
-        logits, target, stats, entropy = ctx.saved_tensors
-        if grad_logp is None:
-            grad_logp = torch.zeros(logits.shape[0], dtype=stats.dtype, device=logits.device)
-        grad = logits if ctx.inplace_backward else _alloc.grad_like(logits)
-        ctx.backend.xent_backward(
-            logits, target, ctx.opts, stats, grad_logp, grad, dentropy=grad_entropy,
-            entropy=None if grad_entropy is None else entropy, logprob=True,
-        )  # fmt: skip
-        if ctx.inplace_backward:
-            torch.autograd.graph.increment_version(logits)
-        return grad, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,7 +412,7 @@ def _sharded_linear_token_rows(hidden, weight, bias, target, opts, chunk_size, b
         rows = slice(start, end)
         logits = _chunk_logits(hidden, weight, bias, start, end)
         logp[rows], stats[:, rows], ent = sharded_token_rows(
-            logits, target[rows], opts, backend, group, return_entropy
+            logits, target[rows], opts, backend, return_entropy, group
         )
         if return_entropy:
             entropy[rows] = ent
@@ -471,27 +443,7 @@ class ShardedLinearTokenLogprobFunction(torch.autograd.Function):
         refuse_double_backward()
         if grad_logp is None and grad_entropy is None:
             return (None,) * 10
-        hidden, weight, bias, target, stats, entropy = ctx.saved_tensors
-        n_rows = hidden.shape[0]
-        zeros = torch.zeros(n_rows, dtype=stats.dtype, device=hidden.device)
-        incoming = torch.stack([
-            zeros if grad_logp is None else grad_logp.to(stats.dtype),
-            zeros if grad_entropy is None else grad_entropy.to(stats.dtype),
-        ])  # fmt: skip
-        scaled, scale = row_scale(incoming)
-        bufs = linear_grad_buffers(hidden, weight, bias, ctx.needs_input_grad[:3], ctx.fp32_wgrad)
-        w_scale = weight_sum_scale(bufs[1], n_rows)
-        for start, end in _chunks(n_rows, ctx.chunk_size):
-            rows = slice(start, end)
-            logits = _chunk_logits(hidden, weight, bias, start, end)
-            ctx.backend.xent_backward(
-                logits, target[rows], ctx.opts, stats[:, rows], scaled[0][rows], logits,
-                dentropy=None if grad_entropy is None else scaled[1][rows],
-                entropy=None if grad_entropy is None else entropy[rows], logprob=True,
-            )  # fmt: skip
-            accumulate_chunk_grads(bufs, logits, hidden, weight, rows, start == 0, w_scale)
-        if n_rows == 0:
-            zero_unwritten(bufs)
+        bufs, scale, w_scale = linear_token_grads(ctx, grad_logp, grad_entropy)
         if bufs[0] is not None:
             bufs[0].mul_(scale)  # a power of two: exact; the ranks' scales may differ
             _sum_hidden_grad(bufs, ctx.group)

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import distributed, ops
+from . import _dtensor, distributed, ops
 from ._options import LossOptions, mean_denominator
 from .autograd import (
     CrossEntropyFunction,
@@ -215,6 +215,74 @@ def _torch_cpu(input, target, opts, reduction):
     return loss
 
 
+def _dtensor_call(fn, name, logits, class_dim, process_group, tensors, kwargs):
+    """``fn`` on the local shards of DTensor arguments, vocabulary-parallel over the mesh
+    dimension that shards the classes of ``logits`` (see ``fused_xent._dtensor``)."""
+    if process_group is not None:
+        raise ValueError(
+            "process_group cannot be given with DTensor arguments: their device mesh says how the "
+            "vocabulary is sharded"
+        )
+    if not _dtensor.is_dtensor(logits):
+        raise ValueError(
+            f"DTensor arguments need {name} to be a DTensor too (on the same device mesh)"
+        )
+    layout = _dtensor.vocab_layout(name, logits, class_dim)
+    x = logits.to_local()
+    local = {}
+    for arg, value in tensors.items():
+        if arg == "weight":
+            local[arg] = _dtensor.class_slice(arg, value, layout, x.shape[class_dim])
+        elif arg == "target" and value.is_floating_point():  # probabilities: sharded as logits
+            local[arg] = _dtensor.local(arg, value, layout, class_dim)
+        else:
+            local[arg] = _dtensor.local(arg, value, layout)
+    out = fn(x, **local, process_group=layout.group, **kwargs)
+    return _dtensor.replicate(out, layout)
+
+
+def _dtensor_linear_call(fn, input, linear_weight, linear_bias, process_group, tensors, kwargs):
+    """A linear loss with DTensor arguments: vocabulary-parallel over the mesh dimension that
+    shards the head's rows when the hidden states are a (replicated) DTensor; with plain hidden
+    states a sharded head is gathered as FSDP2 would (see ``fused_xent._dtensor``)."""
+    if process_group is not None:
+        raise ValueError(
+            "process_group cannot be given with DTensor arguments: their device mesh says how the "
+            "vocabulary is sharded"
+        )
+    if not _dtensor.is_dtensor(linear_weight):
+        raise ValueError("DTensor arguments need linear_weight to be a DTensor too")
+    if not _dtensor.is_dtensor(input):
+        if any(_dtensor.is_dtensor(v) for v in tensors.values()):
+            raise ValueError(
+                "with plain (not DTensor) input the head is gathered (FSDP2); the targets and "
+                "weights must then be plain tensors too"
+            )
+        weight = _dtensor.gathered_weight("linear_weight", linear_weight)
+        bias = None
+        if linear_bias is not None:
+            bias = (
+                _dtensor.gathered_weight("linear_bias", linear_bias)
+                if _dtensor.is_dtensor(linear_bias)
+                else linear_bias
+            )
+        return fn(input, weight, **tensors, linear_bias=bias, **kwargs)
+    layout = _dtensor.vocab_layout("linear_weight", linear_weight, 0)
+    weight = linear_weight.to_local()
+    bias = None if linear_bias is None else _dtensor.local("linear_bias", linear_bias, layout, 0)
+    hidden = _dtensor.local("input", input, layout)
+    local = {}
+    for arg, value in tensors.items():
+        if arg == "weight":
+            local[arg] = _dtensor.class_slice(arg, value, layout, weight.shape[0])
+        elif arg == "target" and value.is_floating_point():  # probabilities: (..., V) sharded
+            local[arg] = _dtensor.local(arg, value, layout, -1)
+        else:
+            local[arg] = _dtensor.local(arg, value, layout)
+    out = fn(hidden, weight, **local, linear_bias=bias, process_group=layout.group, **kwargs)
+    return _dtensor.replicate(out, layout)
+
+
 def _as_rows(input: torch.Tensor, target: torch.Tensor):
     """(C,) / (N, C) / (N, C, d1, ...) -> (rows, C) logits and matching targets."""
     if input.dim() == 1:
@@ -307,6 +375,15 @@ def cross_entropy(
     row a NaN loss (and NaN gradient) without any out-of-bounds access; the reference raises
     ``IndexError``.
     """
+    if _dtensor.any_dtensor(input, target, weight, token_weight):
+        return _dtensor_call(
+            cross_entropy, "input", input, 0 if input.dim() == 1 else 1, process_group,
+            dict(target=target, weight=weight, token_weight=token_weight),
+            dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                 lse_square_scale=lse_square_scale, softcap=softcap, logit_scale=logit_scale,
+                 return_lse=return_lse, return_stats=return_stats,
+                 inplace_backward=inplace_backward, impl=impl),
+        )  # fmt: skip
     _check_tensors(input, target, weight, reduction, impl, process_group is not None)
     opts = _options(ignore_index, weight, label_smoothing, lse_square_scale, softcap, logit_scale)
     row_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
@@ -636,6 +713,15 @@ def linear_cross_entropy(
     d1 x ... x dK positions: position j is a linear cross-entropy with head
     ``linear_weight[:, j]`` over the N rows.
     """
+    if _dtensor.any_dtensor(input, linear_weight, linear_bias, target, weight, token_weight):
+        return _dtensor_linear_call(
+            linear_cross_entropy, input, linear_weight, linear_bias, process_group,
+            dict(target=target, weight=weight, token_weight=token_weight),
+            dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                 options=options, lse_square_scale=lse_square_scale, softcap=softcap,
+                 logit_scale=logit_scale, return_lse=return_lse, return_stats=return_stats,
+                 chunk_size=chunk_size, fp32_weight_grad=fp32_weight_grad, impl=impl),
+        )  # fmt: skip
     _check_common(
         {"input": input, "linear_weight": linear_weight, "target": target}, reduction, impl
     )

@@ -13,25 +13,30 @@ gradients is in ``fused_xent.kernels.xent``'s docstring; the autograd Functions 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
-from . import distributed, ops
+from . import _dtensor, distributed, ops
 from .autograd import (
     LinearTokenLogprobFunction,
     TokenLogprobFunction,
-    _row_outputs,
     linear_loss_rows,
     pick_chunk_size,
+    token_rows,
     token_stats_outputs,
 )
 from .functional import (
     _INPUT_DTYPES,
     _TARGET_DTYPES,
+    _TORCH_CPU_MAX_ELEMENTS,
     _backend,
     _check_chunk_size,
     _check_float,
+    _dtensor_call,
+    _dtensor_linear_call,
     _options,
+    _refuse_create_graph,
 )
 
 
@@ -67,6 +72,38 @@ def _token_options(ignore_index, temperature, logit_scale, softcap):
         logit_scale=opts.logit_scale / temperature,
         softcap=None if opts.softcap is None else opts.softcap / temperature,
     )
+
+
+def _torch_cpu(logits, target, opts, return_entropy):
+    """Small CPU calls: torch's log-softmax on a float32 copy (the kernel path's contract: float32
+    outputs, 0 and no gradient at ignored positions, the gradient rounded once into the logits'
+    dtype by the copy's backward, double backward refused), where the reference's dense passes
+    would cost several times more at these sizes."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z = logits.to(dtype)
+    if opts.logit_scale != 1.0:
+        z = z * opts.logit_scale
+    if opts.softcap is not None:
+        z = opts.softcap * torch.tanh(z / opts.softcap)
+    logsm = torch.log_softmax(z, dim=-1)
+    t = target.long()
+    ignored = t == opts.ignore_index
+    bad = ~ignored & ((t < 0) | (t >= logits.shape[-1]))
+    if bool(bad.any()):  # as the reference: a host read costs nothing here
+        raise IndexError(
+            f"target holds {int(t[bad][0])}, outside [0, {logits.shape[-1]}) and not "
+            f"ignore_index={opts.ignore_index}"
+        )
+    logp = logsm.gather(-1, torch.where(ignored, 0, t).unsqueeze(-1)).squeeze(-1)
+    outputs = [torch.where(ignored, 0.0, logp)]
+    if return_entropy:
+        # -sum p log p; a class of probability 0 (a -inf logit) adds 0, and no NaN gradient.
+        finite = torch.where(torch.isinf(logsm), 0.0, logsm)
+        outputs.append(torch.where(ignored, 0.0, -(logsm.exp() * finite).sum(-1)))
+    for out in outputs:
+        if out.requires_grad:
+            out.register_hook(_refuse_create_graph)
+    return tuple(outputs) if return_entropy else outputs[0]
 
 
 def token_logprobs(
@@ -112,6 +149,13 @@ def token_logprobs(
     On the kernel path a target outside [0, V) that is not ``ignore_index`` gives NaN at that
     position (no out-of-bounds access); the reference raises ``IndexError``.
     """
+    if _dtensor.any_dtensor(logits, target):
+        return _dtensor_call(
+            token_logprobs, "logits", logits, -1, process_group, dict(target=target),
+            dict(temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+                 ignore_index=ignore_index, return_entropy=return_entropy,
+                 inplace_backward=inplace_backward, impl=impl),
+        )  # fmt: skip
     sharded = process_group is not None
     _check_logits("logits", logits, target, impl, sharded)
     vocab = logits.shape[-1]
@@ -124,6 +168,12 @@ def token_logprobs(
         )
     opts = _token_options(ignore_index, temperature, logit_scale, softcap)
     backend = _backend(impl, logits)
+    if (
+        backend is ops.CPU
+        and logits.numel() <= _TORCH_CPU_MAX_ELEMENTS
+        and not (sharded or inplace_backward)
+    ):
+        return _torch_cpu(logits, target, opts, return_entropy)
     rows, row_target = logits.reshape(-1, vocab), target.reshape(-1)
     if backend is ops.TRITON and vocab > 1 and rows.stride(1) != 1:
         rows = rows.contiguous()
@@ -133,12 +183,13 @@ def token_logprobs(
             opts, process_group, rows.shape[0], vocab, False, "none", rows.device
         )
         if wants_grad:
-            out = distributed.ShardedTokenLogprobFunction.apply(
-                rows, row_target, opts, backend, process_group, return_entropy, inplace_backward
-            )
+            out = TokenLogprobFunction.apply(
+                rows, row_target, opts, backend, return_entropy, inplace_backward,
+                functools.partial(distributed.sharded_token_rows, group=process_group),
+            )  # fmt: skip
         else:
             logp, _, entropy = distributed.sharded_token_rows(
-                rows, row_target, opts, backend, process_group, return_entropy
+                rows, row_target, opts, backend, return_entropy, group=process_group
             )
             out = (logp, entropy) if return_entropy else logp
     elif wants_grad:
@@ -146,9 +197,7 @@ def token_logprobs(
             rows, row_target, opts, backend, return_entropy, inplace_backward
         )
     else:
-        logp, stats = _row_outputs(rows)
-        entropy = token_stats_outputs(rows)[0] if return_entropy else None
-        backend.xent_forward(rows, row_target, opts, logp, stats, entropy=entropy, logprob=True)
+        logp, _, entropy = token_rows(rows, row_target, opts, backend, return_entropy)
         out = (logp, entropy) if return_entropy else logp
     shape = target.shape
     if return_entropy:
@@ -191,6 +240,14 @@ def linear_token_logprobs(
     Returns:
         ``logp``, or ``(logp, entropy)`` with ``return_entropy``: float32, ``target``'s shape.
     """
+    if _dtensor.any_dtensor(input, linear_weight, linear_bias, target):
+        return _dtensor_linear_call(
+            linear_token_logprobs, input, linear_weight, linear_bias, process_group,
+            dict(target=target),
+            dict(temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+                 ignore_index=ignore_index, return_entropy=return_entropy,
+                 chunk_size=chunk_size, fp32_weight_grad=fp32_weight_grad, impl=impl),
+        )  # fmt: skip
     sharded = process_group is not None
     _check_logits("input", input, target, impl, sharded)
     for name, value in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):

@@ -88,7 +88,8 @@ def _probs(z, row_max, log_sum):
 def _entropy(z, row_max, log_sum):
     """lse - sum(p z), as log_sum - sum(p (z - max)); -inf logits (p = 0) add nothing."""
     p = _probs(z, row_max, log_sum)
-    return log_sum - torch.where(p > 0, p * (z - row_max[:, None]), 0.0).sum(dim=1)
+    h = log_sum - torch.where(p > 0, p * (z - row_max[:, None]), 0.0).sum(dim=1)
+    return torch.where(h < 0, 0.0, h)  # >= 0; rounding can take a one-hot row's below (NaN stays)
 
 
 def _grad(z, wt, ignored, row_max, log_sum, coef, row_scale, opts, ent_scale=None, entropy=None):

@@ -714,6 +714,10 @@ def _xent_fwd_kernel(
                 )  # fmt: skip
 
     log_sum = (_log2(s) - log2_shift) * LN2
+    # log_sum >= 0 (s holds the max's own term, 1), but the approximate log2 and the shift of a
+    # long row can round it to -1e-8: that would make log p(target) > 0 where the target holds
+    # all the probability. Kept at 0 then; -inf (no finite logit) and NaN stay.
+    log_sum = tl.where(log_sum < 0.0, tl.where(s > 0.0, 0.0, log_sum), log_sum)
     lse = row_max + log_sum
     lse_rel = (row_max - shift) + log_sum  # lse - shift, without rounding lse first
 
@@ -754,6 +758,7 @@ def _xent_fwd_kernel(
     if ENTROPY != 0:
         # entropy = lse - sum(p z) = log_sum - sum(p (z - max)), sum(p (z - max)) from u.
         entropy = log_sum - (u * _rcp(s) - log2_shift) * LN2
+        entropy = tl.where(entropy < 0.0, 0.0, entropy)  # >= 0, as log_sum (NaN stays)
         if ENTROPY == 2 and not PROB_TARGET:
             entropy = tl.where(valid, entropy, float("nan"))
             entropy = tl.where(ignored, 0.0, entropy)
@@ -1041,7 +1046,7 @@ def _row_args(logits: torch.Tensor, grad: torch.Tensor | None):
 
 def _common_args(logits, target, opts, consts, per_row=None):
     """``consts``: the option constexprs, which pick the launch configuration; ``per_row``:
-    constexprs of per-row work only (a token weight, the sign of a log-prob), which do not."""
+    constexprs that do not (a token weight, the sign of a log-prob, the entropy, the argmax)."""
     block, num_warps = _row_config(logits.shape[1], logits.dtype, consts)
     softcap = opts.softcap if opts.softcap is not None else 1.0
     meta = dict(BLOCK=block, num_warps=num_warps, **consts, **(per_row or {}))
@@ -1106,9 +1111,11 @@ def xent_forward(
     if n_rows == 0:
         return
     consts = _option_constexprs(target, opts)
-    consts.update(ENTROPY=0 if entropy is None else 2 if logprob else 1,
-                  PREDICT=predicted is not None)  # fmt: skip
-    per_row = dict(ROW_WEIGHT=row_weight is not None, LOGPROB=logprob)
+    # The entropy's sum and the argmax add a few registers, not the options' live arrays: the
+    # plain launch configuration (bench/static.py: no spills, fewer instructions per logit).
+    per_row = dict(ROW_WEIGHT=row_weight is not None, LOGPROB=logprob,
+                   ENTROPY=0 if entropy is None else 2 if logprob else 1,
+                   PREDICT=predicted is not None)  # fmt: skip
     block, softcap, meta = _common_args(logits, target, opts, consts, per_row)
     write_grad = grad is not None
     x_base, g_base, lead, vec, edges = _row_args(logits, grad)
@@ -1184,8 +1191,8 @@ def xent_backward(
     if n_rows == 0:
         return
     consts = _option_constexprs(target, opts)
-    consts.update(ENT_GRAD=dentropy is not None)
-    per_row = dict(ROW_WEIGHT=row_weight is not None, LOGPROB=logprob)
+    per_row = dict(ROW_WEIGHT=row_weight is not None, LOGPROB=logprob,
+                   ENT_GRAD=dentropy is not None)  # fmt: skip
     block, softcap, meta = _common_args(logits, target, opts, consts, per_row)
     x_base, g_base, lead, vec, edges = _row_args(logits, grad)
     reduce = _REDUCE_CODE[reduction]

@@ -5,7 +5,7 @@
 #
 #   install  pip install --no-deps --no-build-isolation -e .
 #   suite    pytest tests (pytest-xdist when importable)
-#   report   bench/report.py, both sections (peers where importable)
+#   report   bench/report.py, all three sections: xent, rl, linear (peers where importable)
 #   memcheck compute-sanitizer memcheck on scripts/memcheck_target.py (targets outside [0, C))
 #   large    scripts/check_large.py: bf16 16400 x 131072, more than 2^31 logits
 #   graph    the CUDA-graph capture test of tests/test_training_loops.py
@@ -13,7 +13,7 @@
 #
 # and prints one summary (ok / FAILED / skipped, with the seconds of each step). Exits 1 if a step
 # failed. A step may use its own budget plus what the steps before it left unused; the whole run
-# stops within --budget seconds (default 465, under 8 minutes). The budgets are estimates, not
+# stops within --budget seconds (default 480, 8 minutes). The budgets are estimates, not
 # measurements: adjust BUDGET below after a run.
 #
 #   bash scripts/gpu_check.sh [--out DIR] [--dry] [--budget SECONDS]
@@ -49,7 +49,9 @@ if [ "$DRY" = 1 ]; then
     declare -A BUDGET=([install]=120 [suite]=300 [report]=180 [memcheck]=90 [large]=60
         [graph]=30 [example]=120)
 else
-    declare -A BUDGET=([install]=25 [suite]=220 [report]=110 [memcheck]=45 [large]=25
+    # 480 s in all (the 8 minutes asked of this check); the report holds three sections now
+    # (cross-entropy, RL step, linear), the suite gave it 30 s.
+    declare -A BUDGET=([install]=25 [suite]=190 [report]=160 [memcheck]=40 [large]=25
         [graph]=20 [example]=20)
 fi
 SUM=0

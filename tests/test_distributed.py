@@ -51,8 +51,8 @@ def _tail(path: Path, n: int = 3000) -> str:
     return f"--- {path.name} ---\n{text[-n:]}"
 
 
-def spawn_world(device: str, world: int, out_dir: Path) -> dict:
-    """Run the worker on ``world`` ranks; returns, per group of cases, {"cases": {rank: n},
+def spawn_world(device: str, world: int, out_dir: Path, worker: Path = WORKER) -> dict:
+    """Run ``worker`` on ``world`` ranks; returns, per group of cases, {"cases": {rank: n},
     "failures": [...]}. Fails the test on a crash or past the deadline."""
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -61,7 +61,7 @@ def spawn_world(device: str, world: int, out_dir: Path) -> dict:
     logs = [out_dir / f"log{rank}.txt" for rank in range(world)]
     procs = []
     for rank, log in enumerate(logs):
-        args = [WORKER, device, rank, world, port, out_dir]
+        args = [worker, device, rank, world, port, out_dir]
         with open(log, "w") as out:
             cmd = [sys.executable, *map(str, args)]
             procs.append(subprocess.Popen(cmd, stdout=out, stderr=out, env=env))
@@ -104,19 +104,19 @@ def spawn_world(device: str, world: int, out_dir: Path) -> dict:
     return merged
 
 
-@pytest.fixture(scope="session")
-def world3(tmp_path_factory) -> dict:
-    """The report of the world of 3, made once per session: under pytest-xdist the first worker
-    to ask spawns it while the others wait on a lock and read its report."""
+def spawn_once(tmp_path_factory, name: str, worker: Path = WORKER, world: int = 3) -> dict:
+    """The report of a world of ``world`` ranks running ``worker``, made once per session: under
+    pytest-xdist the first worker to ask spawns it while the others wait on a lock and read its
+    report."""
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    report = shared / "dist_world3.json"
-    with open(shared / "dist_world3.lock", "w") as lock:
+    report = shared / f"{name}.json"
+    with open(shared / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not report.exists():
-            out_dir = tmp_path_factory.mktemp("dist_world3")
+            out_dir = tmp_path_factory.mktemp(name)
             try:
-                result = {"groups": spawn_world("cpu", 3, out_dir)}
+                result = {"groups": spawn_world("cpu", world, out_dir, worker)}
             except BaseException as exc:  # pytest.fail: the other workers fail the same way
                 result = {"error": str(exc)}
                 report.write_text(json.dumps(result))
@@ -126,6 +126,12 @@ def world3(tmp_path_factory) -> dict:
     if "error" in result:
         pytest.fail(result["error"])
     return result["groups"]
+
+
+@pytest.fixture(scope="session")
+def world3(tmp_path_factory) -> dict:
+    """The report of the world of 3 (tests/dist_worker.py), made once per session."""
+    return spawn_once(tmp_path_factory, "dist_world3")
 
 
 def check_group(report: dict, name: str, ranks) -> None:

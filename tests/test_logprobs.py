@@ -509,6 +509,7 @@ def test_cpu_fallback_in_chunks(monkeypatch):
     if DEVICE.type != "cpu":
         pytest.skip("the CPU fallback")
     monkeypatch.setattr(cpu, "REFERENCE_CHUNK_ELEMENTS", 40)
+    monkeypatch.setattr(fused_xent.logprobs, "_TORCH_CPU_MAX_ELEMENTS", -1)  # not the small path
     x = _logits((5, 37), torch.bfloat16, seed=42)
     t = _ids((5,), 37, seed=42, ignored=(3,))
     _run_and_check(x, t, "auto", temperature=0.7, softcap=6.0)
@@ -548,3 +549,25 @@ def test_compile_fullgraph_linear_and_stats(impl):
         results.append((total.detach(), entropy, predicted, w.grad))
     for got, want in zip(results[0], results[1], strict=True):
         assert torch.equal(got, want) if got.dtype == torch.int64 else rel_err(got, want) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_small_cpu_calls(dtype):
+    """impl="auto" on small CPU calls: torch's log-softmax on a float32 copy, the same contract
+    (float64 numbers, 0 and no gradient where ignored, -inf classes, double backward refused,
+    out-of-range ids raise)."""
+    if DEVICE.type != "cpu":
+        pytest.skip("the CPU fallback")
+    x = _logits((2, 3, 29), dtype, seed=45)
+    x[0, 0, 5:] = float("-inf")
+    t = _ids((2, 3), 29, seed=45, ignored=(2,))
+    t[0, 0] = 3
+    for kw in ({}, {"temperature": 0.7, "softcap": 4.0, "logit_scale": 1.5}):
+        for wants in (("logp",), ("entropy",), ("logp", "entropy")):
+            _run_and_check(x, t, "auto", wants=wants, **kw)
+    xg = x.clone().requires_grad_()
+    logp = fused_xent.token_logprobs(xg, t)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(logp.sum(), xg, create_graph=True)
+    with pytest.raises(IndexError, match="outside"):
+        fused_xent.token_logprobs(x, torch.full_like(t, 29))
