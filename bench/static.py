@@ -106,8 +106,7 @@ from triton.runtime.driver import driver as _driver
 from triton.runtime.jit import JITFunction
 
 from fused_xent import _alloc
-from fused_xent._options import LossOptions
-from fused_xent.distillation import DistillOptions
+from fused_xent._options import DistillOptions, LossOptions
 
 # ============================================================================================
 # What to compile. Re-point this section when the launchers change; nothing below reads the

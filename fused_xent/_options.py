@@ -1,5 +1,6 @@
-"""The loss options, checked once by the functional API and read by the autograd layer and both
-backends (the Triton launchers and the reference), and the "mean" denominator they define."""
+"""The loss options (cross-entropy and distillation), checked once by the functional API and read
+by the autograd layer and both backends (the Triton launchers and the reference), and the "mean"
+denominator they define."""
 
 from __future__ import annotations
 
@@ -32,3 +33,14 @@ def mean_denominator(target, opts, n_cols, dtype) -> torch.Tensor:
     # Out-of-range targets are clamped only to keep this gather in bounds; their loss is NaN.
     w_target = opts.weight.to(dtype).gather(0, target.long().clamp(0, n_cols - 1))
     return torch.where(kept, w_target, 0.0).sum()
+
+
+@dataclass(frozen=True)
+class DistillOptions:
+    """The distillation options (``fused_xent.distillation``), checked there."""
+
+    beta: float = 0.0
+    temperature: float = 1.0
+    soft_weight: float = 1.0
+    hard_weight: float = 0.0
+    ignore_index: int = -100

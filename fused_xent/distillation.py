@@ -10,11 +10,10 @@ teacher's products run without autograd). The math and the memory traffic are in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from . import ops
+from ._options import DistillOptions
 from .autograd import (
     DistillationFunction,
     LinearDistillationFunction,
@@ -34,17 +33,6 @@ from .functional import (
     _check_chunk_size,
     _check_float,
 )
-
-
-@dataclass(frozen=True)
-class DistillOptions:
-    """The checked options, read by the autograd layer and both backends."""
-
-    beta: float = 0.0
-    temperature: float = 1.0
-    soft_weight: float = 1.0
-    hard_weight: float = 0.0
-    ignore_index: int = -100
 
 
 def _options(beta, temperature, soft_weight, hard_weight, ignore_index, target) -> DistillOptions:

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ._options import LossOptions
+from ._options import DistillOptions, LossOptions
 
 
 def _module(impl: str):
@@ -363,7 +363,6 @@ def _distill_args(opts) -> tuple:
 
 
 def _distill_opts(beta, temperature, soft_weight, hard_weight, ignore_index):
-    from .distillation import DistillOptions  # imports this module: not at the top
 
     return DistillOptions(beta, temperature, soft_weight, hard_weight, ignore_index)
 

@@ -690,11 +690,15 @@ _DISTILL_BLOCK_MAX = {torch.float32: 2048}
 _DISTILL_BLOCK_MAX_16BIT = 4096
 
 
-def _launch_config(n_cols: int, dtype: torch.dtype) -> tuple[int, int]:
+def _launch_config(n_cols: int, dtype: torch.dtype, mode: int = 0) -> tuple[int, int]:
     """(BLOCK, num_warps) for rows of ``n_cols`` logits of ``dtype`` (the wider of the two)."""
     block, _ = xent._launch_config(n_cols, dtype)  # the tests' small_blocks fixture patches this
     block = min(block, _DISTILL_BLOCK_MAX.get(dtype, _DISTILL_BLOCK_MAX_16BIT))
     per_thread = 16 if dtype == torch.float32 else 32
+    if mode == JSD and n_cols > block:
+        # The JSD's three passes at 32 a thread reach 128 registers and spill 8 bytes with
+        # Triton 3.6 (bf16, fwd+grad): 16 a thread (bench/static.py, both versions).
+        per_thread //= 2
     return block, min(max(block // (32 * per_thread), 1), 16)
 
 
@@ -734,7 +738,7 @@ def _common(student, teacher, target, opts, grad):
     xent._check_launchable(teacher)
     n_cols = student.shape[1]
     wide = student.dtype if student.element_size() >= teacher.element_size() else teacher.dtype
-    block, num_warps = _launch_config(n_cols, wide)
+    block, num_warps = _launch_config(n_cols, wide, mode_of(opts.beta))
     s_base, t_base, g_base, lead, vec, edges = _pair_args(student, teacher, grad)
     args = dict(
         ignore_index=opts.ignore_index,
@@ -763,7 +767,7 @@ def distill_forward(student, teacher, target, opts, loss, stats, grad=None, grad
         teacher: (N, V) logits of any of those dtypes, unit stride along V; only read.
         target: None, or (N,) int64 / int32 class indices (``ignore_index`` rows are skipped; the
             hard term's class with ``opts.hard_weight > 0``).
-        opts: the distillation options (``fused_xent.distillation.DistillOptions``).
+        opts: the distillation options (``fused_xent._options.DistillOptions``).
         loss: (N,) float32 output, ``soft_weight * D + hard_weight * CE`` per row (0 if ignored).
         stats: (7, N) float32 output, kept for :func:`distill_backward` (module docstring).
         grad: optional (N, V) output of the student's dtype (``grad_like``, or the student
