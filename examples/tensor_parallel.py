@@ -198,6 +198,9 @@ def main() -> int:
             f"{worst_loss:.1e} (tolerance {LOSS_RTOL}), of the weights {worst_weight:.1e} "
             f"(tolerance {WEIGHT_RTOL})"
         )
+    # Every rank's collectives done before the group goes: a rank that tears down gloo while
+    # another's last all-reduce is in flight can abort at exit.
+    dist.barrier()
     dist.destroy_process_group()
     return 0 if ok else 1
 
