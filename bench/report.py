@@ -599,7 +599,9 @@ def run_distill_case(case: DistillCase, device, quick: bool, copy_bw: float, onl
     return rows
 
 
-def linear_distill_float64_reference(hs, ws, ht, wt, beta) -> tuple[float, torch.Tensor, ...]:
+def linear_distill_float64_reference(
+    hs, ws, ht, wt, beta
+) -> tuple[float, torch.Tensor, torch.Tensor]:
     """Mean loss, d_hidden (N, D_s) and d_weight (V, D_s) of the linear distillation in float64.
 
     Plain torch ops on float64 copies, a block of rows at a time, full size: both blocks of
