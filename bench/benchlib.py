@@ -18,6 +18,13 @@ flops instead: ``6 * N * D * V`` for forward + backward, the three matrix produc
 ``2 * N * D * V`` each (logits, d_hidden, d_weight); its floor is those flops at the bf16 matrix
 product rate measured in the same run (``matmul_rate``).
 
+Knowledge distillation (``DistillCase``, on given logits): ``3 * N * V * b``, one read of the
+student's logits and of the teacher's and one write of the student's gradient. Its linear form
+(``LinearDistillCase``: both models' hidden states and LM heads) has two floors, and the larger
+one counts: flops, ``6 * N * V * D_s + 2 * N * V * D_t`` (the student's three products, the
+teacher's forward one), at the matrix product rate; and bytes, at the copy bandwidth
+(``LinearDistillCase.bytes_moved`` says what is counted).
+
 Nothing here needs more than torch (and Triton's ``do_bench`` on CUDA): the GPU machine has only
 torch, triton, pytest and pytest-benchmark, and maybe carried Liger-Kernel and cut-cross-entropy
 wheels.
@@ -546,6 +553,257 @@ LINEAR_IMPLS_BY_NAME = {i.name: i for i in LINEAR_IMPLS}
 LINEAR_PRIMARY = "fused_xent"  # timed twice, first and last, as primary_impl()
 
 
+# --------------------------------------------------------------------------------------------
+# Knowledge distillation: on given logits, and from the hidden states (the linear form)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistillCase:
+    """Distillation of (N, V) student logits towards a teacher's, forward + backward of a mean."""
+
+    dtype: torch.dtype
+    n_rows: int
+    n_cols: int
+    beta: float
+
+    mode = FWD_BWD
+
+    @property
+    def nbytes_logits(self) -> int:
+        return self.n_rows * self.n_cols * self.dtype.itemsize
+
+    @property
+    def bytes_moved(self) -> int:
+        return 3 * self.nbytes_logits  # read the student + read the teacher + write its gradient
+
+    @property
+    def bytes_counted(self) -> str:
+        return "read student and teacher logits + write grad"
+
+    @property
+    def dtype_name(self) -> str:
+        return _SHORT[self.dtype]
+
+    @property
+    def id(self) -> str:
+        return f"distill-{self.dtype_name}-{self.n_rows}x{self.n_cols}-beta{self.beta:g}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.dtype_name} {self.n_rows} x {self.n_cols}, beta {self.beta:g}"
+
+
+# The issue's shape: Llama-3's vocabulary at 8192 tokens, the forward KL and the JSD.
+DISTILL_CUDA_CASES = [
+    DistillCase(torch.bfloat16, 8192, 128256, 0.0),
+    DistillCase(torch.bfloat16, 8192, 128256, 0.5),
+]
+DISTILL_CPU_CASES = [
+    DistillCase(torch.bfloat16, 64, 2048, 0.0),
+    DistillCase(torch.bfloat16, 64, 2048, 0.5),
+]
+
+
+@dataclass(frozen=True)
+class LinearDistillCase:
+    """Distillation from hidden states: student (N, D_s) with head (V, D_s), teacher (N, D_t)
+    with head (V, D_t), forward + backward of a mean with d_hidden and d_weight of the student."""
+
+    n_rows: int  # N tokens
+    dim: int  # D_s, the student's hidden size
+    teacher_dim: int  # D_t
+    vocab: int  # V
+    beta: float
+    dtype: torch.dtype = torch.bfloat16
+
+    mode = FWD_BWD
+
+    @property
+    def flops(self) -> int:
+        # The student's logits, d_hidden and d_weight (2 N V D_s each) and the teacher's logits.
+        return 2 * self.n_rows * self.vocab * (3 * self.dim + self.teacher_dim)
+
+    @property
+    def nbytes_hidden(self) -> int:
+        return self.n_rows * (self.dim + self.teacher_dim) * self.dtype.itemsize
+
+    @property
+    def bytes_moved(self) -> int:
+        """What any implementation that makes the logits a chunk of rows at a time moves: read
+        both heads and both hidden states once, write d_hidden and d_weight once (in the
+        parameters' dtype; a float32 accumulator is an implementation's choice, not counted),
+        and per logit 7 x its bytes: each chunk of student and teacher logits written by its
+        product and read by the loss (4), the student's gradient written (1) and read by the
+        d_hidden and d_weight products (2). A fused kernel that kept the logits on chip would
+        need less; none of the peers here does."""
+        b = self.dtype.itemsize
+        heads = self.vocab * (self.dim + self.teacher_dim) * b
+        grads = (self.n_rows + self.vocab) * self.dim * b
+        return heads + self.nbytes_hidden + grads + 7 * self.n_rows * self.vocab * b
+
+    @property
+    def dtype_name(self) -> str:
+        return _SHORT[self.dtype]
+
+    @property
+    def id(self) -> str:
+        dims = f"{self.n_rows}x{self.dim}x{self.teacher_dim}x{self.vocab}"
+        return f"distill-linear-{self.dtype_name}-{dims}-beta{self.beta:g}"
+
+    @property
+    def label(self) -> str:
+        return (
+            f"{self.dtype_name} {self.n_rows} x {self.dim} (teacher {self.teacher_dim}), "
+            f"W {self.vocab}, beta {self.beta:g}"
+        )
+
+
+# Llama-3's head (V 128256, D 4096) as the student, a wider teacher (D 5120: 6% more flops than
+# 4096, and the hidden sizes differ, as the API allows) at 8192 tokens.
+LINEAR_DISTILL_CUDA_CASES = [
+    LinearDistillCase(8192, 4096, 5120, 128256, 0.0),
+    LinearDistillCase(8192, 4096, 5120, 128256, 0.5),
+]
+# CPU smoke shapes: about a millisecond a step.
+LINEAR_DISTILL_CPU_CASES = [
+    LinearDistillCase(64, 32, 48, 512, 0.0),
+    LinearDistillCase(64, 32, 48, 512, 0.5),
+]
+
+
+def distill_cases_for(device: torch.device, quick: bool = False) -> list[DistillCase]:
+    return DISTILL_CUDA_CASES if device.type == "cuda" and not quick else DISTILL_CPU_CASES
+
+
+def linear_distill_cases_for(device: torch.device, quick: bool = False):
+    cuda = device.type == "cuda" and not quick
+    return LINEAR_DISTILL_CUDA_CASES if cuda else LINEAR_DISTILL_CPU_CASES
+
+
+def eager_distillation(s: torch.Tensor, t: torch.Tensor, beta: float) -> torch.Tensor:
+    """TRL's generalized_jsd_loss at temperature 1, "batchmean": float32 log-softmaxes of both
+    (float64 for float64 logits: the accuracy reference)."""
+    dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
+    log_s = torch.log_softmax(s.to(dtype), dim=-1)
+    log_t = torch.log_softmax(t.to(dtype), dim=-1)
+    if beta == 0.0:
+        div = F.kl_div(log_s, log_t, reduction="none", log_target=True)
+    elif beta == 1.0:
+        div = F.kl_div(log_t, log_s, reduction="none", log_target=True)
+    else:
+        b = torch.tensor(beta, dtype=log_s.dtype, device=s.device)
+        log_m = torch.logsumexp(torch.stack([log_s + torch.log1p(-b), log_t + torch.log(b)]), 0)
+        div = beta * F.kl_div(log_m, log_t, reduction="none", log_target=True) + (
+            1 - beta
+        ) * F.kl_div(log_m, log_s, reduction="none", log_target=True)
+    return div.sum() / div.shape[0]
+
+
+def linear_distill_eager(hs, ws, ht, wt, beta: float) -> torch.Tensor:
+    """The unfused linear form: both heads' full logits by F.linear in the inputs' dtype (the
+    teacher's under no_grad, as a trainer runs its teacher), then ``eager_distillation``."""
+    with torch.no_grad():
+        teacher = F.linear(ht, wt)
+    return eager_distillation(F.linear(hs, ws), teacher, beta)
+
+
+def _liger_linear_jsd(beta: float):
+    """Liger-Kernel's fused linear JSD as ``(hs, ws, ht, wt) -> loss`` at temperature 1, or
+    (None, why) where it does not import or its signature is not the one whose equivalence was
+    checked.
+
+    Checked in its source (``liger_kernel/ops/jsd.py``, ``fused_linear_jsd.py``): with X the
+    student's log-probabilities and Y the teacher's, ``jsd_beta`` gives ``beta KL(P_t || M) +
+    (1 - beta) KL(P_s || M)``, ``M = beta P_t + (1 - beta) P_s``, beta 0 the forward KL and 1 the
+    reverse: this package's parameterisation. Both logits are divided by ``temperature``, with
+    no ``T**2`` factor. The loss is the sum over tokens divided by the tokens not ignored (all of
+    them without labels, as here): its "batchmean" over tokens is the "mean" of
+    ``distillation_loss`` without a target.
+    """
+    try:
+        try:
+            from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
+        except Exception:  # liger_kernel.transformers may want Hugging Face transformers
+            LigerFusedLinearJSD = None
+        if LigerFusedLinearJSD is not None:
+            init = inspect.signature(LigerFusedLinearJSD.__init__).parameters
+            if {"jsd_beta", "temperature"} <= set(init):
+                module = LigerFusedLinearJSD(jsd_beta=beta, temperature=1.0)
+                # forward(student_input, student_weight, teacher_input, teacher_weight,
+                # shift_labels)
+                return (lambda hs, ws, ht, wt: _first(module(hs, ws, ht, wt, None))), None
+        from liger_kernel.ops.fused_linear_jsd import LigerFusedLinearJSDFunction as Function
+    except Exception as exc:
+        return None, f"Liger-Kernel's fused linear JSD is not importable ({type(exc).__name__})"
+    known = {"shift_labels": None, "jsd_beta": beta, "ignore_index": -100, "temperature": 1.0}
+    params = list(inspect.signature(Function.forward).parameters.values())[5:]  # ctx + 4 tensors
+    names = [p.name for p in params]
+    if not {"jsd_beta", "temperature"} <= set(names) or any(
+        p.name not in known and p.default is inspect.Parameter.empty for p in params
+    ):
+        return None, f"Liger's LigerFusedLinearJSDFunction{tuple(names)}: parameters not known here"
+    rest = [known.get(p.name, p.default) for p in params]
+    return (lambda hs, ws, ht, wt: _first(Function.apply(hs, ws, ht, wt, *rest))), None
+
+
+@dataclass(frozen=True)
+class DistillImpl:
+    """A distillation peer on given logits: ``loss_fn(s, t)``, or on hidden states
+    (``linear``): ``loss_fn(hs, ws, ht, wt)``; the mean loss at temperature 1."""
+
+    name: str
+    note: str
+    linear: bool = False
+
+    def skip_reason(self, case, device: torch.device) -> str | None:
+        if self.name == "liger":
+            if device.type != "cuda":
+                return "Triton only: needs CUDA"
+            return _liger_linear_jsd(case.beta)[1]
+        return None
+
+    def loss_fn(self, case, device: torch.device):
+        # impl="auto" on the CPU: its fast path there (and the reference for the linear form).
+        impl = "triton" if device.type == "cuda" else "auto"
+        beta = case.beta
+        if self.name == "fused_xent" and self.linear:
+            return lambda hs, ws, ht, wt: fused_xent.linear_distillation_loss(
+                hs, ws, ht, wt, beta=beta, impl=impl
+            )
+        if self.name == "fused_xent":
+            return lambda s, t: fused_xent.distillation_loss(s, t, beta=beta, impl=impl)
+        if self.name == "torch" and self.linear:
+            return lambda hs, ws, ht, wt: linear_distill_eager(hs, ws, ht, wt, beta)
+        if self.name == "torch":
+            return lambda s, t: eager_distillation(s, t, beta)
+        if self.name == "liger":
+            fn, why = _liger_linear_jsd(beta)
+            assert fn is not None, why
+            return fn
+        raise ValueError(self.name)
+
+
+DISTILL_IMPLS = [
+    DistillImpl("fused_xent", "fused_xent.distillation_loss(s, t, beta=beta): gradient in a new "
+                "buffer"),
+    DistillImpl("torch", "the float32 eager recipe (TRL's generalized_jsd_loss): log_softmax of "
+                "both in float32, F.kl_div, sum / N"),
+]  # fmt: skip
+LINEAR_DISTILL_IMPLS = [
+    DistillImpl("fused_xent", "fused_xent.linear_distillation_loss(hs, Ws, ht, Wt, beta=beta), "
+                "default chunking", linear=True),
+    DistillImpl("torch", "unfused: F.linear of both in bf16 (the teacher's under no_grad), then "
+                "the float32 eager recipe", linear=True),
+    DistillImpl("liger", "Liger-Kernel LigerFusedLinearJSD(jsd_beta=beta, temperature=1)(hs, Ws, "
+                "ht, Wt, None) (or LigerFusedLinearJSDFunction), its defaults otherwise",
+                linear=True),
+]  # fmt: skip
+DISTILL_IMPLS_BY_NAME = {i.name: i for i in DISTILL_IMPLS}
+LINEAR_DISTILL_IMPLS_BY_NAME = {i.name: i for i in LINEAR_DISTILL_IMPLS}
+DISTILL_PRIMARY = "fused_xent"  # timed twice, first and last, as primary_impl()
+
+
 def make_step(loss_fn, mode: str, n_grad: int = 1):
     """One timed step: ``(*inputs) -> (loss, *gradients of the first n_grad inputs)``.
 
@@ -672,6 +930,54 @@ class LinearRotation(Rotation):
         for i in range(copies):
             h, t = make_linear_inputs(case, device, seed=1000 + i)
             self.bufs.append((h.requires_grad_(True), w, t))
+        self._i = 0
+
+
+def distill_inputs(case: DistillCase, device: torch.device, seed: int = 0):
+    """randn student logits (requiring grad) and a sharper teacher's (randn x 2)."""
+    shape = Case(FWD_BWD, case.dtype, case.n_rows, case.n_cols)
+    s, _ = make_inputs(shape, device, seed=1000 + seed)
+    t, _ = make_inputs(shape, device, seed=2000 + seed)
+    return s.requires_grad_(True), t.mul_(2)
+
+
+class DistillRotation(Rotation):
+    """Distinct (student, teacher) pairs in turn (2-8, 1 GiB in all where 8 allow)."""
+
+    def __init__(self, case: DistillCase, device: torch.device, copies: int | None = None):
+        copies = copies or _rotation_copies(2 * case.nbytes_logits)
+        self.bufs = [distill_inputs(case, device, seed=1 + i) for i in range(copies)]
+        self._i = 0
+
+
+def make_linear_distill_weights(case: LinearDistillCase, device: torch.device):
+    """The student's and the teacher's heads, randn scaled by D^-1/2 (logits ~ N(0, 1)), the
+    teacher's by 2 D^-1/2 (sharper, as ``distill_inputs``'s teacher)."""
+    ws = make_linear_weight(LinearCase(1, case.dim, case.vocab, case.dtype), device, seed=7)
+    wt = make_linear_weight(LinearCase(1, case.teacher_dim, case.vocab, case.dtype), device, 8)
+    return ws, wt.mul_(2)
+
+
+def make_linear_distill_inputs(case: LinearDistillCase, device: torch.device, seed: int = 0):
+    """randn hidden states of the student (N, D_s) and of the teacher (N, D_t)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    hs = torch.randn(case.n_rows, case.dim, generator=g, device=device, dtype=case.dtype)
+    ht = torch.randn(case.n_rows, case.teacher_dim, generator=g, device=device, dtype=case.dtype)
+    return hs, ht
+
+
+class LinearDistillRotation(Rotation):
+    """Distinct hidden states of both models in turn, the two heads shared, as in training:
+    ``next()`` gives ``(hs, Ws, ht, Wt)``, the student's requiring grad."""
+
+    def __init__(self, case: LinearDistillCase, device: torch.device, copies: int | None = None):
+        copies = copies or _rotation_copies(case.nbytes_hidden)
+        ws, wt = make_linear_distill_weights(case, device)
+        ws.requires_grad_(True)
+        self.bufs = []
+        for i in range(copies):
+            hs, ht = make_linear_distill_inputs(case, device, seed=1000 + i)
+            self.bufs.append((hs.requires_grad_(True), ws, ht, wt))
         self._i = 0
 
 

@@ -34,13 +34,20 @@ include torch's own ``F.linear_cross_entropy`` wherever the installed torch has 
 ``torch_lce`` with ``options=None`` (its unchunked reference) and ``torch_lce_chunked`` with
 ``options=LinearCrossEntropyOptions()`` (its chunked path, default policy).
 
-Section "distill", knowledge distillation on given logits (``DISTILL_CUDA_CASES``: bf16
+Section "distill", knowledge distillation on given logits (``benchlib.DISTILL_CUDA_CASES``: bf16
 8192 x 128256 at beta 0, the forward KL, and 0.5, the generalized JSD): forward + backward of a
 mean loss with the student's gradient, fused_xent's ``distillation_loss`` against the float32 eager
 recipe (TRL's ``generalized_jsd_loss``: both log-softmaxes in float32, ``kl_div``): ms, GB/s
 counting one read of each set of logits and one write of the gradient, % of the copy bandwidth,
 peak extra memory, and the errors of the loss and the gradient against float64 (a block of rows
-at a time).
+at a time). Then its linear form (``benchlib.LINEAR_DISTILL_CUDA_CASES``: bf16 8192 tokens, the
+student's head 128256 x 4096, the teacher's 128256 x 5120, the same two betas), with d_hidden and
+d_weight of the student: ``linear_distillation_loss`` against the unfused recipe (both heads'
+logits by ``F.linear``, then the eager recipe) and Liger-Kernel's fused linear JSD where it
+imports (skipped with the reason otherwise); ms, % of the larger of a flops floor and a bytes floor
+(``benchlib.LinearDistillCase``), peak extra memory, and the errors of the loss, d_hidden and
+d_weight against float64 (``linear_distill_float64_reference``, full size, a block of rows at a
+time).
 
 In each case the first fused_xent variant is timed again after all the peers, so the table shows
 the noise. Writes report.md (also printed), report.json and, when the xent section ran,
@@ -55,7 +62,7 @@ given strings, in either section.
 
 ``--quick``: the CPU smoke run, tiny shapes, fused_xent's reference path against torch eager,
 a few ms of timing each (the linear case: ~0.1 s a step, bf16 products are slow on a CPU; the RL
-case runs fused_xent with impl="auto", its CPU path);
+and distill cases run fused_xent with impl="auto", its CPU path);
 finishes in seconds and still writes every file.
 """
 
@@ -70,13 +77,11 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
 import benchlib
 import torch
-import torch.nn.functional as F
-from benchlib import FWD, FWD_BWD, Case, LinearCase
+from benchlib import FWD, FWD_BWD, Case, DistillCase, LinearCase, LinearDistillCase
 
 import fused_xent
 
@@ -539,107 +544,6 @@ def noise(rows: list[dict], fields: tuple[str, ...] = ("mode", "dtype", "n_rows"
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DistillCase:
-    """Distillation of (N, V) student logits towards a teacher's, forward + backward of a mean."""
-
-    dtype: torch.dtype
-    n_rows: int
-    n_cols: int
-    beta: float
-
-    mode = FWD_BWD
-
-    @property
-    def nbytes_logits(self) -> int:
-        return self.n_rows * self.n_cols * self.dtype.itemsize
-
-    @property
-    def bytes_moved(self) -> int:
-        return 3 * self.nbytes_logits  # read the student + read the teacher + write its gradient
-
-    @property
-    def dtype_name(self) -> str:
-        return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[self.dtype]
-
-    @property
-    def id(self) -> str:
-        return f"distill-{self.dtype_name}-{self.n_rows}x{self.n_cols}-beta{self.beta:g}"
-
-    @property
-    def label(self) -> str:
-        return f"{self.dtype_name} {self.n_rows} x {self.n_cols}, beta {self.beta:g}"
-
-
-DISTILL_CUDA_CASES = [
-    DistillCase(torch.bfloat16, 8192, 128256, 0.0),
-    DistillCase(torch.bfloat16, 8192, 128256, 0.5),
-]
-DISTILL_CPU_CASES = [
-    DistillCase(torch.bfloat16, 64, 2048, 0.0),
-    DistillCase(torch.bfloat16, 64, 2048, 0.5),
-]
-
-
-def eager_distillation(s: torch.Tensor, t: torch.Tensor, beta: float) -> torch.Tensor:
-    """TRL's generalized_jsd_loss at temperature 1, "batchmean": float32 log-softmaxes of both
-    (float64 for float64 logits: the accuracy reference)."""
-    dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
-    log_s = torch.log_softmax(s.to(dtype), dim=-1)
-    log_t = torch.log_softmax(t.to(dtype), dim=-1)
-    if beta == 0.0:
-        div = F.kl_div(log_s, log_t, reduction="none", log_target=True)
-    elif beta == 1.0:
-        div = F.kl_div(log_t, log_s, reduction="none", log_target=True)
-    else:
-        b = torch.tensor(beta, dtype=log_s.dtype, device=s.device)
-        log_m = torch.logsumexp(torch.stack([log_s + torch.log1p(-b), log_t + torch.log(b)]), 0)
-        div = beta * F.kl_div(log_m, log_t, reduction="none", log_target=True) + (
-            1 - beta
-        ) * F.kl_div(log_m, log_s, reduction="none", log_target=True)
-    return div.sum() / div.shape[0]
-
-
-@dataclass(frozen=True)
-class DistillImpl:
-    name: str
-    note: str
-
-    def skip_reason(self, case, device) -> str | None:
-        return None
-
-    def loss_fn(self, case: DistillCase, device: torch.device):
-        if self.name == "fused_xent":
-            impl = "triton" if device.type == "cuda" else "reference"  # as Impl.loss_fn
-            return lambda s, t: fused_xent.distillation_loss(s, t, beta=case.beta, impl=impl)
-        return lambda s, t: eager_distillation(s, t, case.beta)
-
-
-DISTILL_IMPLS = [
-    DistillImpl("fused_xent", "fused_xent.distillation_loss(s, t, beta=beta): gradient in a new "
-                "buffer"),
-    DistillImpl("torch", "the float32 eager recipe (TRL's generalized_jsd_loss): log_softmax of "
-                "both in float32, F.kl_div, sum / N"),
-]  # fmt: skip
-
-
-def distill_inputs(case: DistillCase, device: torch.device, seed: int = 0):
-    """randn student logits (requiring grad) and a sharper teacher's (randn x 2)."""
-    shape = benchlib.Case(FWD_BWD, case.dtype, case.n_rows, case.n_cols)
-    s, _ = benchlib.make_inputs(shape, device, seed=1000 + seed)
-    t, _ = benchlib.make_inputs(shape, device, seed=2000 + seed)
-    return s.requires_grad_(True), t.mul_(2)
-
-
-class DistillRotation(benchlib.Rotation):
-    """Distinct (student, teacher) pairs in turn (2-8, 1 GiB in all where 8 allow)."""
-
-    def __init__(self, case: DistillCase, device: torch.device):
-        copies = max(2, min(8, -(-benchlib.ROTATE_BYTES // max(2 * case.nbytes_logits, 1))))
-        self.bufs = [distill_inputs(case, device, seed=1 + i) for i in range(copies)]
-        self._i = 0
-
-
 def distill_float64_errors(s, t, beta, loss, ds) -> tuple[float, float]:
     """Relative errors of the mean loss and of the student's gradient against float64, a block of
     rows at a time (the issue's definitions, autograd for the gradient)."""
@@ -649,7 +553,7 @@ def distill_float64_errors(s, t, beta, loss, ds) -> tuple[float, float]:
     for r0 in range(0, n_rows, rows):
         s64 = s.detach()[r0 : r0 + rows].to(torch.float64).requires_grad_()
         t64 = t[r0 : r0 + rows].to(torch.float64)
-        blk = eager_distillation(s64, t64, beta) * (s64.shape[0] / n_rows)  # its share of the mean
+        blk = benchlib.eager_distillation(s64, t64, beta) * (s64.shape[0] / n_rows)  # its share
         (ref,) = torch.autograd.grad(blk, s64)
         loss_sum += float(blk.detach())
         diff = ds.detach()[r0 : r0 + rows].to(torch.float64).sub_(ref)
@@ -660,8 +564,8 @@ def distill_float64_errors(s, t, beta, loss, ds) -> tuple[float, float]:
 
 
 def run_distill_case(case: DistillCase, device, quick: bool, copy_bw: float, only=None):
-    impls = [i for i in DISTILL_IMPLS if only is None or i.name in only]
-    rotation = DistillRotation(case, device)
+    impls = [i for i in benchlib.DISTILL_IMPLS if only is None or i.name in only]
+    rotation = benchlib.DistillRotation(case, device)
 
     def new_row(name, run):
         return {
@@ -678,10 +582,12 @@ def run_distill_case(case: DistillCase, device, quick: bool, copy_bw: float, onl
         r["pct_copy"] = 100 * case.bytes_moved / (r["ms"] * 1e-3) / copy_bw
         return f"{r['pct_copy']:6.1f}% of copy"
 
-    rows, steps = time_impls(case, impls, "fused_xent", rotation, new_row, on_timed, device, quick)
+    rows, steps = time_impls(
+        case, impls, benchlib.DISTILL_PRIMARY, rotation, new_row, on_timed, device, quick
+    )
     rotation.release()
     free_memory(device)
-    s, t = distill_inputs(case, device)
+    s, t = benchlib.distill_inputs(case, device)
 
     def errors(loss, ds):
         loss_err, grad_err = distill_float64_errors(s, t, case.beta, loss, ds)
@@ -693,19 +599,130 @@ def run_distill_case(case: DistillCase, device, quick: bool, copy_bw: float, onl
     return rows
 
 
-def _distill_markdown(rows: list[dict], noise_rows: list[dict]) -> list[str]:
+def linear_distill_float64_reference(
+    hs, ws, ht, wt, beta
+) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Mean loss, d_hidden (N, D_s) and d_weight (V, D_s) of the linear distillation in float64.
+
+    Plain torch ops on float64 copies, a block of rows at a time, full size: both blocks of
+    logits by float64 products, the loss by ``eager_distillation`` in float64 and its gradient by
+    autograd, then d_hidden and d_weight by float64 products (as ``linear_float64_reference``).
+    At the GPU shapes this holds ~14 GB (both float64 heads and d_weight) and takes ~3.7e13
+    float64 flops.
+    """
+    n_rows = hs.shape[0]
+    ws64, wt64 = ws.detach().to(torch.float64), wt.detach().to(torch.float64)
+    d_h = torch.empty(hs.shape, dtype=torch.float64, device=hs.device)
+    d_w = torch.zeros_like(ws64)
+    rows = max(1, BLOCK_ELEMS // ws.shape[0])
+    loss_sum = 0.0
+    for r0 in range(0, n_rows, rows):
+        h64 = hs.detach()[r0 : r0 + rows].to(torch.float64)
+        z = (h64 @ ws64.T).requires_grad_()
+        zt = ht.detach()[r0 : r0 + rows].to(torch.float64) @ wt64.T
+        blk = benchlib.eager_distillation(z, zt, beta) * (z.shape[0] / n_rows)  # its share
+        (dz,) = torch.autograd.grad(blk, z)
+        loss_sum += float(blk.detach())
+        torch.mm(dz, ws64, out=d_h[r0 : r0 + rows])
+        d_w.addmm_(dz.T, h64)
+        del h64, z, zt, blk, dz
+    return loss_sum, d_h, d_w
+
+
+def run_linear_distill_case(
+    case: LinearDistillCase, device, quick: bool, copy_bw: float, mm_rate: float, only=None
+) -> list[dict]:
+    """The linear form's rows: the floor is the larger of the flops one (at the matrix product
+    rate) and the bytes one (``LinearDistillCase.bytes_moved`` at the copy bandwidth)."""
+    impls = [i for i in benchlib.LINEAR_DISTILL_IMPLS if only is None or i.name in only]
+    floor_flops_ms = case.flops / mm_rate * 1e3
+    floor_bytes_ms = case.bytes_moved / copy_bw * 1e3
+    floor_ms = max(floor_flops_ms, floor_bytes_ms)
+    try:  # as linear_distillation_loss picks it: both chunks of logits counted
+        from fused_xent.autograd import pick_chunk_size
+
+        chunk_rows = int(pick_chunk_size(case.n_rows, 2 * case.vocab, case.dim, case.dtype,
+                                         device.type != "cuda"))  # fmt: skip
+    except Exception:
+        chunk_rows = None
+    rotation = benchlib.LinearDistillRotation(case, device)
+
+    def new_row(name, run):
+        return {
+            "dtype": case.dtype_name, "n_rows": case.n_rows, "dim": case.dim,
+            "teacher_dim": case.teacher_dim, "vocab": case.vocab, "beta": case.beta,
+            "impl": name, "run": run, "flops": case.flops, "bytes": case.bytes_moved,
+            "floor_flops_ms": floor_flops_ms, "floor_bytes_ms": floor_bytes_ms,
+            "floor_ms": floor_ms, "ms": None, "tflops": None, "pct_floor": None,
+            "peak_extra_bytes": None, "loss_rel_err": None, "dh_rel_err": None,
+            "dw_rel_err": None, "first_call_s": None, "input_copies": len(rotation.bufs),
+            "chunk_rows": chunk_rows if name == "fused_xent" else None,
+            "skipped": None, "error": None,
+        }  # fmt: skip
+
+    def on_timed(r):
+        r["tflops"] = case.flops / (r["ms"] * 1e-3) / 1e12
+        r["pct_floor"] = 100 * floor_ms / r["ms"]
+        return f"{r['pct_floor']:6.1f}% of floor"
+
+    rows, steps = time_impls(
+        case, impls, benchlib.DISTILL_PRIMARY, rotation, new_row, on_timed, device, quick,
+        n_grad=2, rep_ms=benchlib.LINEAR_REP_MS,
+    )  # fmt: skip
+    rotation.release()
+    free_memory(device)
+    if any(r["ms"] is not None for r in rows):
+        ws, wt = benchlib.make_linear_distill_weights(case, device)
+        hs, ht = benchlib.make_linear_distill_inputs(case, device, seed=0)
+        loss64, dh64, dw64 = linear_distill_float64_reference(hs, ws, ht, wt, case.beta)
+
+        def inputs():
+            return hs.clone().requires_grad_(True), ws.detach().requires_grad_(True), ht, wt
+
+        def errors(loss, dh, dw):
+            return {
+                "loss_rel_err": _rel(float(loss.detach().double()), loss64),
+                "dh_rel_err": _rel_norm(dh, dh64),
+                "dw_rel_err": _rel_norm(dw, dw64),
+            }
+
+        check_accuracy(rows, steps, inputs, errors)
+        del dh64, dw64
+    del steps
+    free_memory(device)
+    return rows
+
+
+def _linear_distill_label(r: dict) -> str:
+    return (
+        f"{r['dtype']} {r['n_rows']} x {r['dim']} (teacher {r['teacher_dim']}), W {r['vocab']}, "
+        f"beta {r['beta']:g}"
+    )
+
+
+def _distill_markdown(meta, rows, noise_rows, linear_rows=None, linear_noise=None) -> list[str]:
+    cb, mm = meta["copy_bandwidth"], meta["matmul"]
     lines = [
-        "## Knowledge distillation: forward + backward of a mean loss (floor: read the student "
-        "and the teacher + write the student's gradient)",
+        "## Knowledge distillation: forward + backward of a mean loss with the student's "
+        "gradients, temperature 1",
         "",
-        "- Implementations: " + "; ".join(f"**{i.name}** = {i.note}" for i in DISTILL_IMPLS)
-        + ". The teacher's logits are randn x 2, the student's randn; temperature 1. On the CPU "
-        "fused_xent runs its reference path (impl='reference').",
-        "",
-        "| logits | floor ms | implementation | ms | GB/s | % of copy | +GB | loss rel err "
-        "| grad rel err |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
+        f"- Copy bandwidth, this run: {cb['gbps']:.0f} GB/s"
+        + (f"; matrix product rate {_g(mm['tflops'])} TFLOP/s" if mm and linear_rows else "")
+        + ". +GB and the errors as in the other sections (norm-wise, relative to float64 on the "
+        "same inputs, a block of rows at a time).",
+    ]
+    if rows:
+        lines += [
+            "- On given logits (floor: read the student's and the teacher's logits + write the "
+            "student's gradient, at the copy bandwidth): "
+            + "; ".join(f"**{i.name}** = {i.note}" for i in benchlib.DISTILL_IMPLS)
+            + ". The teacher's logits are randn x 2, the student's randn. On the CPU fused_xent "
+            "runs impl='auto' (its CPU path: torch's softmaxes on float32 copies).",
+            "",
+            "| logits | floor ms | implementation | ms | GB/s | % of copy | +GB | loss rel err "
+            "| grad rel err |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
     for r in rows:
         name = r["impl"] + (" (again)" if r["run"] == 2 else "")
         label = f"{r['dtype']} {r['n_rows']} x {r['n_cols']}, beta {r['beta']:g}"
@@ -718,7 +735,52 @@ def _distill_markdown(rows: list[dict], noise_rows: list[dict]) -> list[str]:
             f"| {_f(r['loss_rel_err'], '.1e')} | {_f(r['grad_rel_err'], '.1e')} |"
         )
     lines.append("")
-    return lines + _noise_line(noise_rows, lambda n: f"{n['dtype']} beta {n['beta']:g}")
+    lines += _noise_line(noise_rows, lambda n: f"{n['dtype']} beta {n['beta']:g}")
+    if not linear_rows:
+        return lines
+    chunks = "/".join(str(c) for c in sorted({r["chunk_rows"] for r in linear_rows
+                                               if r["chunk_rows"]}))  # fmt: skip
+    lines += [
+        "The linear form, from both models' hidden states and heads (d_hidden and d_weight of the "
+        "student):",
+        "",
+        f"- Timing: {meta['timer_linear']}; both models' hidden states rotate among "
+        + "/".join(str(c) for c in sorted({r["input_copies"] for r in linear_rows}))
+        + " distinct randn copies, the two heads shared (the student's randn / sqrt(D_s), the "
+        "teacher's 2 randn / sqrt(D_t)).",
+        "- Floor: the larger of 6·N·V·D_s + 2·N·V·D_t flops (the student's logits, d_hidden and "
+        "d_weight, the teacher's logits) at the matrix product rate and, at the copy bandwidth, "
+        "the bytes a chunked schedule moves: both heads and hidden states read once, d_hidden "
+        "and d_weight written once, 7 x the bytes of each logit (each chunk of both models' "
+        "logits written and read, the gradient written and read by two products); % = floor / "
+        "ms. Both floors are in report.json.",
+        "- Implementations: "
+        + "; ".join(f"**{i.name}** = {i.note}" for i in benchlib.LINEAR_DISTILL_IMPLS)
+        + ". Liger's jsd_beta is this package's beta (beta KL(P_t || M) + (1 - beta) KL(P_s || "
+        "M), 0 the forward KL, 1 the reverse), its temperature divides both logits without a "
+        "T^2 factor, and its loss is the token sum over the tokens not ignored (all here): the "
+        "same mean. On the CPU fused_xent runs impl='auto' (the reference for the linear form)"
+        + (f"; its default chunk here: {chunks} rows." if chunks else "."),
+        "",
+        "| hidden, heads | floor ms | implementation | ms | TFLOP/s | % of floor | +GB "
+        "| loss rel err | d_hidden rel err | d_weight rel err |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in linear_rows:
+        name = r["impl"] + (" (again)" if r["run"] == 2 else "")
+        label = _linear_distill_label(r)
+        if r["skipped"] or r["error"]:
+            why = r["skipped"] or f"error: {r['error']}"
+            lines.append(f"| {label} | | {name} | {why} | | | | | | |")
+            continue
+        lines.append(
+            f"| {label} | {r['floor_ms']:.3f} | {name} | {r['ms']:.3f} | {_g(r['tflops'])} "
+            f"| {_g(r['pct_floor'])}% | {_gb(r['peak_extra_bytes'])} "
+            f"| {_f(r['loss_rel_err'], '.1e')} | {_f(r['dh_rel_err'], '.1e')} "
+            f"| {_f(r['dw_rel_err'], '.1e')} |"
+        )
+    lines.append("")
+    return lines + _noise_line(linear_noise or [], _linear_distill_label)
 
 
 # --------------------------------------------------------------------------------------------
@@ -772,6 +834,8 @@ def markdown(
     rl_noise: list[dict] | None = None,
     distill_rows: list[dict] | None = None,
     distill_noise: list[dict] | None = None,
+    linear_distill_rows: list[dict] | None = None,
+    linear_distill_noise: list[dict] | None = None,
 ) -> str:
     lines = [
         "# fused_xent benchmark report",
@@ -793,8 +857,9 @@ def markdown(
         lines += _rl_markdown(meta, rl_rows, rl_noise or [])
     if linear_rows:
         lines += _linear_markdown(meta, linear_rows, linear_noise or [])
-    if distill_rows:
-        lines += _distill_markdown(distill_rows, distill_noise or [])
+    if distill_rows or linear_distill_rows:
+        lines += _distill_markdown(meta, distill_rows or [], distill_noise or [],
+                                   linear_distill_rows, linear_distill_noise)  # fmt: skip
     return "\n".join(lines)
 
 
@@ -1002,7 +1067,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--cases",
         help="comma-separated substrings of case ids to keep, e.g. fwd+bwd-bf16-8192x128256, "
-        "rl-bf16-16384x151936, linear-bf16-8192x4096x128256, distill-bf16-8192x128256-beta0.5",
+        "rl-bf16-16384x151936, linear-bf16-8192x4096x128256, distill-bf16-8192x128256-beta0.5, "
+        "distill-linear-bf16-8192x4096x5120x128256-beta0.5",
     )
     ap.add_argument("--no-plot", action="store_true", help="write no report.png")
     args = ap.parse_args(argv)
@@ -1021,21 +1087,22 @@ def main(argv: list[str] | None = None) -> int:
     cases = benchlib.cases_for(device, args.quick) if "xent" in sections else []
     rl_cases = benchlib.rl_cases_for(device, args.quick) if "rl" in sections else []
     linear_cases = benchlib.linear_cases_for(device, args.quick) if "linear" in sections else []
-    distill_cases = []
+    distill_cases, linear_distill_cases = [], []
     if "distill" in sections:
-        distill_cases = DISTILL_CUDA_CASES if device.type == "cuda" and not args.quick else []
-        distill_cases = distill_cases or DISTILL_CPU_CASES
+        distill_cases = benchlib.distill_cases_for(device, args.quick)
+        linear_distill_cases = benchlib.linear_distill_cases_for(device, args.quick)
     if args.cases:
         keep = args.cases.split(",")
         cases = [c for c in cases if any(k in c.id for k in keep)]
         rl_cases = [c for c in rl_cases if any(k in c.id for k in keep)]
         linear_cases = [c for c in linear_cases if any(k in c.id for k in keep)]
         distill_cases = [c for c in distill_cases if any(k in c.id for k in keep)]
+        linear_distill_cases = [c for c in linear_distill_cases if any(k in c.id for k in keep)]
     only = None
     if args.impls:
         only = set(args.impls.split(","))
         unknown = only - set(benchlib.IMPLS_BY_NAME) - set(benchlib.RL_IMPLS_BY_NAME)
-        unknown -= set(benchlib.LINEAR_IMPLS_BY_NAME)
+        unknown -= set(benchlib.LINEAR_IMPLS_BY_NAME) | set(benchlib.LINEAR_DISTILL_IMPLS_BY_NAME)
         if unknown:
             ap.error(f"unknown --impls {sorted(unknown)}")
         # A section none of whose implementations is asked for does not run.
@@ -1045,9 +1112,11 @@ def main(argv: list[str] | None = None) -> int:
             rl_cases = []
         if not only & set(benchlib.LINEAR_IMPLS_BY_NAME):
             linear_cases = []
-        if not only & {i.name for i in DISTILL_IMPLS}:
+        if not only & set(benchlib.DISTILL_IMPLS_BY_NAME):
             distill_cases = []
-    if not cases and not rl_cases and not linear_cases and not distill_cases:
+        if not only & set(benchlib.LINEAR_DISTILL_IMPLS_BY_NAME):
+            linear_distill_cases = []
+    if not (cases or rl_cases or linear_cases or distill_cases or linear_distill_cases):
         ap.error("no case left to run")
     benchlib.cpu_threads(device)
     torch.manual_seed(0)
@@ -1055,8 +1124,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = metadata(device, args.quick)
     meta["sections"] = [s for s in SECTIONS if s in sections]
     meta["copy_bandwidth"] = meta["matmul"] = None
-    rows, rl_rows, linear_rows, distill_rows = [], [], [], []
-    if cases or rl_cases or distill_cases:
+    rows, rl_rows, linear_rows, distill_rows, linear_distill_rows = [], [], [], [], []
+    if cases or rl_cases or distill_cases or linear_distill_cases:
         bw, nbytes = benchlib.copy_bandwidth(device, quick=args.quick)
         meta["copy_bandwidth"] = {"gbps": bw / GB, "bytes": nbytes, "counted": "read + write"}
         log(f"{meta['device']}: copy bandwidth {bw / GB:.0f} GB/s")
@@ -1066,7 +1135,8 @@ def main(argv: list[str] | None = None) -> int:
         for case in rl_cases:
             log(f"rl {case.label}: floor {case.bytes_moved / bw * 1e3:.4f} ms")
             rl_rows += run_case(case, device, args.quick, bw, only)
-    if linear_cases:
+    rate = None
+    if linear_cases or linear_distill_cases:
         rate, n = benchlib.matmul_rate(device, quick=args.quick)
         meta["matmul"] = {"tflops": rate / 1e12, "n": n, "dtype": "bf16", "flops": 2 * n**3}
         log(f"{meta['device']}: bf16 {n}^3 matrix product {rate / 1e12:.3g} TFLOP/s")
@@ -1076,13 +1146,22 @@ def main(argv: list[str] | None = None) -> int:
     for case in distill_cases:
         log(f"distill {case.label}: floor {case.bytes_moved / bw * 1e3:.4f} ms")
         distill_rows += run_distill_case(case, device, args.quick, bw, only)
+    for case in linear_distill_cases:
+        floors = case.flops / rate * 1e3, case.bytes_moved / bw * 1e3
+        log(f"distill linear {case.label}: floor {max(floors):.4f} ms (flops {floors[0]:.4f}, "
+            f"bytes {floors[1]:.4f})")  # fmt: skip
+        linear_distill_rows += run_linear_distill_case(case, device, args.quick, bw, rate, only)
     noise_rows, rl_noise = noise(rows), noise(rl_rows)
     linear_noise = noise(linear_rows, ("dtype", "n_rows", "dim", "vocab"))
     distill_noise = noise(distill_rows, ("dtype", "n_rows", "n_cols", "beta"))
+    linear_distill_noise = noise(
+        linear_distill_rows, ("dtype", "n_rows", "dim", "teacher_dim", "vocab", "beta")
+    )
 
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(meta, rows, noise_rows, linear_rows, linear_noise, rl_rows, rl_noise,
-                     distill_rows, distill_noise)  # fmt: skip
+                     distill_rows, distill_noise, linear_distill_rows,
+                     linear_distill_noise)  # fmt: skip
     print(table)
     (args.out / "report.md").write_text(table + "\n")
     written = "report.json"
@@ -1108,12 +1187,15 @@ def main(argv: list[str] | None = None) -> int:
         "distill_cases": [c.id for c in distill_cases],
         "distill_results": distill_rows,
         "distill_noise": distill_noise,
+        "linear_distill_cases": [c.id for c in linear_distill_cases],
+        "linear_distill_results": linear_distill_rows,
+        "linear_distill_noise": linear_distill_noise,
     }
     (args.out / "report.json").write_text(json.dumps(doc, indent=2) + "\n")
     log(f"wrote {args.out / 'report.md'}, {written}")
 
     # A broken fused_xent is a failed run; a broken peer is only a note in the table.
-    every = rows + rl_rows + linear_rows + distill_rows
+    every = rows + rl_rows + linear_rows + distill_rows + linear_distill_rows
     failed = [r for r in every if r["error"] and r["impl"].startswith("fused_xent")]
     return 1 if failed else 0
 

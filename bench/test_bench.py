@@ -21,6 +21,13 @@ backward of a mean loss with the gradients of the hidden states and the weight; 
 rotate, the weight is shared. ``extra_info`` holds the flops (6 N D V), the floor (those flops at
 the bf16 8192^3 matrix product rate measured once per session) and the % of it reached.
 
+``test_distill``: knowledge distillation (``benchlib.DISTILL_CUDA_CASES``, ids ``distill-...``),
+forward + backward of a mean loss with the student's gradient, fused_xent against the float32
+eager recipe; its bytes are one read of each set of logits and one write of the gradient. Its
+linear form (``benchlib.LINEAR_DISTILL_CUDA_CASES``, ids ``distill-linear-...``) against the
+unfused recipe and Liger's fused linear JSD, with the student's d_hidden and d_weight; the hidden
+states rotate, the heads are shared; ``extra_info`` holds its flops and bytes (both floors).
+
 On a machine without CUDA the cases are tiny and fused_xent runs its reference path
 (``impl="reference"``), against torch eager only: a smoke test of the suite, not a measurement.
 For a table, a plot and the accuracy check, use ``python bench/report.py``.
@@ -35,6 +42,7 @@ import torch
 DEVICE = benchlib.default_device()
 CASES = benchlib.cases_for(DEVICE) + benchlib.rl_cases_for(DEVICE)
 LINEAR_CASES = benchlib.linear_cases_for(DEVICE)
+DISTILL_CASES = benchlib.distill_cases_for(DEVICE) + benchlib.linear_distill_cases_for(DEVICE)
 
 
 # Forward only writes no gradient, so fused_xent_inplace would repeat the fused_xent run there.
@@ -117,5 +125,56 @@ def test_linear(benchmark, device, matmul_rate, case, impl_name):
         floor_s = case.flops / matmul_rate()
         benchmark.extra_info["TFLOP/s"] = round(case.flops / median_s / 1e12, 4)
         benchmark.extra_info["matmul_TFLOP/s"] = round(matmul_rate() / 1e12, 4)
+        benchmark.extra_info["floor_ms"] = round(floor_s * 1e3, 4)
+        benchmark.extra_info["pct_of_floor"] = round(100 * floor_s / median_s, 1)
+
+
+DISTILL_PARAMS = [
+    pytest.param(case, impl.name, id=f"{case.id}-{impl.name}")
+    for case in DISTILL_CASES
+    for impl in (
+        benchlib.LINEAR_DISTILL_IMPLS
+        if isinstance(case, benchlib.LinearDistillCase)
+        else benchlib.DISTILL_IMPLS
+    )
+]
+
+
+@pytest.mark.parametrize("case, impl_name", DISTILL_PARAMS)
+def test_distill(benchmark, device, copy_bw, matmul_rate, case, impl_name):
+    linear = isinstance(case, benchlib.LinearDistillCase)
+    by_name = benchlib.LINEAR_DISTILL_IMPLS_BY_NAME if linear else benchlib.DISTILL_IMPLS_BY_NAME
+    impl = by_name[impl_name]
+    reason = impl.skip_reason(case, device)
+    if reason:
+        pytest.skip(reason)
+
+    step = benchlib.make_step(impl.loss_fn(case, device), case.mode, n_grad=2 if linear else 1)
+    rotation = (benchlib.LinearDistillRotation if linear else benchlib.DistillRotation)(
+        case, device
+    )
+
+    def run():
+        out = step(*rotation.next())
+        benchlib.sync(device)
+        return out
+
+    try:
+        assert torch.isfinite(run()[0]).item()  # outside the timing: JIT, allocator warm-up
+        benchmark.group = f"distill {'linear ' if linear else ''}{case.label}"
+        benchmark.extra_info["bytes"] = case.bytes_moved
+        if linear:
+            benchmark.extra_info["flops"] = case.flops
+        benchmark(run)
+    finally:
+        rotation.release()
+
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        median_s = benchmark.stats.stats.median
+        floor_s = case.bytes_moved / copy_bw()
+        if linear:
+            floor_s = max(floor_s, case.flops / matmul_rate())
+            benchmark.extra_info["TFLOP/s"] = round(case.flops / median_s / 1e12, 4)
+        benchmark.extra_info["GB/s"] = round(case.bytes_moved / median_s / 1e9, 2)
         benchmark.extra_info["floor_ms"] = round(floor_s * 1e3, 4)
         benchmark.extra_info["pct_of_floor"] = round(100 * floor_s / median_s, 1)

@@ -10,6 +10,8 @@ teacher's products run without autograd). The math and the memory traffic are in
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import ops
@@ -27,11 +29,13 @@ from .functional import (
     _INPUT_DTYPES,
     _KERNEL_DTYPES,
     _TARGET_DTYPES,
+    _TORCH_CPU_MAX_ELEMENTS,
     IMPLS,
     REDUCTIONS,
     _backend,
     _check_chunk_size,
     _check_float,
+    _refuse_create_graph,
 )
 
 
@@ -113,6 +117,103 @@ def _unit_stride(rows: torch.Tensor, backend) -> torch.Tensor:
     return rows
 
 
+def _divergence(z, log_pt, beta: float, guarded: bool):
+    """(D per row, the tensor the student's gradient flows through) from ``z``, the student's
+    logits over the temperature (under autograd), and the teacher's log-probabilities.
+
+    Each term is ``p * (log p - log q)``, the difference taken before the product, so that close
+    distributions lose nothing to cancellation. The gradient is the reference's closed form: the
+    forward KL's flows through ``log_softmax(z)`` (``P_s - P_t``); for the others only the
+    student's probabilities carry it, ``D = c + sum P_s g`` with ``g`` detached, so that the
+    softmax's backward forms ``P_s (g - sum P_s g)`` itself (through ``log P_s`` as well, autograd
+    adds terms that cancel only to rounding: for a student within 1e-2 to 1e-3 of its teacher,
+    1.5 to 5 times the reference's float32 error, which this form matches).
+
+    The plain form makes 0 * inf = NaN only where a student's logit is -inf at a class the teacher
+    leaves empty (a -inf teacher alone is handled: clamped to the lowest float where its
+    probability is 0); ``guarded`` sets each such difference to 0 before the product, so that
+    neither the value nor the gradient sees a NaN, at a few more passes.
+    """
+    if beta < 1.0:
+        with torch.no_grad():
+            p_t = log_pt.exp()
+            # 0 * this = 0 where P_t = 0 (in place: the caller's own temporary, as for logaddexp
+            # the lowest float is -inf)
+            log_pt = log_pt.clamp_min_(torch.finfo(log_pt.dtype).min)
+    if beta == 0.0:  # KL(P_t || P_s)
+        log_ps = torch.log_softmax(z, dim=-1)
+        diff = log_pt - log_ps
+        if guarded:
+            diff = torch.where(p_t > 0, diff, 0.0)
+        return (p_t * diff).sum(-1), log_ps
+    p_s = torch.softmax(z, dim=-1)
+    const = None
+    with torch.no_grad():
+        g = torch.log_softmax(z, dim=-1)
+        if beta == 1.0:  # KL(P_s || P_t): infinite where P_t = 0 < P_s, as it is
+            g.sub_(log_pt)
+        else:  # beta KL(P_t || M) + (1 - beta) KL(P_s || M), log M stable at any logits
+            log_m = torch.logaddexp(g + math.log1p(-beta), log_pt + math.log(beta))
+            diff = log_pt - log_m
+            if guarded:
+                diff = torch.where(p_t > 0, diff, 0.0)
+            const = beta * (p_t * diff).sum(-1)
+            g.sub_(log_m).mul_(1.0 - beta)
+        if guarded:
+            g.masked_fill_(p_s == 0, 0.0)
+    div = (p_s * g).sum(-1)
+    return (div if const is None else div + const), p_s
+
+
+def _torch_cpu(student, teacher, target, opts, reduction):
+    """Small CPU calls: torch's softmaxes on float32 copies under autograd, where the reference's
+    dense passes cost several times more at these sizes (their temporaries, each paged in afresh,
+    more than their arithmetic). The same contract and numbers: a float32 loss (float64 for
+    float64 logits), the gradient rounded once into the student's dtype by the copy's backward,
+    no gradient to the teacher, 0 and no gradient at ignored positions, "mean" over the kept
+    positions, an out-of-range target of the hard term raising ``IndexError``, double backward
+    refused. Host reads of per-row values cost nothing here."""
+    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    temperature = opts.temperature
+    s = student.to(dtype)
+    z = s if temperature == 1.0 else s / temperature
+    with torch.no_grad():
+        t = teacher.to(dtype)
+        log_pt = torch.log_softmax(t if temperature == 1.0 else t / temperature, dim=-1)
+    div, carrier = _divergence(z, log_pt, opts.beta, guarded=False)
+    if bool(div.isnan().any()):  # a -inf student logit (see _divergence), or NaN logits
+        div, carrier = _divergence(z, log_pt, opts.beta, guarded=True)
+    loss = div if opts.soft_weight == 1.0 else opts.soft_weight * div
+    if target is not None:
+        y = target.long()
+        ignored = y == opts.ignore_index
+        if opts.hard_weight != 0.0:  # the cross-entropy at temperature 1, as the reference
+            n_cols = student.shape[-1]
+            bad = ~ignored & ((y < 0) | (y >= n_cols))
+            if bool(bad.any()):  # as the reference
+                raise IndexError(
+                    f"target holds {int(y[bad][0])}, outside [0, {n_cols}) and not "
+                    f"ignore_index={opts.ignore_index}"
+                )
+            shared = opts.beta == 0.0 and temperature == 1.0  # log_softmax(s) is the carrier
+            log_p1 = carrier if shared else torch.log_softmax(s, dim=-1)
+            col = torch.where(ignored, 0, y).unsqueeze(-1)
+            loss = loss - opts.hard_weight * log_p1.gather(-1, col).squeeze(-1)
+        if carrier.requires_grad and bool((ignored & ~div.isfinite()).any()):
+            # An ignored position whose divergence is infinite would pass 0 * inf = NaN back
+            # through its terms: its gradient is set to the exact zeros the reference gives.
+            carrier.register_hook(lambda g: g.masked_fill(ignored.unsqueeze(-1), 0.0))
+        loss = torch.where(ignored, 0.0, loss)
+    if reduction == "sum":
+        loss = loss.sum()
+    elif reduction == "mean":
+        n_kept = loss.numel() if target is None else (target != opts.ignore_index).sum()
+        loss = loss.sum() / n_kept
+    if loss.requires_grad:
+        loss.register_hook(_refuse_create_graph)
+    return loss
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -156,7 +257,9 @@ def distillation_loss(
         inplace_backward: write the gradient into ``student_logits``' own storage, so that no
             second (..., V) buffer exists; its version counter is bumped, so autograd raises where
             anything saved those logits for its own backward.
-        impl: "auto" (the Triton kernels for CUDA tensors, the reference elsewhere), "triton"
+        impl: "auto" (the Triton kernels for CUDA tensors; elsewhere, calls of at most 2^18
+            logits without ``inplace_backward`` run torch's own log-softmax on float32 copies
+            under autograd, with the reference's numbers, and larger ones the reference), "triton"
             (on CPU tensors it needs ``TRITON_INTERPRET=1``), "reference".
 
     Returns:
@@ -186,6 +289,13 @@ def distillation_loss(
     _refuse_teacher_grad(teacher_logits=teacher_logits)
     opts = _options(beta, temperature, soft_weight, hard_weight, ignore_index, target)
     backend = _pick_backend(impl, student_logits, teacher_logits)
+    if (
+        backend is ops.CPU
+        and student_logits.numel() <= _TORCH_CPU_MAX_ELEMENTS
+        and not inplace_backward
+        and not torch.compiler.is_compiling()  # it reads per-row values on the host
+    ):
+        return _torch_cpu(student_logits, teacher_logits, target, opts, reduction)
     student = _unit_stride(student_logits.reshape(-1, vocab), backend)
     teacher = _unit_stride(teacher_logits.reshape(-1, vocab), backend)
     rows_target = None if target is None else target.reshape(-1)

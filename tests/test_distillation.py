@@ -478,3 +478,180 @@ def test_errors():
         lin(h, w, ht, wt, beta=2.0)
     with pytest.raises(ValueError, match="chunk_size"):
         lin(h, w, ht, wt, chunk_size=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Small CPU calls: torch's log-softmax on float32 copies (distillation._torch_cpu)
+# --------------------------------------------------------------------------------------------
+
+CPU = torch.device("cpu")
+CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _spy_paths(monkeypatch):
+    """Which path each CPU call takes: 'torch' (distillation._torch_cpu) or 'function' (the
+    autograd Function / no-grad path over the backends, fused_xent/reference.py here)."""
+    from fused_xent import distillation
+
+    seen = []
+    small, function, no_grad = (distillation._torch_cpu, distillation.DistillationFunction.apply,
+                                distillation.distill_no_grad)  # fmt: skip
+
+    def spy(name, fn):
+        def call(*args, **kwargs):
+            seen.append(name)
+            return fn(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(distillation, "_torch_cpu", spy("torch", small))
+    monkeypatch.setattr(distillation.DistillationFunction, "apply", spy("function", function))
+    monkeypatch.setattr(distillation, "distill_no_grad", spy("function", no_grad))
+    return seen
+
+
+def _cpu_check(monkeypatch, s, t, target=None, grad_out=None, path="torch", **opts):
+    """impl="auto" on CPU tensors against float64 and against the reference path; returns
+    (loss, gradient)."""
+    seen = _spy_paths(monkeypatch)
+    x = s.clone().requires_grad_()
+    loss = fused_xent.distillation_loss(x, t, target, **opts)
+    g = torch.ones(()) if grad_out is None else grad_out
+    (grad,) = torch.autograd.grad(loss, x, g.expand(loss.shape).to(loss.dtype))
+    assert seen == [path]
+    s64 = s.double().requires_grad_()
+    want = _loss64(s64, t, target, **opts)
+    (want_grad,) = torch.autograd.grad(want, s64, g.expand(want.shape).double())
+    if target is not None:  # exact zeros (the oracle's autograd makes 0 * inf = NaN where the
+        want_grad[target == -100] = 0.0  # divergence of an ignored position is infinite)
+    float64 = s.dtype == torch.float64
+    assert loss.dtype == (torch.float64 if float64 else torch.float32)
+    assert loss.shape == want.shape and grad.dtype == s.dtype
+    _check(loss, want, 1e-12 if float64 else LOSS_RTOL, "loss")
+    _check(grad, want_grad, GRAD_RTOL[s.dtype], "gradient")
+    # The reference's numbers: the same float32 math, one rounding of the gradient apart.
+    x = s.clone().requires_grad_()
+    ref = fused_xent.distillation_loss(x, t, target, impl="reference", **opts)
+    (ref_grad,) = torch.autograd.grad(ref, x, g.expand(ref.shape).to(ref.dtype))
+    _check(loss, ref, 1e-13 if float64 else 1e-6, "loss against the reference")
+    _check(grad, ref_grad, {torch.float64: 1e-13, torch.float32: 5e-6}.get(s.dtype, 1e-2),
+           "gradient against the reference")  # fmt: skip
+    return loss, grad
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("beta", BETAS)
+def test_cpu_fast_path_every_beta_and_temperature(monkeypatch, beta, temperature):
+    """impl="auto" on small CPU calls runs torch's ops under autograd, with the reference's
+    numbers: each divergence at each temperature, soft and hard weights, an ignored position."""
+    s = _logits((5, V), torch.float32, seed=60).to(CPU)
+    t = _logits((5, V), torch.float32, seed=61).to(CPU)
+    y = _ids((5,), V, seed=62, ignored=(2,)).to(CPU)
+    _cpu_check(monkeypatch, s, t, y, beta=beta, temperature=temperature, soft_weight=0.7,
+               hard_weight=0.3)  # fmt: skip
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=dtype_id)
+def test_cpu_fast_path_dtypes_reductions_and_shapes(monkeypatch, dtype, reduction):
+    """(B, T, V) logits of every dtype (a float32 teacher beside 16-bit students), every
+    reduction with an incoming gradient other than 1, with and without a target."""
+    s = _logits((2, 3, V), dtype, seed=63).to(CPU)
+    t = _logits((2, 3, V), torch.float32 if dtype != torch.float64 else dtype, seed=64).to(CPU)
+    y = _ids((2, 3), V, seed=65, ignored=(0, 4)).to(CPU)
+    g = _grad_out(reduction, (2, 3), seed=66).cpu()
+    for beta in (0.0, 0.5, 1.0):
+        _cpu_check(monkeypatch, s, t, y, g, beta=beta, temperature=2.0, hard_weight=0.2,
+                   reduction=reduction)  # fmt: skip
+        monkeypatch.undo()
+    _cpu_check(monkeypatch, s, t, None, g, beta=0.9, reduction=reduction)
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_cpu_fast_path_masked_vocabulary_and_extreme_logits(monkeypatch, beta):
+    """-inf teacher entries add exactly 0 with no NaN anywhere; -inf in both (the guarded
+    formulas); an ignored position whose divergence is infinite still gives 0 and a zero
+    gradient; a nearly one-hot teacher; logits near 1e4."""
+    s = _logits((4, V), torch.float32, seed=67).cpu()
+    t = _logits((4, V), torch.float32, seed=68).cpu()
+    t[:, 20:] = float("-inf")
+    t[0, :5] = float("-inf")
+    both = s.clone()
+    both[t == float("-inf")] = float("-inf")
+    for student in (both,) if beta == 1.0 else (s, both):
+        loss, grad = _cpu_check(monkeypatch, student, t, beta=beta, temperature=0.5)
+        monkeypatch.undo()
+        assert loss.isfinite() and grad.isfinite().all()
+        if student is both:  # no mass on either side: exactly no gradient
+            masked = t == float("-inf")
+            assert torch.equal(grad[masked], torch.zeros_like(grad[masked]))
+    # Row 1 ignored: the student finite where the teacher is -inf, so KL(P_s || P_t) is infinite
+    # there (and the forward KL where the student is -inf and the teacher not).
+    inf_row = both.clone()
+    inf_row[1] = s[1] if beta > 0.0 else torch.where(t[1] == float("-inf"), 0.0, float("-inf"))
+    inf_row[1, 0] = 0.0
+    y = _ids((4,), V, seed=69, ignored=(1,)).cpu()
+    for reduction in REDUCTIONS:
+        loss, grad = _cpu_check(monkeypatch, inf_row, t, y, beta=beta, reduction=reduction)
+        monkeypatch.undo()
+        assert loss.isfinite().all() and torch.equal(grad[1], torch.zeros(V))
+    one_hot = torch.zeros(4, V)
+    one_hot[torch.arange(4), torch.tensor([0, 5, 17, 36])] = 60.0
+    # (test_extreme_logits' student: against other students the gradient can be ~1e-6 of its
+    # terms, where no float32 formula, the reference's included, keeps 1e-5)
+    _cpu_check(monkeypatch, _logits((4, V), torch.float32, seed=19).cpu(), one_hot, beta=beta,
+               temperature=0.5)  # fmt: skip
+    monkeypatch.undo()
+    _cpu_check(monkeypatch, s + 1.0e4, t.nan_to_num(neginf=0.0) + 1.0e4, y, beta=beta,
+               hard_weight=1.0, temperature=2.0)  # fmt: skip
+
+
+def test_cpu_fast_path_contract(monkeypatch):
+    """Double backward refused (as on the kernel path); no gradient to the teacher (one that
+    requires grad refused, accepted under no_grad); an out-of-range target raises IndexError with
+    the hard term, as the reference, and only masks without it; "mean" over no kept position is
+    NaN with zero gradients; under no_grad the same loss."""
+    seen = _spy_paths(monkeypatch)
+    s = _logits((3, 20), torch.bfloat16, seed=70).cpu().requires_grad_()
+    t = _logits((3, 20), torch.float32, seed=71).cpu()
+    y = torch.tensor([1, 20, 4])
+    loss = fused_xent.distillation_loss(s, t, y, beta=0.5)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, s, create_graph=True)
+    with pytest.raises(ValueError, match="teacher_logits requires grad"):
+        fused_xent.distillation_loss(s, t.clone().requires_grad_())
+    with torch.no_grad():
+        quiet = fused_xent.distillation_loss(s, t.clone().requires_grad_(), y, beta=0.5)
+    assert torch.equal(quiet, loss.detach())
+    with pytest.raises(IndexError, match="outside"):
+        fused_xent.distillation_loss(s, t, y, hard_weight=1.0)
+    nothing = torch.full((3,), -100)
+    loss = fused_xent.distillation_loss(s, t, nothing, hard_weight=1.0)
+    (grad,) = torch.autograd.grad(loss, s)
+    assert loss.isnan() and torch.equal(grad, torch.zeros_like(grad))
+    assert seen == ["torch"] * 4  # the teacher requiring grad is refused before
+
+
+@pytest.mark.parametrize("case", ["inplace_backward", "large", "impl=reference"])
+def test_cpu_inplace_large_and_reference_calls_take_the_function(monkeypatch, case):
+    """inplace_backward, more than _TORCH_CPU_MAX_ELEMENTS logits (here 11: 2^18 in use) or
+    impl="reference": the autograd Function over the reference, as before the fast path."""
+    from fused_xent import distillation
+
+    if case == "large":
+        monkeypatch.setattr(distillation, "_TORCH_CPU_MAX_ELEMENTS", 11)
+    s = _logits((3, 4), torch.float32, seed=72, scale=1.0).cpu()
+    t = _logits((3, 4), torch.float32, seed=73, scale=1.0).cpu()
+    seen = _spy_paths(monkeypatch)
+    x = s.clone().requires_grad_()
+    kwargs = {"inplace_backward": True} if case == "inplace_backward" else {}
+    if case == "impl=reference":
+        kwargs["impl"] = "reference"
+    loss = fused_xent.distillation_loss(x * 1.0, t, beta=0.5, **kwargs)
+    loss.backward()
+    assert seen == ["function"]
+    s64 = s.double().requires_grad_()
+    want = _loss64(s64, t, beta=0.5)
+    want.backward()
+    _check(loss, want, LOSS_RTOL, "loss")
+    _check(x.grad, s64.grad, GRAD_RTOL[torch.float32], "gradient")
