@@ -627,20 +627,21 @@ class LinearTokenLogprobFunction(torch.autograd.Function):
     chunk's logits, which the kernel turns in place into their gradient for the per-row incoming
     gradients over a common power of two (:func:`row_scale`), accumulated in float32 as in
     :class:`LinearCrossEntropyFunction` and rounded once. Never anything of size N x V.
+
+    ``rows(hidden, weight, bias, target, opts, chunk_size, backend, return_entropy) -> (logp,
+    stats, entropy)`` is how the forward gets them (default :func:`linear_token_rows`), and
+    ``sum_hidden(acc)`` sums the float32 hidden-state accumulator over the ranks in place (a head
+    sharded by rows: ``fused_xent.distributed``); the rest is the same either way.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, opts, chunk_size, fp32_wgrad, backend,
-                return_entropy):  # fmt: skip
-        entropy = token_stats_outputs(hidden)[0] if return_entropy else None
-        logp, stats = linear_loss_rows(hidden, weight, bias, target, opts, chunk_size, backend,
-                                       entropy, logprob=True)  # fmt: skip
-        ctx.opts, ctx.chunk_size, ctx.fp32_wgrad, ctx.backend = (
-            opts,
-            chunk_size,
-            fp32_wgrad,
-            backend,
+                return_entropy, rows=None, sum_hidden=None):  # fmt: skip
+        logp, stats, entropy = (rows or linear_token_rows)(
+            hidden, weight, bias, target, opts, chunk_size, backend, return_entropy
         )
+        ctx.opts, ctx.chunk_size, ctx.fp32_wgrad = opts, chunk_size, fp32_wgrad
+        ctx.backend, ctx.sum_hidden = backend, sum_hidden
         ctx.dtypes = _param_dtypes(hidden, weight, bias)
         ctx.save_for_backward(hidden, weight, bias, target, stats, entropy)
         ctx.set_materialize_grads(False)
@@ -650,10 +651,23 @@ class LinearTokenLogprobFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy=None):
         refuse_double_backward()
         if grad_logp is None and grad_entropy is None:
-            return (None,) * 9
+            return (None,) * 11
         grads, scale, w_scale = linear_token_grads(ctx, grad_logp, grad_entropy)
+        if ctx.sum_hidden is not None:
+            if grads[0] is not None:
+                grads[0].mul_(scale)  # a power of two: exact; the ranks' scales may differ
+                ctx.sum_hidden(grads[0])
+            scale = (None, scale, scale)
         grads = finish_linear_grads(grads, scale, ctx.dtypes, w_scale)
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
+
+
+def linear_token_rows(hidden, weight, bias, target, opts, chunk_size, backend, return_entropy):
+    """(log p(target), statistics, entropy or None) of hidden @ weight.T + bias, by chunks."""
+    entropy = token_stats_outputs(hidden)[0] if return_entropy else None
+    logp, stats = linear_loss_rows(hidden, weight, bias, target, opts, chunk_size, backend,
+                                   entropy, logprob=True)  # fmt: skip
+    return logp, stats, entropy
 
 
 def linear_token_grads(ctx, grad_logp, grad_entropy):

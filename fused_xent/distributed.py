@@ -30,12 +30,14 @@ backward for "none").
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.distributed as dist
 
 from . import _alloc
 from .autograd import (
+    LinearTokenLogprobFunction,
     _chunk_logits,
     _chunks,
     _param_dtypes,
@@ -43,7 +45,6 @@ from .autograd import (
     accumulate_chunk_grads,
     finish_linear_grads,
     linear_grad_buffers,
-    linear_token_grads,
     mean_scale,
     refuse_double_backward,
     row_scale,
@@ -403,8 +404,8 @@ def sharded_linear_forward_no_grad(
 # --------------------------------------------------------------------------------------------
 
 
-def _sharded_linear_token_rows(hidden, weight, bias, target, opts, chunk_size, backend, group,
-                               return_entropy):  # fmt: skip
+def _sharded_linear_token_rows(hidden, weight, bias, target, opts, chunk_size, backend,
+                               return_entropy, group):  # fmt: skip
     n_rows = hidden.shape[0]
     logp, stats = _row_outputs(hidden)
     entropy = _alloc.empty((n_rows,), logp.dtype, hidden.device) if return_entropy else None
@@ -419,47 +420,18 @@ def _sharded_linear_token_rows(hidden, weight, bias, target, opts, chunk_size, b
     return logp, stats, entropy
 
 
-class ShardedLinearTokenLogprobFunction(torch.autograd.Function):
-    """linear_token_logprobs with this rank's rows of the LM head: the forward combines each
-    chunk's statistics (and entropy) across the ranks; the backward recomputes the chunks, writes
-    this rank's gradients, and sums the hidden-state gradient over the ranks (one all-reduce of
-    N x D float32)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, target, opts, chunk_size, fp32_wgrad, backend, group,
-                return_entropy):  # fmt: skip
-        logp, stats, entropy = _sharded_linear_token_rows(
-            hidden, weight, bias, target, opts, chunk_size, backend, group, return_entropy
-        )
-        ctx.opts, ctx.chunk_size, ctx.fp32_wgrad = opts, chunk_size, fp32_wgrad
-        ctx.backend, ctx.group = backend, group
-        ctx.dtypes = _param_dtypes(hidden, weight, bias)
-        ctx.save_for_backward(hidden, weight, bias, target, stats, entropy)
-        ctx.set_materialize_grads(False)
-        return (logp, entropy) if return_entropy else logp
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy=None):
-        refuse_double_backward()
-        if grad_logp is None and grad_entropy is None:
-            return (None,) * 10
-        bufs, scale, w_scale = linear_token_grads(ctx, grad_logp, grad_entropy)
-        if bufs[0] is not None:
-            bufs[0].mul_(scale)  # a power of two: exact; the ranks' scales may differ
-            _sum_hidden_grad(bufs, ctx.group)
-        grads = finish_linear_grads(bufs, (None, scale, scale), ctx.dtypes, w_scale)
-        return (*grads, None, None, None, None, None, None, None)
-
-
 def sharded_linear_token_logprobs(hidden, weight, bias, target, opts, chunk_size, fp32_wgrad,
                                   backend, group, return_entropy, wants_grad):  # fmt: skip
-    """What ``linear_token_logprobs`` runs with a ``process_group``."""
+    """What ``linear_token_logprobs`` runs with a ``process_group``: each chunk's statistics
+    (and entropy) combined across the ranks in the forward; the backward recomputes the chunks,
+    writes this rank's gradients and sums the hidden-state gradient over the ranks (one
+    all-reduce of N x D float32)."""
+    rows = functools.partial(_sharded_linear_token_rows, group=group)
     if wants_grad:
-        return ShardedLinearTokenLogprobFunction.apply(
-            hidden, weight, bias, target, opts, chunk_size, fp32_wgrad, backend, group,
-            return_entropy,
+        return LinearTokenLogprobFunction.apply(
+            hidden, weight, bias, target, opts, chunk_size, fp32_wgrad, backend, return_entropy,
+            rows, functools.partial(dist.all_reduce, op=dist.ReduceOp.SUM, group=group),
         )  # fmt: skip
-    logp, _, entropy = _sharded_linear_token_rows(
-        hidden, weight, bias, target, opts, chunk_size, backend, group, return_entropy
-    )
+    logp, _, entropy = rows(hidden, weight, bias, target, opts, chunk_size, backend,
+                            return_entropy)  # fmt: skip
     return (logp, entropy) if return_entropy else logp
