@@ -41,18 +41,15 @@ import sys
 if __name__ == "__main__" and sys.argv[1] == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 
-import json  # noqa: E402
 import math  # noqa: E402
-from datetime import timedelta  # noqa: E402
 
 import dist_worker  # noqa: E402  (the bookkeeping and targets of the cross-entropy's world)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from dist_worker import IGNORE, CaseRaised, Results, boundary_targets, on_device  # noqa: E402
+from dist_worker import IGNORE, boundary_targets, on_device  # noqa: E402
 from helpers import GRAD_RTOL, LOSS_RTOL, REDUCTIONS, random_grad_out, rel_err  # noqa: E402
 
-import fused_xent._alloc  # noqa: E402
 from fused_xent import (  # noqa: E402
     TokenStats,
     cross_entropy,
@@ -817,35 +814,7 @@ def run_all(results, rank, world) -> None:
 
 
 def main() -> None:
-    device, rank, world, port, out_dir = sys.argv[1:6]
-    rank, world = int(rank), int(world)
-    dist_worker.DEVICE = torch.device(device)  # on_device() reads it
-    torch.set_num_threads(1)  # the ranks share a few cores
-    fused_xent._alloc.POISON = True  # every output starts as NaN: an unwritten element fails
-    if device == "cpu":
-        from fused_xent.kernels import xent
-
-        xent._launch_config = lambda n_cols, dtype: (TRITON_BLOCK, 4)
-    dist.init_process_group(
-        "gloo" if device == "cpu" else "nccl",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=120),  # rank 0 waits while the pair runs
-    )
-    results = Results(rank)
-    try:
-        run_all(results, rank, world)
-        dist.barrier()
-    except CaseRaised:
-        status = 1
-    else:
-        status = 0
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results.to_json(), f)
-    if status == 0:
-        dist.destroy_process_group()
-    sys.exit(status)
+    dist_worker.main(run_all)  # the same set-up, tear-down and report as the cross-entropy's
 
 
 if __name__ == "__main__":

@@ -509,7 +509,9 @@ def run_zero_class_cases(results, world):
 # --------------------------------------------------------------------------------------------
 
 
-def main() -> None:
+def main(run=None) -> None:
+    """One rank: ``run(results, rank, world)`` (default :func:`run_all`) between the group's set-up
+    and tear-down, its report written to OUT_DIR (tests/dist_rl_worker.py runs its own cases)."""
     global DEVICE
     device, rank, world, port, out_dir = sys.argv[1:6]
     rank, world = int(rank), int(world)
@@ -531,7 +533,7 @@ def main() -> None:
     )
     results = Results(rank)
     try:
-        run_all(results, rank, world)
+        (run or run_all)(results, rank, world)
         dist.barrier()  # all ranks leave together, so none sees a peer's connections close
     except CaseRaised:
         status = 1
