@@ -1,11 +1,12 @@
 """One rank of the DTensor worlds that tests/test_dtensor.py spawns; not a test module.
 
-Run as ``python tests/dtensor_worker.py RANK WORLD PORT OUT_DIR``. Every rank builds the same
-problem from a seed, computes the unsharded float64 result with plain torch, runs fused_xent on
-DTensors (logits ``Shard``ed on the classes, a ``ColwiseParallel`` head, a ``Shard(0)`` head with
-replicated hidden states, an FSDP2 head, a 2-D mesh) and compares. Checks never raise between
-collectives: each failure is recorded, and ``OUT_DIR/rank<R>.json`` lists the cases that ran and
-what failed, for the parent to assert on.
+Run as ``python tests/dtensor_worker.py DEVICE RANK WORLD PORT OUT_DIR`` (the ``spawn_world`` of
+tests/test_distributed.py). Every rank builds the same problem from a seed, computes the
+unsharded float64 result with plain torch, runs fused_xent on DTensors (logits ``Shard``ed on the
+classes, a ``ColwiseParallel`` head, a ``Shard(0)`` head with replicated hidden states, an FSDP2
+head, a 2-D mesh) and compares. Checks never raise between collectives: each failure is recorded,
+and ``OUT_DIR/rank<R>.json`` reports, in dist_worker.py's format (one group, "dtensor"), how many
+cases ran and what failed, for the parent to assert on.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from __future__ import annotations
 import os
 import sys
 
-if __name__ == "__main__":
+if __name__ == "__main__" and sys.argv[1] == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"  # before fused_xent.kernels is imported
 
 import json  # noqa: E402
+import time  # noqa: E402
 import traceback  # noqa: E402
 from datetime import timedelta  # noqa: E402
 
@@ -346,7 +348,8 @@ def run_refusals(rep: Report, mesh) -> None:
 
 
 def main() -> None:
-    rank, world, port, out_dir = (int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    start = time.monotonic()
+    rank, world, port, out_dir = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
         timeout=timedelta(seconds=120),
@@ -364,7 +367,9 @@ def main() -> None:
     dist.barrier()
     dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"rank": rank, "cases": rep.cases, "failures": rep.failures}, f)
+        group = {"cases": len(rep.cases), "failures": rep.failures}
+        group["seconds"] = time.monotonic() - start
+        json.dump({"rank": rank, "groups": {"dtensor": group}}, f)
 
 
 if __name__ == "__main__":
