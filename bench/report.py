@@ -700,6 +700,26 @@ def _linear_distill_label(r: dict) -> str:
     )
 
 
+def _linear_table_rows(rows: list[dict], label_of) -> list[str]:
+    """The rows of a linear-form table (cross-entropy or distillation: the same columns), then a
+    blank line."""
+    lines = []
+    for r in rows:
+        name = r["impl"] + (" (again)" if r["run"] == 2 else "")
+        label = label_of(r)
+        if r["skipped"] or r["error"]:
+            why = r["skipped"] or f"error: {r['error']}"
+            lines.append(f"| {label} | | {name} | {why} | | | | | | |")
+            continue
+        lines.append(
+            f"| {label} | {r['floor_ms']:.3f} | {name} | {r['ms']:.3f} | {_g(r['tflops'])} "
+            f"| {_g(r['pct_floor'])}% | {_gb(r['peak_extra_bytes'])} "
+            f"| {_f(r['loss_rel_err'], '.1e')} | {_f(r['dh_rel_err'], '.1e')} "
+            f"| {_f(r['dw_rel_err'], '.1e')} |"
+        )
+    return lines + [""]
+
+
 def _distill_markdown(meta, rows, noise_rows, linear_rows=None, linear_noise=None) -> list[str]:
     cb, mm = meta["copy_bandwidth"], meta["matmul"]
     lines = [
@@ -766,20 +786,7 @@ def _distill_markdown(meta, rows, noise_rows, linear_rows=None, linear_noise=Non
         "| loss rel err | d_hidden rel err | d_weight rel err |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in linear_rows:
-        name = r["impl"] + (" (again)" if r["run"] == 2 else "")
-        label = _linear_distill_label(r)
-        if r["skipped"] or r["error"]:
-            why = r["skipped"] or f"error: {r['error']}"
-            lines.append(f"| {label} | | {name} | {why} | | | | | | |")
-            continue
-        lines.append(
-            f"| {label} | {r['floor_ms']:.3f} | {name} | {r['ms']:.3f} | {_g(r['tflops'])} "
-            f"| {_g(r['pct_floor'])}% | {_gb(r['peak_extra_bytes'])} "
-            f"| {_f(r['loss_rel_err'], '.1e')} | {_f(r['dh_rel_err'], '.1e')} "
-            f"| {_f(r['dw_rel_err'], '.1e')} |"
-        )
-    lines.append("")
+    lines += _linear_table_rows(linear_rows, _linear_distill_label)
     return lines + _noise_line(linear_noise or [], _linear_distill_label)
 
 
@@ -975,20 +982,7 @@ def _linear_markdown(meta: dict, rows: list[dict], noise_rows: list[dict]) -> li
         "| loss rel err | d_hidden rel err | d_weight rel err |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        name = r["impl"] + (" (again)" if r["run"] == 2 else "")
-        label = _linear_label(r)
-        if r["skipped"] or r["error"]:
-            why = r["skipped"] or f"error: {r['error']}"
-            lines.append(f"| {label} | | {name} | {why} | | | | | | |")
-            continue
-        lines.append(
-            f"| {label} | {r['floor_ms']:.3f} | {name} | {r['ms']:.3f} | {_g(r['tflops'])} "
-            f"| {_g(r['pct_floor'])}% | {_gb(r['peak_extra_bytes'])} "
-            f"| {_f(r['loss_rel_err'], '.1e')} | {_f(r['dh_rel_err'], '.1e')} "
-            f"| {_f(r['dw_rel_err'], '.1e')} |"
-        )
-    lines.append("")
+    lines += _linear_table_rows(rows, _linear_label)
     return lines + _noise_line(noise_rows, _linear_label)
 
 
