@@ -75,6 +75,7 @@ from .xent import (
     _edge_cols,
     _entropy_terms,
     _exp2,
+    _incoming_grad,
     _log2,
     _move_entropy_sum,
     _move_reference,
@@ -628,10 +629,7 @@ def _distill_bwd_kernel(
     ROUND_BF16: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    if REDUCE == 0:
-        g = tl.load(dloss_ptr + row * stride_dloss).to(tl.float32)
-    else:
-        g = tl.load(dloss_ptr).to(tl.float32)
+    g = _incoming_grad(dloss_ptr, row, stride_dloss, REDUCE)
     # After a forward that wrote the gradient for g == 1, g == 1 leaves it as it is; the branch is
     # taken on the GPU, so the host never waits for g.
     if (not SKIP_IF_ONE) or (g != 1.0):

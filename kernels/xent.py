@@ -443,6 +443,15 @@ def _zero_row(g_row, g_body, head, body, tail, BLOCK: tl.constexpr, VEC: tl.cons
 
 
 @triton.jit
+def _incoming_grad(dloss_ptr, row, stride_dloss, REDUCE: tl.constexpr):
+    """The row's incoming gradient: its own for "none", the reduced loss's one value otherwise."""
+    if REDUCE == 0:
+        return tl.load(dloss_ptr + row * stride_dloss).to(tl.float32)
+    else:
+        return tl.load(dloss_ptr).to(tl.float32)
+
+
+@triton.jit
 def _finish_reduction(loss_ptr, total_ptr, den_ptr, counter_ptr, n_rows, REDUCE: tl.constexpr,
                       RBLOCK: tl.constexpr):  # fmt: skip
     """The program that stores the last row's loss adds them all up (fixed order) into total."""
@@ -870,10 +879,7 @@ def _xent_bwd_kernel(
     ROUND_BF16: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    if REDUCE == 0:
-        g = tl.load(dloss_ptr + row * stride_dloss).to(tl.float32)
-    else:
-        g = tl.load(dloss_ptr).to(tl.float32)
+    g = _incoming_grad(dloss_ptr, row, stride_dloss, REDUCE)
     # After a forward that wrote the gradient for g == 1, g == 1 leaves it as it is; the branch is
     # taken on the GPU, so the host never waits for g.
     if (not SKIP_IF_ONE) or (g != 1.0):
