@@ -222,7 +222,31 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         return ", ".join(options)
 
 
-class DistillationLoss(torch.nn.Module):
+class _DistillModule(torch.nn.Module):
+    """The distillation options both modules hold, passed on as keywords (``_options``)."""
+
+    _NAMES = ("beta", "temperature", "soft_weight", "hard_weight", "ignore_index", "reduction")
+    _DEFAULTS = (0.0, 1.0, 1.0, 0.0, -100, "mean")
+
+    def __init__(self, options: dict, impl: str) -> None:
+        super().__init__()
+        for name, value in options.items():
+            setattr(self, name, value)
+        self.impl = impl
+
+    def _options(self) -> dict:
+        return {name: getattr(self, name) for name in (*self._NAMES, "impl")}
+
+    def _repr(self, extra) -> str:
+        options = [f"beta={self.beta}", f"temperature={self.temperature}"]
+        defaults = (*zip(self._NAMES[2:], self._DEFAULTS[2:], strict=True), *extra)
+        for name, default in (*defaults, ("impl", "auto")):
+            if getattr(self, name) != default:
+                options.append(f"{name}={getattr(self, name)!r}")
+        return ", ".join(options)
+
+
+class DistillationLoss(_DistillModule):
     """Module form of :func:`fused_xent.distillation_loss`; same options, same semantics:
     ``forward(student_logits, teacher_logits, target=None)``."""
 
@@ -238,36 +262,23 @@ class DistillationLoss(torch.nn.Module):
         inplace_backward: bool = False,
         impl: str = "auto",
     ) -> None:
-        super().__init__()
-        self.beta = beta
-        self.temperature = temperature
-        self.soft_weight = soft_weight
-        self.hard_weight = hard_weight
-        self.ignore_index = ignore_index
-        self.reduction = reduction
+        options = dict(beta=beta, temperature=temperature, soft_weight=soft_weight,
+                       hard_weight=hard_weight, ignore_index=ignore_index,
+                       reduction=reduction)  # fmt: skip
+        super().__init__(options, impl)
         self.inplace_backward = inplace_backward
-        self.impl = impl
 
     def forward(self, student_logits, teacher_logits, target=None) -> torch.Tensor:
         return distillation_loss(
-            student_logits,
-            teacher_logits,
-            target,
-            beta=self.beta,
-            temperature=self.temperature,
-            soft_weight=self.soft_weight,
-            hard_weight=self.hard_weight,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            inplace_backward=self.inplace_backward,
-            impl=self.impl,
-        )
+            student_logits, teacher_logits, target, inplace_backward=self.inplace_backward,
+            **self._options(),
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
-        return _distill_repr(self, (("inplace_backward", False),))
+        return self._repr((("inplace_backward", False),))
 
 
-class LinearDistillationLoss(torch.nn.Module):
+class LinearDistillationLoss(_DistillModule):
     """Module form of :func:`fused_xent.linear_distillation_loss`: ``forward(student_input,
     student_weight, teacher_input, teacher_weight, target=None, *, student_bias=None,
     teacher_bias=None)``.
@@ -289,50 +300,19 @@ class LinearDistillationLoss(torch.nn.Module):
         impl: str = "auto",
     ) -> None:
         _check_chunk_size(chunk_size)
-        super().__init__()
-        self.beta = beta
-        self.temperature = temperature
-        self.soft_weight = soft_weight
-        self.hard_weight = hard_weight
-        self.ignore_index = ignore_index
-        self.reduction = reduction
+        options = dict(beta=beta, temperature=temperature, soft_weight=soft_weight,
+                       hard_weight=hard_weight, ignore_index=ignore_index,
+                       reduction=reduction)  # fmt: skip
+        super().__init__(options, impl)
         self.chunk_size = chunk_size
-        self.impl = impl
 
     def forward(self, student_input, student_weight, teacher_input, teacher_weight, target=None,
                 *, student_bias=None, teacher_bias=None) -> torch.Tensor:  # fmt: skip
         return linear_distillation_loss(
-            student_input,
-            student_weight,
-            teacher_input,
-            teacher_weight,
-            target,
-            student_bias=student_bias,
-            teacher_bias=teacher_bias,
-            beta=self.beta,
-            temperature=self.temperature,
-            soft_weight=self.soft_weight,
-            hard_weight=self.hard_weight,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            chunk_size=self.chunk_size,
-            impl=self.impl,
-        )
+            student_input, student_weight, teacher_input, teacher_weight, target,
+            student_bias=student_bias, teacher_bias=teacher_bias, chunk_size=self.chunk_size,
+            **self._options(),
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
-        return _distill_repr(self, (("chunk_size", None),))
-
-
-def _distill_repr(module, extra) -> str:
-    options = [f"beta={module.beta}", f"temperature={module.temperature}"]
-    for name, default in (
-        ("soft_weight", 1.0),
-        ("hard_weight", 0.0),
-        ("ignore_index", -100),
-        ("reduction", "mean"),
-        *extra,
-        ("impl", "auto"),
-    ):
-        if getattr(module, name) != default:
-            options.append(f"{name}={getattr(module, name)!r}")
-    return ", ".join(options)
+        return self._repr((("chunk_size", None),))
