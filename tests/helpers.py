@@ -140,3 +140,20 @@ def check_no_worse_than_torch(grad, x, target, expected, **kw) -> None:
     theirs = torch_lowp_grad_err(x, target, **kw)
     bound = TORCH_ERR_FACTOR * theirs + TORCH_ERR_EPS
     assert ours <= bound, f"gradient rel err {ours:.3g} > torch's own {theirs:.3g} (x1.25)"
+
+
+def seeded(seed) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def shaped_logits(shape, dtype, seed, scale=3.0, device=DEVICE) -> torch.Tensor:
+    """randn logits of any shape (made in float64 on the CPU, then cast)."""
+    x = torch.randn(shape, generator=seeded(seed), dtype=torch.float64) * scale
+    return x.to(dtype).to(device)
+
+
+def shaped_ids(shape, vocab, seed, ignored=(), device=DEVICE) -> torch.Tensor:
+    """Random class ids of any shape; the flat positions ``ignored`` hold -100."""
+    t = torch.randint(0, vocab, shape, generator=seeded(seed + 1))
+    t.view(-1)[list(ignored)] = -100
+    return t.to(device)

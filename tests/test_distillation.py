@@ -18,27 +18,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import DEVICE, GRAD_RTOL, IMPLS, LOSS_RTOL, REDUCTIONS, dtype_id, rel_err
+from helpers import seeded as _gen
+from helpers import shaped_ids as _ids
+from helpers import shaped_logits as _logits
 
 import fused_xent
 
 BETAS = (0.0, 0.1, 0.5, 0.9, 1.0)
 TEMPERATURES = (0.5, 1.0, 2.0)
 V = 37  # two whole blocks of 16, a partial one
-
-
-def _gen(seed):
-    return torch.Generator(device="cpu").manual_seed(seed)
-
-
-def _logits(shape, dtype, seed, scale=3.0):
-    x = torch.randn(shape, generator=_gen(seed), dtype=torch.float64) * scale
-    return x.to(dtype).to(DEVICE)
-
-
-def _ids(shape, vocab, seed, ignored=()):
-    t = torch.randint(0, vocab, shape, generator=_gen(seed + 1))
-    t.view(-1)[list(ignored)] = -100
-    return t.to(DEVICE)
 
 
 def _kl(p, log_p, log_q):

@@ -13,28 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import DEVICE, DTYPES, GRAD_RTOL, IMPLS, LOSS_RTOL, REDUCTIONS, dtype_id, rel_err
+from helpers import seeded as _gen
+from helpers import shaped_ids as _ids
+from helpers import shaped_logits as _logits
 
 import fused_xent
 
 TEMPERATURES = (0.7, 1.0, 2.0)
 # name -> (logit_scale, softcap)
 TRANSFORMS = {"plain": (1.0, None), "scale": (0.5, None), "softcap": (1.5, 4.0)}
-
-
-def _gen(seed):
-    return torch.Generator(device="cpu").manual_seed(seed)
-
-
-def _logits(shape, dtype, seed, scale=3.0):
-    x = torch.randn(shape, generator=_gen(seed), dtype=torch.float64) * scale
-    return x.to(dtype).to(DEVICE)
-
-
-def _ids(shape, vocab, seed, ignored=()):
-    t = torch.randint(0, vocab, shape, generator=_gen(seed + 1))
-    flat = t.view(-1)
-    flat[list(ignored)] = -100
-    return t.to(DEVICE)
 
 
 def _z64(x, temperature=1.0, logit_scale=1.0, softcap=None):
