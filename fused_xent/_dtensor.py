@@ -23,12 +23,15 @@ sharding the vocabulary) raises a ``ValueError`` naming the argument and its pla
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
 
 
+@functools.cache
 def _dtensor_type():
+    """DTensor's class, looked up once (every loss call asks)."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a torch without distributed
