@@ -35,6 +35,28 @@ def mean_denominator(target, opts, n_cols, dtype) -> torch.Tensor:
     return torch.where(kept, w_target, 0.0).sum()
 
 
+# "mean" over a zero denominator (every row ignored, or the kept rows' class weights summing to
+# 0) is decided here, once, for every route: the loss is NaN (torch's 0 / 0), and the gradient is
+# exactly 0 for any incoming gradient (torch gives NaN where kept rows have weight 0; a gradient
+# that scales nothing is 0 here). The kernels mirror these two lines (kernels/xent.py,
+# ``_mean_rcp`` and ``_finish_reduction``).
+
+
+def reduce_total(row_loss_sum: torch.Tensor, den: torch.Tensor | None) -> torch.Tensor:
+    """The reduced loss from the sum of the rows' losses: "sum" (den None) or "mean"."""
+    if den is None:
+        return row_loss_sum
+    return torch.where(den == 0, float("nan"), row_loss_sum / den)
+
+
+def over_den(grad_scale: torch.Tensor, den: torch.Tensor | None) -> torch.Tensor:
+    """The gradient scale of a reduced loss: the incoming gradient over the "mean" denominator
+    ("sum": den None, unchanged); 0 where den is 0."""
+    if den is None:
+        return grad_scale
+    return torch.where(den == 0, 0.0, grad_scale / den)
+
+
 @dataclass(frozen=True)
 class DistillOptions:
     """The distillation options (``fused_xent.distillation``), checked there."""

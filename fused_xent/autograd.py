@@ -28,7 +28,7 @@ import warnings
 import torch
 
 from . import _alloc
-from ._options import mean_denominator
+from ._options import mean_denominator, over_den, reduce_total
 
 
 def _loss_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -44,8 +44,10 @@ def _row_outputs(logits):
 
 
 def lse_of(stats):
-    """The per-row log-sum-exp from the backends' statistics (max + log-sum)."""
-    return stats[0] + stats[1]
+    """The per-row log-sum-exp from the backends' statistics (max + log-sum); +inf where a row
+    holds +inf (its log-sum is NaN there), as ``torch.logsumexp``."""
+    row_max = stats[0]
+    return torch.where(row_max == float("inf"), row_max, row_max + stats[1])
 
 
 def token_stats_outputs(logits):
@@ -370,7 +372,7 @@ def linear_loss_rows(hidden, weight, bias, target, opts, chunk_size, backend, en
 def _reduce(loss, reduction, den):
     if reduction == "none":
         return loss
-    return loss.sum() if reduction == "sum" else loss.sum() / den
+    return reduce_total(loss.sum(), den if reduction == "mean" else None)
 
 
 def linear_forward_no_grad(hidden, weight, bias, target, opts, reduction, chunk_size, backend,
@@ -469,14 +471,6 @@ def finish_linear_grads(grads, scale, dtypes, w_scale=1.0):
     return out
 
 
-def mean_scale(grad_loss, den):
-    """The incoming gradient of a reduced loss over its "mean" denominator (None: "sum"); 0 when
-    no row counts (den = 0), where every accumulated gradient is exactly 0 (as torch)."""
-    if den is None:
-        return grad_loss
-    return torch.where(den == 0, 0.0, grad_loss / den)
-
-
 def row_scale(dloss):
     """A per-row incoming gradient as (dloss / s, s), s the smallest power of two at least
     max |dloss| (1 when all are 0), on the device: the chunk gradients the kernel writes with
@@ -562,11 +556,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         d_target = None
         if ctx.fused:
             *grads, den = take_forward_grads(ctx, "linear_cross_entropy")
-            scale = mean_scale(grad_loss, den)
+            scale = over_den(grad_loss, den)
         else:
             hidden, weight, bias, target, stats, den, row_weight = ctx.saved_tensors
             if ctx.reduction != "none":
-                grad_loss = mean_scale(grad_loss, den).expand(hidden.shape[0])
+                grad_loss = over_den(grad_loss, den).expand(hidden.shape[0])
             dloss, scale = row_scale(grad_loss)
             want_dt = ctx.needs_input_grad[3]
             d_target = _alloc.empty(target.shape, target.dtype, target.device) if want_dt else None
@@ -751,7 +745,7 @@ class DistillationFunction(torch.autograd.Function):
         if ctx.fused:
             grad = _alloc.grad_like(student)
             if den is not None:
-                grad_scale = mean_scale(torch.ones((), dtype=loss.dtype, device=den.device), den)
+                grad_scale = over_den(torch.ones((), dtype=loss.dtype, device=den.device), den)
         backend.distill_forward(student, teacher, target, opts, loss, stats, grad, grad_scale)
         ctx.save_for_backward(student, teacher, target, stats, den, grad)
         return _reduce(loss, reduction, den)
@@ -855,7 +849,7 @@ class LinearDistillationFunction(torch.autograd.Function):
         refuse_double_backward()
         if ctx.fused:
             *grads, den = take_forward_grads(ctx, "linear_distillation_loss")
-            scale, w_scale = mean_scale(grad_loss, den), ctx.w_scale
+            scale, w_scale = over_den(grad_loss, den), ctx.w_scale
         else:
             s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, target, stats = (
                 ctx.saved_tensors

@@ -31,6 +31,7 @@ import math
 import torch
 
 from . import reference
+from ._options import over_den, reduce_total
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -481,11 +482,11 @@ def xent_forward(
     del counter
     scale = grad_scale
     if grad is not None and reduction == "mean":
-        inv = 1.0 / den.to(torch.float64)
-        scale = inv if scale is None else scale * inv
+        one = torch.ones((), dtype=torch.float64)
+        scale = over_den(one if scale is None else scale.to(torch.float64), den.to(torch.float64))
     _forward_rows(logits, target, opts, loss, stats, grad, scale)
     if reduction != "none":
-        total.copy_(loss.sum() / den if reduction == "mean" else loss.sum())
+        total.copy_(reduce_total(loss.sum(), den if reduction == "mean" else None))
 
 
 @torch.no_grad()
@@ -514,5 +515,5 @@ def xent_backward(
         return
     if reduction != "none":
         g = dloss.reshape(()).to(torch.float64)
-        dloss = (g / den if reduction == "mean" else g).expand(logits.shape[0])
+        dloss = (over_den(g, den) if reduction == "mean" else g).expand(logits.shape[0])
     _backward_rows(logits, target, opts, stats, dloss, grad)

@@ -29,13 +29,15 @@ from .functional import (
     _INPUT_DTYPES,
     _KERNEL_DTYPES,
     _TARGET_DTYPES,
-    _TORCH_CPU_MAX_ELEMENTS,
     IMPLS,
     REDUCTIONS,
     _backend,
     _check_chunk_size,
     _check_float,
-    _refuse_create_graph,
+    all_finite,
+    check_inplace,
+    guard_backward,
+    small_cpu_call,
 )
 
 
@@ -209,8 +211,9 @@ def _torch_cpu(student, teacher, target, opts, reduction):
     elif reduction == "mean":
         n_kept = loss.numel() if target is None else (target != opts.ignore_index).sum()
         loss = loss.sum() / n_kept
-    if loss.requires_grad:
-        loss.register_hook(_refuse_create_graph)
+    if not all_finite(loss):
+        return None  # decided by the general route
+    guard_backward(loss, once=reduction != "none")
     return loss
 
 
@@ -287,15 +290,13 @@ def distillation_loss(
         raise ValueError("student_logits must have at least one class (V >= 1)")
     _check_target(target, s_shape[:-1], student_logits.device, "student_logits.shape[:-1]")
     _refuse_teacher_grad(teacher_logits=teacher_logits)
+    check_inplace("student_logits", student_logits, inplace_backward)
     opts = _options(beta, temperature, soft_weight, hard_weight, ignore_index, target)
     backend = _pick_backend(impl, student_logits, teacher_logits)
-    if (
-        backend is ops.CPU
-        and student_logits.numel() <= _TORCH_CPU_MAX_ELEMENTS
-        and not inplace_backward
-        and not torch.compiler.is_compiling()  # it reads per-row values on the host
-    ):
-        return _torch_cpu(student_logits, teacher_logits, target, opts, reduction)
+    if small_cpu_call(backend, student_logits) and not inplace_backward:
+        loss = _torch_cpu(student_logits, teacher_logits, target, opts, reduction)
+        if loss is not None:
+            return loss
     student = _unit_stride(student_logits.reshape(-1, vocab), backend)
     teacher = _unit_stride(teacher_logits.reshape(-1, vocab), backend)
     rows_target = None if target is None else target.reshape(-1)

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from . import _alloc
+from ._options import over_den, reduce_total
 from .autograd import (
     LinearTokenLogprobFunction,
     _chunk_logits,
@@ -45,7 +46,6 @@ from .autograd import (
     accumulate_chunk_grads,
     finish_linear_grads,
     linear_grad_buffers,
-    mean_scale,
     refuse_double_backward,
     row_scale,
     save_forward_grads,
@@ -149,7 +149,7 @@ def combine(loss_r, stats_r, target, opts, group, n_local):
 def _reduced(loss, denominator, reduction):
     if reduction == "none":
         return loss
-    return loss.sum() if reduction == "sum" else loss.sum() / denominator
+    return reduce_total(loss.sum(), denominator if reduction == "mean" else None)
 
 
 def _local_forward(logits, target, opts, backend, token_stats=None):
@@ -207,7 +207,7 @@ def _incoming_per_row(grad_loss, denominator, reduction, n_rows):
     """The incoming gradient as one value per row (no host synchronisation)."""
     if reduction == "none":
         return grad_loss
-    g = grad_loss / denominator if reduction == "mean" else grad_loss
+    g = over_den(grad_loss, denominator) if reduction == "mean" else grad_loss
     return g.expand(n_rows)
 
 
@@ -366,7 +366,7 @@ class ShardedLinearCrossEntropyFunction(torch.autograd.Function):
         refuse_double_backward()
         if ctx.fused:
             *bufs, den = take_forward_grads(ctx, "linear_cross_entropy")
-            scale = mean_scale(grad_loss, den)
+            scale = over_den(grad_loss, den)
         else:
             hidden, weight, bias, target, row_weight = ctx.saved_tensors
             bufs = linear_grad_buffers(

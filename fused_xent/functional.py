@@ -92,6 +92,26 @@ def _check_tensors(input, target, weight, reduction, impl, sharded=False) -> Non
     _check_class_weight(weight, n_classes, input.device)
 
 
+def check_inplace(name: str, x: torch.Tensor, inplace_backward: bool) -> None:
+    """``inplace_backward=True`` writes the gradient into ``x``'s storage: refused, on every
+    route, where two elements of ``x`` share memory (an expanded view), whose gradients would
+    overwrite each other. Decided from the strides alone: the dimensions that take steps in
+    memory, sorted by stride, must each step past everything the smaller ones span."""
+    if not inplace_backward or x.numel() == 0:
+        return
+    span = 0
+    for size, stride in sorted(zip(x.shape, x.stride(), strict=True), key=lambda d: d[1]):
+        if size == 1:
+            continue
+        if stride <= span:
+            raise ValueError(
+                f"inplace_backward=True writes the gradient into {name}, whose elements overlap "
+                f"in memory (shape {tuple(x.shape)}, strides {tuple(x.stride())}: an expanded "
+                f"view?); pass {name}.contiguous(), or inplace_backward=False"
+            )
+        span += (size - 1) * stride
+
+
 def _check_class_weight(weight, n_classes: int, device) -> None:
     """Class weights: None, or a floating (C,) tensor on the input's device, not requiring grad."""
     if weight is None:
@@ -192,26 +212,81 @@ def _backend(impl: str, input: torch.Tensor):
 _TORCH_CPU_MAX_ELEMENTS = 1 << 18
 
 
-def _refuse_create_graph(grad):
-    refuse_double_backward()  # the same answer as on the kernel path, on every device
-    return grad
+def small_cpu_call(backend, input: torch.Tensor) -> bool:
+    """Whether a call may take the small-call route (torch's ops on an upcast copy): CPU
+    tensors, at most ``_TORCH_CPU_MAX_ELEMENTS`` logits, eager. Traced by torch.compile the
+    call takes the custom ops instead (the route reads values on the host)."""
+    return (
+        backend is ops.CPU
+        and input.numel() <= _TORCH_CPU_MAX_ELEMENTS
+        and not torch.compiler.is_compiling()
+    )
+
+
+def upcast_kept(x: torch.Tensor, ignored: torch.Tensor | None) -> torch.Tensor:
+    """The float32 (float64) copy the small-call route differentiates through, with ignored rows
+    zeroed where there are any: their gradient is then exactly 0 even where they hold NaN or
+    -inf (torch's log-softmax backward would give NaN there)."""
+    x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if ignored is None or not bool(ignored.any()):
+        return x
+    return torch.where(ignored.unsqueeze(-1), 0.0, x)
+
+
+def all_finite(*outputs: torch.Tensor) -> bool:
+    """The small-call route keeps its result only where every output is finite: anything else
+    (a -inf logit under a zero target or class weight, +inf, a "mean" over a zero denominator) is
+    recomputed by the general route, where those cases are decided (README, "Edge cases")."""
+    return all(bool(torch.isfinite(out).all()) for out in outputs)
+
+
+class _BackwardHook:
+    """A hook on the small-call route's outputs: double backward is refused as on every route,
+    and so is a second backward through a reduced loss (the other routes hand its gradient out
+    once)."""
+
+    def __init__(self, once: bool) -> None:
+        self.once, self.seen = once, False
+
+    def __call__(self, grad):
+        refuse_double_backward()
+        if self.once and self.seen:
+            raise RuntimeError(
+                "fused_xent: backward ran twice through one cross_entropy call (retain_graph); "
+                "a reduced loss's gradient is handed out once. Call the loss again, or use "
+                "reduction='none'."
+            )
+        self.seen = True
+        return grad
+
+
+def guard_backward(out: torch.Tensor, once: bool = False) -> None:
+    if out.requires_grad:
+        out.register_hook(_BackwardHook(once))
 
 
 def _torch_cpu(input, target, opts, reduction):
     """The loss from ``F.cross_entropy`` on an upcast copy: same contract (float32 loss for
-    every input dtype, the gradient in the input's dtype rounded once, by the copy's backward)."""
-    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-    weight = None if opts.weight is None else opts.weight.to(dtype)
-    if target.is_floating_point():
-        target = target.to(dtype)
-    elif target.dtype != torch.int64:
-        target = target.long()
+    every input dtype, the gradient in the input's dtype rounded once, by the copy's backward);
+    None where the general route must decide (a non-finite result)."""
+    prob_target = target.is_floating_point()
+    ignored = None
+    if prob_target:
+        target = target.to(torch.float64 if input.dtype == torch.float64 else torch.float32)
+    else:
+        if target.dtype != torch.int64:
+            target = target.long()
+        ignored = target == opts.ignore_index
+    x = upcast_kept(input, ignored)
+    weight = None if opts.weight is None else opts.weight.to(x.dtype)
     loss = torch.nn.functional.cross_entropy(
-        input.to(dtype), target, weight, ignore_index=opts.ignore_index, reduction=reduction,
-        label_smoothing=opts.label_smoothing,
+        x, target, weight, reduction=reduction, label_smoothing=opts.label_smoothing,
+        # Unused with probabilities (as documented); torch refuses any but its default there.
+        ignore_index=-100 if prob_target else opts.ignore_index,
     )  # fmt: skip
-    if loss.requires_grad:
-        loss.register_hook(_refuse_create_graph)
+    if not all_finite(loss):
+        return None
+    guard_backward(loss, once=reduction != "none")
     return loss
 
 
@@ -385,20 +460,22 @@ def cross_entropy(
                  inplace_backward=inplace_backward, impl=impl),
         )  # fmt: skip
     _check_tensors(input, target, weight, reduction, impl, process_group is not None)
+    check_inplace("input", input, inplace_backward)
     opts = _options(ignore_index, weight, label_smoothing, lse_square_scale, softcap, logit_scale)
     row_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
     _check_token_weight(token_weight, target, row_shape)
     backend = _backend(impl, input)
     if (
-        backend is ops.CPU
-        and input.numel() <= _TORCH_CPU_MAX_ELEMENTS
+        small_cpu_call(backend, input)
         and process_group is None
         and not (return_lse or return_stats or inplace_backward or opts.lse_square_scale)
         and token_weight is None
         and opts.softcap is None
         and opts.logit_scale == 1.0
     ):
-        return _torch_cpu(input, target, opts, reduction)
+        loss = _torch_cpu(input, target, opts, reduction)
+        if loss is not None:
+            return loss
     rows, row_target = _as_rows(input, target)
     row_weight = None if token_weight is None else token_weight.reshape(-1)
     if backend is ops.TRITON:

@@ -29,14 +29,17 @@ from .autograd import (
 from .functional import (
     _INPUT_DTYPES,
     _TARGET_DTYPES,
-    _TORCH_CPU_MAX_ELEMENTS,
     _backend,
     _check_chunk_size,
     _check_float,
     _dtensor_call,
     _dtensor_linear_call,
     _options,
-    _refuse_create_graph,
+    all_finite,
+    check_inplace,
+    guard_backward,
+    small_cpu_call,
+    upcast_kept,
 )
 
 
@@ -78,16 +81,15 @@ def _torch_cpu(logits, target, opts, return_entropy):
     """Small CPU calls: torch's log-softmax on a float32 copy (the kernel path's contract: float32
     outputs, 0 and no gradient at ignored positions, the gradient rounded once into the logits'
     dtype by the copy's backward, double backward refused), where the reference's dense passes
-    would cost several times more at these sizes."""
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    z = logits.to(dtype)
+    would cost several times more at these sizes; None where the general route must decide."""
+    t = target.long()
+    ignored = t == opts.ignore_index
+    z = upcast_kept(logits, ignored)
     if opts.logit_scale != 1.0:
         z = z * opts.logit_scale
     if opts.softcap is not None:
         z = opts.softcap * torch.tanh(z / opts.softcap)
     logsm = torch.log_softmax(z, dim=-1)
-    t = target.long()
-    ignored = t == opts.ignore_index
     bad = ~ignored & ((t < 0) | (t >= logits.shape[-1]))
     if bool(bad.any()):  # as the reference: a host read costs nothing here
         raise IndexError(
@@ -100,9 +102,10 @@ def _torch_cpu(logits, target, opts, return_entropy):
         # -sum p log p; a class of probability 0 (a -inf logit) adds 0, and no NaN gradient.
         finite = torch.where(torch.isinf(logsm), 0.0, logsm)
         outputs.append(torch.where(ignored, 0.0, -(logsm.exp() * finite).sum(-1)))
+    if not all_finite(*outputs):
+        return None
     for out in outputs:
-        if out.requires_grad:
-            out.register_hook(_refuse_create_graph)
+        guard_backward(out)
     return tuple(outputs) if return_entropy else outputs[0]
 
 
@@ -158,6 +161,7 @@ def token_logprobs(
         )  # fmt: skip
     sharded = process_group is not None
     _check_logits("logits", logits, target, impl, sharded)
+    check_inplace("logits", logits, inplace_backward)
     vocab = logits.shape[-1]
     if vocab == 0 and not sharded:
         raise ValueError("logits must have at least one class (V >= 1), got V = 0")
@@ -168,12 +172,10 @@ def token_logprobs(
         )
     opts = _token_options(ignore_index, temperature, logit_scale, softcap)
     backend = _backend(impl, logits)
-    if (
-        backend is ops.CPU
-        and logits.numel() <= _TORCH_CPU_MAX_ELEMENTS
-        and not (sharded or inplace_backward)
-    ):
-        return _torch_cpu(logits, target, opts, return_entropy)
+    if small_cpu_call(backend, logits) and not (sharded or inplace_backward):
+        out = _torch_cpu(logits, target, opts, return_entropy)
+        if out is not None:
+            return out
     rows, row_target = logits.reshape(-1, vocab), target.reshape(-1)
     if backend is ops.TRITON and vocab > 1 and rows.stride(1) != 1:
         rows = rows.contiguous()

@@ -9,9 +9,11 @@ host).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ._options import mean_denominator
+from ._options import mean_denominator, over_den, reduce_total
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -141,11 +143,11 @@ def xent_forward(
         if grad_scale is not None:
             scale = scale * grad_scale.to(z.dtype).reshape(())
         if reduction == "mean":
-            scale = scale / den.to(z.dtype)
+            scale = over_den(scale, den.to(z.dtype))
         row_scale = _row_scale(scale.expand(len(z)), row_weight, logprob)
         grad.copy_(_grad(z, wt, ignored, row_max, log_sum, coef, row_scale, opts))
     if reduction != "none":
-        total.copy_(loss.sum() / den if reduction == "mean" else loss.sum())
+        total.copy_(reduce_total(loss.sum(), den if reduction == "mean" else None))
 
 
 def _row_scale(row_scale, row_weight, logprob):
@@ -170,7 +172,7 @@ def xent_backward(
         row_scale = dloss.to(z.dtype)
     else:
         g = dloss.to(z.dtype).reshape(())
-        row_scale = (g / den.to(z.dtype) if reduction == "mean" else g).expand(len(z))
+        row_scale = (over_den(g, den.to(z.dtype)) if reduction == "mean" else g).expand(len(z))
     row_scale = _row_scale(row_scale, row_weight, logprob)
     if target_grad is not None:
         # loss = sum_c w_c t'_c (lse - z_c) with t' = (1 - eps) t + eps / C.
@@ -232,7 +234,8 @@ def _distill(student, teacher, target, opts, row_scale=None):
         div = _xlogy_diff(ps, log_ps, log_pt)
         d_div = torch.where(ps > 0, ps * (log_ps - log_pt - div[:, None]), 0.0)
     else:  # beta KL(P_t || M) + (1 - beta) KL(P_s || M)
-        log_m = torch.log(beta * pt + (1.0 - beta) * ps)
+        # In log space: a probability that is subnormal (or 0) in float32 keeps its log there.
+        log_m = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log1p(-beta))
         kl_s = _xlogy_diff(ps, log_ps, log_m)
         div = beta * _xlogy_diff(pt, log_pt, log_m) + (1.0 - beta) * kl_s
         g = (1.0 - beta) * (log_ps - log_m)

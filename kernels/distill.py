@@ -634,7 +634,7 @@ def _distill_bwd_kernel(
     # taken on the GPU, so the host never waits for g.
     if (not SKIP_IF_ONE) or (g != 1.0):
         if REDUCE == 2:
-            g = g * _rcp(tl.load(den_ptr))
+            g = g * xent._mean_rcp(tl.load(den_ptr))
         s_start = offset0 + row * stride_student_row
         t_start = offset0 + row * stride_teacher_row
         g_start = offset0 + row * stride_grad_row

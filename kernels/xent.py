@@ -65,6 +65,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._options import reduce_total
+
 # Triton decides at decoration time whether a kernel is compiled or interpreted on the CPU.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # PTX's approximate ftz forms where compiled (one MUFU instruction each, without the four fix-up
@@ -111,6 +113,13 @@ def _rcp(x):
         return _ptx_unary(x, "rcp.approx.ftz.f32 $0, $1;")
     else:
         return 1.0 / x
+
+
+@triton.jit
+def _mean_rcp(den):
+    """1 / den of "mean", 0 where den is 0: the gradient of a mean over nothing is exactly 0
+    (``fused_xent._options.over_den``, which decides this for every route)."""
+    return tl.where(den == 0.0, 0.0, _rcp(den))
 
 
 @triton.jit
@@ -224,7 +233,8 @@ def _option_sums(z, w, t, mask, shift, sum_w, sum_wz, sum_wt, sum_wtz,
     z_finite = tl.where(mask, z - shift, 0.0)
     if HAS_SMOOTHING:
         sum_w += tl.sum(w, axis=0)
-        sum_wz += tl.sum(w * z_finite, axis=0)
+        # A class of weight 0 adds nothing to the smoothing term, even at a -inf logit.
+        sum_wz += tl.sum(tl.where(w == 0.0, 0.0, w * z_finite), axis=0)
     if PROB_TARGET:
         wt = w * t
         sum_wt += tl.sum(wt, axis=0)
@@ -466,7 +476,9 @@ def _finish_reduction(loss_ptr, total_ptr, den_ptr, counter_ptr, n_rows, REDUCE:
             acc += tl.load(loss_ptr + rows, mask=rows < n_rows, other=0.0, cache_modifier=".cg")
         total = tl.sum(acc, axis=0)
         if REDUCE == 2:
-            total = total / tl.load(den_ptr)
+            # NaN over a zero denominator, whatever the rows' sum (fused_xent._options).
+            den = tl.load(den_ptr)
+            total = tl.where(den == 0.0, float("nan"), total / den)
         tl.store(total_ptr, total)
 
 
@@ -768,6 +780,7 @@ def _xent_fwd_kernel(
         # entropy = lse - sum(p z) = log_sum - sum(p (z - max)), sum(p (z - max)) from u.
         entropy = log_sum - (u * _rcp(s) - log2_shift) * LN2
         entropy = tl.where(entropy < 0.0, 0.0, entropy)  # >= 0, as log_sum (NaN stays)
+        entropy = tl.where(s == 0.0, 0.0, entropy)  # no finite logit: 0, as the reference
         if ENTROPY == 2 and not PROB_TARGET:
             entropy = tl.where(valid, entropy, float("nan"))
             entropy = tl.where(ignored, 0.0, entropy)
@@ -783,7 +796,7 @@ def _xent_fwd_kernel(
         if HAS_GRAD_SCALE:
             row_scale = tl.load(grad_scale_ptr).to(tl.float32)
         if REDUCE == 2:
-            row_scale = row_scale * _rcp(tl.load(den_ptr))
+            row_scale = row_scale * _mean_rcp(tl.load(den_ptr))
         if ROW_WEIGHT:
             row_scale = row_scale * token_weight
         if LOGPROB:
@@ -885,7 +898,7 @@ def _xent_bwd_kernel(
     if (not SKIP_IF_ONE) or (g != 1.0):
         row_scale = g
         if REDUCE == 2:
-            row_scale = row_scale * _rcp(tl.load(den_ptr))
+            row_scale = row_scale * _mean_rcp(tl.load(den_ptr))
         if ROW_WEIGHT:
             row_scale = row_scale * tl.load(row_weight_ptr + row * stride_row_weight).to(tl.float32)
         if LOGPROB:
@@ -1114,7 +1127,10 @@ def xent_forward(
     """
     _check_launchable(logits)
     n_rows, n_cols = logits.shape
-    if n_rows == 0:
+    if n_rows == 0:  # no program runs to reduce: the reduction of no rows
+        if reduction != "none":
+            zero = torch.zeros((), dtype=total.dtype, device=total.device)
+            total.copy_(reduce_total(zero, den if reduction == "mean" else None))
         return
     consts = _option_constexprs(target, opts)
     # The entropy's sum and the argmax add a few registers, not the options' live arrays: the
