@@ -23,20 +23,25 @@ sharding the vocabulary) raises a ``ValueError`` naming the argument and its pla
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
 
+# DTensor's class, looked up on the first loss call (every call asks; importing it costs about a
+# second, so not at import time). A module global rather than a cached function, which
+# torch.compile warns about on every trace. False: not looked up yet; None: no DTensor here.
+_DTENSOR = False
 
-@functools.cache
+
 def _dtensor_type():
-    """DTensor's class, looked up once (every loss call asks)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch without distributed
-        return None
-    return DTensor
+    global _DTENSOR
+    if _DTENSOR is False:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # a torch without distributed
+            DTensor = None
+        _DTENSOR = DTensor
+    return _DTENSOR
 
 
 def any_dtensor(*values) -> bool:

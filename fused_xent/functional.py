@@ -32,7 +32,8 @@ def _check_float(name: str, value, low: float = -math.inf, high: float = math.in
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     value = float(value)
     if not (math.isfinite(value) and low <= value <= high):
-        raise ValueError(f"{name} must be a finite float in [{low}, {high}], got {value}")
+        bounds = "" if (low, high) == (-math.inf, math.inf) else f" in [{low}, {high}]"
+        raise ValueError(f"{name} must be a finite float{bounds}, got {value}")
     return value
 
 
@@ -439,8 +440,10 @@ def cross_entropy(
             ``weight`` and probability targets are this rank's slices. Every rank gets the
             unsharded loss, and the gradient of its own slice. See ``fused_xent.distributed``
             for what goes over the wire.
-        impl: "auto" (Triton kernels for CUDA tensors, the reference elsewhere), "triton"
-            (force the kernels; on CPU tensors they need ``TRITON_INTERPRET=1``), "reference".
+        impl: "auto" (the Triton kernels for CUDA tensors; on the CPU torch's own
+            ``F.cross_entropy`` on a float32 copy for small calls, ``fused_xent/cpu.py`` for the
+            rest; the reference for float64 on a GPU), "triton" (force the kernels; on CPU
+            tensors they need ``TRITON_INTERPRET=1``), "reference" (the pure-PyTorch oracle).
 
     Returns:
         The loss (0-dim, or the target's shape for "none"); with ``return_lse`` and/or

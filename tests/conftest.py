@@ -56,3 +56,17 @@ def small_blocks(monkeypatch) -> int:
 
     monkeypatch.setattr(xent, "_launch_config", lambda n_cols, dtype: (SMALL_BLOCK, 4))
     return SMALL_BLOCK
+
+
+def pytest_report_header(config):
+    """The versions this run tested, first in CI's log (the ranges float: README, "Tested with")."""
+    from importlib import metadata
+
+    names = ("torch", "triton", "transformers", "accelerate", "kernels", "hypothesis", "numpy")
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} -")
+    return "fused_xent tested with: " + ", ".join(found)
