@@ -224,14 +224,14 @@ def small_cpu_call(backend, input: torch.Tensor) -> bool:
     )
 
 
-def upcast_kept(x: torch.Tensor, ignored: torch.Tensor | None) -> torch.Tensor:
+def upcast_kept(x: torch.Tensor, ignored: torch.Tensor | None, class_dim: int = -1) -> torch.Tensor:
     """The float32 (float64) copy the small-call route differentiates through, with ignored rows
     zeroed where there are any: their gradient is then exactly 0 even where they hold NaN or
     -inf (torch's log-softmax backward would give NaN there)."""
     x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     if ignored is None or not bool(ignored.any()):
         return x
-    return torch.where(ignored.unsqueeze(-1), 0.0, x)
+    return torch.where(ignored.unsqueeze(class_dim), 0.0, x)
 
 
 def all_finite(*outputs: torch.Tensor) -> bool:
@@ -278,7 +278,7 @@ def _torch_cpu(input, target, opts, reduction):
         if target.dtype != torch.int64:
             target = target.long()
         ignored = target == opts.ignore_index
-    x = upcast_kept(input, ignored)
+    x = upcast_kept(input, ignored, 1 if input.dim() > 1 else 0)
     weight = None if opts.weight is None else opts.weight.to(x.dtype)
     loss = torch.nn.functional.cross_entropy(
         x, target, weight, reduction=reduction, label_smoothing=opts.label_smoothing,
