@@ -9,6 +9,8 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 IMPLS = ("reference", "triton")
+# The compile tests also trace the default, the route users get on each device.
+COMPILE_IMPLS = ("auto", *IMPLS)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 REDUCTIONS = ("mean", "sum", "none")

@@ -17,7 +17,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE, GRAD_RTOL, IMPLS, LOSS_RTOL, REDUCTIONS, dtype_id, rel_err
+from helpers import (
+    COMPILE_IMPLS,
+    DEVICE,
+    GRAD_RTOL,
+    IMPLS,
+    LOSS_RTOL,
+    REDUCTIONS,
+    dtype_id,
+    rel_err,
+)
 from helpers import seeded as _gen
 from helpers import shaped_ids as _ids
 from helpers import shaped_logits as _logits
@@ -363,7 +372,7 @@ def test_modules():
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", COMPILE_IMPLS)
 def test_compile_fullgraph(impl):
     """Both forms traced by torch.compile(fullgraph=True) with the eager numbers, through all four
     custom ops: the gradient written in the forward (into a new buffer: "mean"; over the chunk's

@@ -12,7 +12,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE, DTYPES, GRAD_RTOL, IMPLS, LOSS_RTOL, REDUCTIONS, dtype_id, rel_err
+from helpers import (
+    COMPILE_IMPLS,
+    DEVICE,
+    DTYPES,
+    GRAD_RTOL,
+    IMPLS,
+    LOSS_RTOL,
+    REDUCTIONS,
+    dtype_id,
+    rel_err,
+)
 from helpers import seeded as _gen
 from helpers import shaped_ids as _ids
 from helpers import shaped_logits as _logits
@@ -237,7 +247,7 @@ def test_launches_forward_backward_and_no_grad(monkeypatch):
     assert count.total == 1, str(count)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", COMPILE_IMPLS)
 def test_compile_fullgraph(impl):
     torch._dynamo.reset()
     lin = torch.nn.Linear(8, 30).to(DEVICE)
@@ -510,7 +520,7 @@ def test_cpu_fallback_in_chunks(monkeypatch):
     _check_stats(stats, x)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", COMPILE_IMPLS)
 def test_compile_fullgraph_linear_and_stats(impl):
     """The linear form and the statistics traced without graph breaks, with the eager numbers."""
     torch._dynamo.reset()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import CUDA, DEVICE, IMPLS, oracle, rel_err
+from helpers import COMPILE_IMPLS, CUDA, DEVICE, IMPLS, oracle, rel_err
 
 import fused_xent
 
@@ -26,7 +26,7 @@ def _batch(seed: int, dtype=torch.float32):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", COMPILE_IMPLS)
 def test_compile_fullgraph_cross_entropy(impl):
     """A model + loss compiled with fullgraph=True (any graph break would raise) gives the eager
     numbers, loss and gradients, for the fused ("mean") and the two-pass ("none") schedules."""
