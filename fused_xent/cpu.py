@@ -25,9 +25,9 @@ Probability targets take the same passes with a float ``wt = w ((1 - eps) q + ep
 chunk (loss = sum(wt) log_sum - sum(wt (z - max)), grad = (coef p - wt) * scale); with a softcap
 they, and an empty class dimension, go to the reference, on chunks of rows.
 
-The row max (and its column, where the largest p is read) comes from one op over the logits where
-z is the logits or their upcast; float32 logits need no chunking at all when the gradient is
-computed (it is the float buffer), so each pass is one parallel op over the whole input.
+The row max comes from one op over the logits where z is the logits or their upcast; float32
+logits need no chunking at all when the gradient is computed (it is the float buffer), so each
+pass is one parallel op over the whole input.
 """
 
 from __future__ import annotations
@@ -106,14 +106,14 @@ class _Rows:
         return None if self.ignored is None else self.ignored.nonzero().squeeze(1)
 
 
-# Rows are processed in chunks of about this many logits (16 MiB of float32): the chunk's buffers
-# are reused, where whole (N, C) float32 temporaries would be mapped afresh (page faults) on every
-# call, and memory stays bounded. At torch's default thread count every op is a parallel region
-# that waits for all the intra-op threads; on a busy machine each may wait for a time slice, so
-# few, large chunks (a few ops each) beat cache-sized ones (2^20 logits: 4x slower at 2 threads on
-# a loaded 2-core EPYC, where one thread alone is ~15% faster with them). Where the gradient is
-# the float buffer itself (float32 logits), all rows are one chunk (see ``_Chunks``).
-CHUNK_ELEMENTS = 1 << 22
+# Rows are processed in chunks of about this many logits (4 MiB of float32): the several passes
+# over a chunk (upcast, softmax, the gradient) then run in the cache, and the chunk's buffers are
+# reused, where whole (N, C) float32 temporaries would be mapped afresh (page faults) on every
+# call. Measured on a 2-core EPYC, one thread: 2^22 makes bf16 256 x 32000 ~1.5-2x slower
+# (spills from the cache), though at 2 threads on a loaded machine fewer, larger chunks wait
+# less (each op is a parallel region). Where the gradient is the float buffer itself (float32
+# logits), all rows are one chunk (see ``_Chunks``).
+CHUNK_ELEMENTS = 1 << 20
 
 
 def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -152,16 +152,14 @@ class _Chunks:
         self._buffers: dict[str, torch.Tensor] = {}
 
     def row_max(self):
-        """(every row's max in the compute dtype, its column) by one op over the logits where z
-        is the logits or a plain upcast of them (the max of the upcast is the upcast of the
-        max), else None: each chunk then takes its own max, and the max of its p. With the
-        column, the largest p is read there (z - max = 0 there, exp(0) = 1, and softmax is
-        monotone): no pass over p."""
+        """(every row's max in the compute dtype, None) by one op over the logits where z is the
+        logits or a plain upcast of them (the max of the upcast is the upcast of the max), else
+        None: each chunk then takes its own. (``max(1)``'s argmax would spare the pass over p
+        in :func:`_largest_p`, but its CPU kernel is scalar: 4-9x slower than ``amax``.)"""
         x, opts = self.logits, self.opts
         if opts.logit_scale != 1.0 or opts.softcap is not None:
             return None
-        values, cols = x.max(1)
-        return values.to(self.dtype), cols[:, None]
+        return x.amax(1).to(self.dtype), None
 
     def __iter__(self):
         n_rows = self.logits.shape[0]
@@ -233,7 +231,7 @@ class _Chunks:
 def _largest_p(p, row_max, sl, out) -> torch.Tensor:
     """Each row's largest p into ``out`` (rows,): at the max's column where ``row_max`` (from
     :meth:`_Chunks.row_max`) has it, else by a pass over p."""
-    if row_max is None:
+    if row_max is None or row_max[1] is None:
         return torch.amax(p, 1, out=out)
     torch.gather(p, 1, _part(row_max[1], sl), out=out[:, None])
     return out
