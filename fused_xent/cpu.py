@@ -21,7 +21,13 @@ with ``d = z - max`` and ``p = softmax(z)``:
 
 Rows where the fast formulas meet a non-finite value (all -inf or NaN logits, +inf, -inf in a
 class with weight 0, ...) are recomputed by the reference, so every edge case keeps its result.
-Probability targets, and an empty class dimension, go to the reference as a whole.
+Probability targets take the same passes with a float ``wt = w ((1 - eps) q + eps / C)`` per
+chunk (loss = sum(wt) log_sum - sum(wt (z - max)), grad = (coef p - wt) * scale); with a softcap
+they, and an empty class dimension, go to the reference, on chunks of rows.
+
+The row max comes from one op over the logits where z is the logits or their upcast; float32
+logits need no chunking at all when the gradient is computed (it is the float buffer), so each
+pass is one parallel op over the whole input.
 """
 
 from __future__ import annotations
@@ -38,9 +44,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _delegate(logits: torch.Tensor, target: torch.Tensor) -> bool:
-    """What the fast path leaves to the reference: probability targets, C = 0."""
-    return target.is_floating_point() or logits.shape[1] == 0
+def _delegate(logits: torch.Tensor, target: torch.Tensor, opts) -> bool:
+    """What the fast path leaves to the reference: probability targets with a softcap, C = 0."""
+    return logits.shape[1] == 0 or (target.is_floating_point() and opts.softcap is not None)
 
 
 class _Rows:
@@ -102,10 +108,12 @@ class _Rows:
 
 
 # Rows are processed in chunks of about this many logits (4 MiB of float32): the several passes
-# over a chunk (upcast, max, softmax, its max, the gradient) then run in the cache, and the
-# chunk's buffers are reused, where whole (N, C) float32 temporaries would be mapped afresh (page
-# faults) on every call. Measured on a 2-core EPYC: 2^19 to 2^20 are the fastest; smaller chunks
-# pay ~10 small ops each, larger ones spill from the cache.
+# over a chunk (upcast, softmax, the gradient) then run in the cache, and the chunk's buffers are
+# reused, where whole (N, C) float32 temporaries would be mapped afresh (page faults) on every
+# call. Measured on a 2-core EPYC, one thread: 2^22 makes bf16 256 x 32000 ~1.5-2x slower
+# (spills from the cache), though at 2 threads on a loaded machine fewer, larger chunks wait
+# less (each op is a parallel region). Where the gradient is the float buffer itself (float32
+# logits), all rows are one chunk (see ``_Chunks``).
 CHUNK_ELEMENTS = 1 << 20
 
 
@@ -132,11 +140,27 @@ class _Chunks:
     """The row chunks of one call (None: all rows at once), and their reusable (rows, C) buffers
     in the compute dtype."""
 
-    def __init__(self, logits: torch.Tensor, opts, dtype) -> None:
-        self.logits, self.opts, self.dtype = logits, opts, dtype
+    def __init__(self, logits: torch.Tensor, opts, dtype, into=None) -> None:
+        """``into``: the gradient where it may serve as the one float buffer (see
+        :func:`_p_in_grad`): then all rows make one chunk, z, z - max and p written there in
+        place, and no (rows, C) temporary is made; each pass is one parallel op over the whole
+        input (fewer parallel regions, each of which waits for every intra-op thread)."""
+        self.logits, self.opts, self.dtype, self.into = logits, opts, dtype, into
         n_rows, n_cols = logits.shape
         self.rows = max(1, min(n_rows, CHUNK_ELEMENTS // max(n_cols, 1)))
+        if into is not None:
+            self.rows = n_rows
         self._buffers: dict[str, torch.Tensor] = {}
+
+    def row_max(self):
+        """(every row's max in the compute dtype, None) by one op over the logits where z is the
+        logits or a plain upcast of them (the max of the upcast is the upcast of the max), else
+        None: each chunk then takes its own. (``max(1)``'s argmax would spare the pass over p
+        in :func:`_largest_p`, but its CPU kernel is scalar: 4-9x slower than ``amax``.)"""
+        x, opts = self.logits, self.opts
+        if opts.logit_scale != 1.0 or opts.softcap is not None:
+            return None
+        return x.amax(1).to(self.dtype), None
 
     def __iter__(self):
         n_rows = self.logits.shape[0]
@@ -158,7 +182,9 @@ class _Chunks:
         x, opts = _part(self.logits, sl), self.opts
         if x.dtype == self.dtype and opts.logit_scale == 1.0 and opts.softcap is None:
             return x, False
-        if sl is None:
+        if self.into is not None:
+            z = self.into.copy_(x)
+        elif sl is None:
             z = x.to(self.dtype, copy=True)
         else:
             z = self._buffer("z", x.shape[0]).copy_(x)
@@ -168,10 +194,25 @@ class _Chunks:
             z.div_(opts.softcap).tanh_().mul_(opts.softcap)
         return z, True
 
+    def wt(self, q: torch.Tensor, w, n_classes: int) -> torch.Tensor:
+        """A chunk of probability targets' ``w * ((1 - eps) q + eps / C)``, as the reference
+        rounds it (q itself where that is all)."""
+        eps = self.opts.label_smoothing
+        if q.dtype == self.dtype and not eps and w is None:
+            return q
+        wt = q.to(self.dtype, copy=True) if self.rows == self.logits.shape[0] else None
+        if wt is None:
+            wt = self._buffer("wt", q.shape[0]).copy_(q)
+        if eps:
+            wt.mul_(1.0 - eps).add_(eps / n_classes)
+        return wt if w is None else wt.mul_(w)
+
     def d(self, z: torch.Tensor, m2: torch.Tensor, ours: bool) -> torch.Tensor:
         """z - max (m2: (rows, 1)), in place where z is ours and no softcap needs it later."""
         if ours and self.opts.softcap is None:
             return z.sub_(m2)
+        if self.into is not None:
+            return torch.sub(z, m2, out=self.into)
         if self.rows == self.logits.shape[0]:
             return z - m2
         return torch.sub(z, m2, out=self._buffer("d", z.shape[0]))
@@ -186,6 +227,15 @@ class _Chunks:
         if sl is None:
             return torch._softmax(src, 1, False)
         return torch._softmax(src, 1, False, out=self._buffer("p", src.shape[0]))
+
+
+def _largest_p(p, row_max, sl, out) -> torch.Tensor:
+    """Each row's largest p into ``out`` (rows,): at the max's column where ``row_max`` (from
+    :meth:`_Chunks.row_max`) has it, else by a pass over p."""
+    if row_max is None or row_max[1] is None:
+        return torch.amax(p, 1, out=out)
+    torch.gather(p, 1, _part(row_max[1], sl), out=out[:, None])
+    return out
 
 
 def _p_in_grad(grad, logits, opts, dtype) -> torch.Tensor | None:
@@ -298,15 +348,21 @@ def _raw_loss(rows: _Rows, sl, opts, m, log_sum, z_y, sum_wd) -> torch.Tensor:
 @torch.no_grad()
 def _forward_rows(logits, target, opts, loss, stats, grad=None, grad_scale=None) -> None:
     """Per-row loss and statistics (max, log-sum, coefficient); the gradient if ``grad`` given."""
-    if _delegate(logits, target):
-        reference.xent_forward(logits, target, opts, loss, stats, grad, grad_scale)
+    if _delegate(logits, target, opts):
+        for sl in _reference_chunks(logits):
+            reference.xent_forward(logits[sl], target[sl], opts, loss[sl], stats[:, sl],
+                                   _part(grad, sl), grad_scale)  # fmt: skip
+        return
+    if target.is_floating_point():
+        _forward_probs(logits, target, opts, loss, stats, grad, grad_scale)
         return
     n_rows = logits.shape[0]
     if n_rows == 0:
         return
     dtype = _compute_dtype(logits.dtype)
     rows = _Rows(logits, target, opts, dtype)
-    chunks = _Chunks(logits, opts, dtype)
+    p_grad = _p_in_grad(grad, logits, opts, dtype)
+    chunks = _Chunks(logits, opts, dtype, p_grad)
     smoothing, zloss = rows.b != 0.0, opts.lse_square_scale
     # Written in place, chunk by chunk; ``loss`` holds the target's z until the end.
     m, log_sum, coef = stats[0], stats[1], stats[2]
@@ -332,13 +388,16 @@ def _forward_rows(logits, target, opts, loss, stats, grad=None, grad_scale=None)
         else:
             r2 = coef[:, None] * s
         cols = _Columns(rows, m2, opts.softcap)
-    p_grad = _p_in_grad(grad, logits, opts, dtype)
     alias = grad is not None and _shares_storage(grad, logits)
     fallback = _Fallback()
+    row_max = chunks.row_max()
+    if row_max is not None:
+        m.copy_(row_max[0])
     for sl in chunks:
         z, ours = chunks.z(sl)
         m_c, col = _part(m, sl), _part(rows.col, sl)[:, None]
-        torch.amax(z, 1, out=m_c)
+        if row_max is None:
+            torch.amax(z, 1, out=m_c)
         if smoothing:
             # sum_c w_c (z_c - max) on z - max in float: large logits cancel exactly.
             src = chunks.d(z, _part(m2, sl), ours)
@@ -351,7 +410,7 @@ def _forward_rows(logits, target, opts, loss, stats, grad=None, grad_scale=None)
         torch.gather(src, 1, col, out=_part(z_y2, sl))
         p = chunks.p(src, sl, p_grad)
         ls_c = _part(log_sum, sl)
-        torch.amax(p, 1, out=ls_c)  # the largest p is 1 / sum exp(z - max)
+        _largest_p(p, row_max, sl, ls_c)  # the largest p is 1 / sum exp(z - max)
         ls_c.log_().neg_()
         if grad is None:
             continue
@@ -390,15 +449,21 @@ def _forward_rows(logits, target, opts, loss, stats, grad=None, grad_scale=None)
 @torch.no_grad()
 def _backward_rows(logits, target, opts, stats, dloss, grad) -> None:
     """grad = d(sum_i dloss_i * loss_i) / d logits, from the forward's per-row statistics."""
-    if _delegate(logits, target):
-        reference.xent_backward(logits, target, opts, stats, dloss, grad)
+    if _delegate(logits, target, opts):
+        for sl in _reference_chunks(logits):
+            reference.xent_backward(logits[sl], target[sl], opts, stats[:, sl], dloss[sl],
+                                    grad[sl])  # fmt: skip
+        return
+    if target.is_floating_point():
+        _backward_probs(logits, target, opts, stats, dloss, grad)
         return
     n_rows = logits.shape[0]
     if n_rows == 0:
         return
     dtype = _compute_dtype(logits.dtype)
     rows = _Rows(logits, target, opts, dtype)
-    chunks = _Chunks(logits, opts, dtype)
+    p_grad = _p_in_grad(grad, logits, opts, dtype)
+    chunks = _Chunks(logits, opts, dtype, p_grad)
     row_max, log_sum, coef = stats.to(dtype)
     s = dloss.to(dtype)
     if opts.logit_scale != 1.0:
@@ -409,15 +474,18 @@ def _backward_rows(logits, target, opts, stats, dloss, grad) -> None:
     # the row's own max and log_sum; ``shift`` holds own lse - lse, then r = A s exp(shift).
     shift, r2 = torch.empty_like(row_max), torch.empty_like(s2)
     cols = _Columns(rows, s2, opts.softcap)
-    p_grad = _p_in_grad(grad, logits, opts, dtype)
     alias = _shares_storage(grad, logits)
     fallback = _Fallback()
+    own_max = chunks.row_max()
+    if own_max is not None:
+        shift.copy_(own_max[0])
     for sl in chunks:
         z, _ = chunks.z(sl)
         shift_c = _part(shift, sl)
-        torch.amax(z, 1, out=shift_c)
+        if own_max is None:
+            torch.amax(z, 1, out=shift_c)
         p = chunks.p(z, sl, p_grad)
-        own_log_sum = p.amax(1).log_().neg_()
+        own_log_sum = _largest_p(p, own_max, sl, torch.empty_like(shift_c)).log_().neg_()
         shift_c.sub_(_part(row_max, sl)).add_(own_log_sum).sub_(_part(log_sum, sl))
         if alias:
             fallback.check(shift_c + _part(coef, sl), logits, sl)
@@ -430,6 +498,146 @@ def _backward_rows(logits, target, opts, stats, dloss, grad) -> None:
     if rows.ignored is not None:
         zero = torch.cat([zero, rows.ignored_rows()])
     _target_column(grad, rows, cols, opts, r2, u2, s2, zero)
+    redo = fallback.take()
+    if redo is not None:
+        bad, bad_logits = redo
+        sub_grad = grad.new_empty((len(bad), grad.shape[1]))
+        reference.xent_backward(
+            bad_logits, target.index_select(0, bad), opts, stats.index_select(1, bad),
+            dloss.index_select(0, bad), sub_grad,
+        )  # fmt: skip
+        grad.index_copy_(0, bad, sub_grad)
+
+
+def _probs_scale(s, opts, dtype):
+    s = s.to(dtype)
+    return s * opts.logit_scale if opts.logit_scale != 1.0 else s
+
+
+@torch.no_grad()
+def _forward_probs(logits, target, opts, loss, stats, grad=None, grad_scale=None) -> None:
+    """:func:`_forward_rows` for probability targets q (no softcap): with ``wt = w ((1 - eps) q
+    + eps / C)``, loss = sum(wt) log_sum - sum(wt (z - max)) (+ the z-loss), coef = sum(wt)
+    (+ 2 zl lse), grad = (coef p - wt) * scale."""
+    n_rows = logits.shape[0]
+    if n_rows == 0:
+        return
+    dtype = _compute_dtype(logits.dtype)
+    n_classes = opts.n_classes or logits.shape[1]
+    w = None if opts.weight is None else opts.weight.to(dtype)
+    chunks = _Chunks(logits, opts, dtype)  # wt and d want their own buffers
+    p_grad = _p_in_grad(grad, logits, opts, dtype)
+    m, log_sum, coef = stats[0], stats[1], stats[2]
+    dot, sum_wt, zloss = torch.empty_like(m), torch.empty_like(m), opts.lse_square_scale
+    if grad is not None:
+        s = torch.ones((), dtype=dtype) if grad_scale is None else grad_scale.to(dtype)
+        s = _probs_scale(s.reshape(()) if s.dim() else s, opts, dtype)
+        r2 = torch.empty_like(m)[:, None]
+    alias = grad is not None and _shares_storage(grad, logits)
+    fallback = _Fallback()
+    row_max = chunks.row_max()
+    if row_max is not None:
+        m.copy_(row_max[0])
+    for sl in chunks:
+        z, ours = chunks.z(sl)
+        m_c, ls_c, coef_c = _part(m, sl), _part(log_sum, sl), _part(coef, sl)
+        if row_max is None:
+            torch.amax(z, 1, out=m_c)
+        wt = chunks.wt(_part(target, sl), w, n_classes)
+        torch.sum(wt, 1, out=_part(sum_wt, sl))
+        d = chunks.d(z, m_c[:, None], ours)
+        p = chunks.p(d, sl, p_grad)
+        _largest_p(p, row_max, sl, ls_c).log_().neg_()
+        torch.sum(d.mul_(wt), 1, out=_part(dot, sl))  # d is ours: a buffer, or z in place
+        if grad is None:
+            continue
+        _probs_coef(coef_c, m_c, ls_c, _part(sum_wt, sl), zloss)
+        if alias:
+            fallback.check(_probs_loss(sl, opts, m, log_sum, sum_wt, dot), logits, sl)
+        r_c = torch.mul(coef_c[:, None], s, out=_part(r2, sl))
+        torch.addcmul(p.mul_(r_c), wt, s, value=-1.0, out=_part(grad, sl))
+    row_loss = _probs_loss(None, opts, m, log_sum, sum_wt, dot)
+    if grad is None:
+        _probs_coef(coef, m, log_sum, sum_wt, zloss)
+    if not alias:
+        fallback.check(row_loss, logits)
+    loss.copy_(row_loss)
+    redo = fallback.take()
+    if redo is not None:
+        bad, bad_logits = redo
+        sub_loss, sub_stats = loss.new_empty(len(bad)), stats.new_empty((3, len(bad)))
+        sub_grad = None if grad is None else grad.new_empty((len(bad), grad.shape[1]))
+        reference.xent_forward(
+            bad_logits, target.index_select(0, bad), opts, sub_loss, sub_stats, sub_grad,
+            grad_scale,
+        )  # fmt: skip
+        loss.index_copy_(0, bad, sub_loss)
+        stats.index_copy_(1, bad, sub_stats)
+        if grad is not None:
+            grad.index_copy_(0, bad, sub_grad)
+
+
+def _probs_coef(coef, m, log_sum, sum_wt, zloss) -> None:
+    """coef = sum(wt) + 2 zl lse, into ``coef``."""
+    if zloss:
+        torch.add(m, log_sum, out=coef).mul_(2.0 * zloss).add_(sum_wt)
+    else:
+        coef.copy_(sum_wt)
+
+
+def _probs_loss(sl, opts, m, log_sum, sum_wt, dot) -> torch.Tensor:
+    """Rows ``sl`` of the probability targets' loss."""
+    m, log_sum, sum_wt, dot = _part(m, sl), _part(log_sum, sl), _part(sum_wt, sl), _part(dot, sl)
+    zloss = opts.lse_square_scale
+    # No target mass here (another rank's slice): 0, even where log_sum is -inf.
+    loss = torch.where(sum_wt == 0, 0.0, sum_wt * log_sum) - dot
+    if zloss:
+        lse = m + log_sum
+        loss += zloss * lse * lse
+    return loss
+
+
+@torch.no_grad()
+def _backward_probs(logits, target, opts, stats, dloss, grad) -> None:
+    """:func:`_backward_rows` for probability targets: grad = (coef p - wt) * scale, p from the
+    statistics as there."""
+    n_rows = logits.shape[0]
+    if n_rows == 0:
+        return
+    dtype = _compute_dtype(logits.dtype)
+    n_classes = opts.n_classes or logits.shape[1]
+    w = None if opts.weight is None else opts.weight.to(dtype)
+    p_grad = _p_in_grad(grad, logits, opts, dtype)
+    # wt wants a buffer of its own unless it is the targets themselves
+    plain = opts.weight is None and not opts.label_smoothing and target.dtype == dtype
+    chunks = _Chunks(logits, opts, dtype, p_grad if plain else None)
+    row_max, log_sum, coef = stats.to(dtype)
+    s2 = _probs_scale(dloss, opts, dtype)[:, None]
+    shift, r2 = torch.empty_like(row_max), torch.empty_like(s2)
+    alias = _shares_storage(grad, logits)
+    fallback = _Fallback()
+    own_max = chunks.row_max()
+    if own_max is not None:
+        shift.copy_(own_max[0])
+    for sl in chunks:
+        z, _ = chunks.z(sl)
+        shift_c = _part(shift, sl)
+        if own_max is None:
+            torch.amax(z, 1, out=shift_c)
+        p = chunks.p(z, sl, p_grad)
+        own_log_sum = _largest_p(p, own_max, sl, torch.empty_like(shift_c)).log_().neg_()
+        shift_c.sub_(_part(row_max, sl)).add_(own_log_sum).sub_(_part(log_sum, sl))
+        if alias:
+            fallback.check(shift_c + _part(coef, sl), logits, sl)
+        s_c, r_c = _part(s2, sl), _part(r2, sl)
+        torch.mul(_part(coef, sl)[:, None], s_c, out=r_c).mul_(shift_c.exp_()[:, None])
+        wt = chunks.wt(_part(target, sl), w, n_classes)
+        torch.addcmul(p.mul_(r_c), wt, s_c, value=-1.0, out=_part(grad, sl))
+    if not alias:
+        fallback.check(shift + coef, logits)
+    zero = (s2[:, 0] == 0).nonzero().squeeze(1)
+    if zero.numel():
+        grad.index_fill_(0, zero, 0.0)
     redo = fallback.take()
     if redo is not None:
         bad, bad_logits = redo

@@ -456,11 +456,58 @@ def test_deterministic_algorithms():
 
 
 def test_probability_targets_delegate():
+    """With a softcap, probability targets go to the reference."""
     x = make_x(7, 11, torch.bfloat16, 9)
     t = torch.rand(7, 11, generator=_gen(9)).softmax(1)
     opts = make_opts("all", 11, 9)
     ours = forward(cpu, x, t, opts, 0.5)
     check_against_reference(ours, forward(reference, x, t, opts, 0.5), torch.bfloat16)
+
+
+def _prob_target(n, c, seed, dtype):
+    t = torch.rand(n, c, generator=_gen(seed + 3), dtype=torch.float64).softmax(1)
+    t[1, 3:] = 0.0  # no mass on most classes
+    return t.to(dtype)
+
+
+@pytest.mark.parametrize("grad_scale", [None, 0.5])
+@pytest.mark.parametrize("opt", [o for o in OPTIONS if "softcap" not in o and o != "all"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
+def test_probability_targets(dtype, opt, grad_scale):
+    """The fast path of probability targets: forward (loss, statistics, gradient) and backward
+    (a per-row incoming gradient, zeros included) as the reference's."""
+    seed = _seed("prob", dtype_id(dtype), opt, grad_scale)
+    x, t = make_x(13, C, dtype, seed), _prob_target(13, C, seed, dtype)
+    opts = make_opts(opt, C, seed)
+    ours = forward(cpu, x, t, opts, grad_scale)
+    check_against_reference(ours, forward(reference, x, t, opts, grad_scale), dtype)
+    dloss = torch.linspace(-1, 1, 13)
+    dloss[4] = 0.0
+    bwd_opts = LossOptions(**{**opts.__dict__, "lse_square_scale": 0.0})
+    stats = forward(reference, x, t, bwd_opts)[1]
+    grad = backward(cpu, x, t, bwd_opts, stats, dloss)
+    assert_close(grad, backward(reference, x, t, bwd_opts, stats, dloss), REF_RTOL[dtype], "bwd")
+    assert bool((grad[4] == 0).all())
+
+
+@pytest.mark.parametrize("opt", ["plain", "smooth+weight"])
+def test_probability_targets_non_finite_and_shard(opt):
+    """-inf logits where a row has no target mass, +inf, NaN: as the reference; and one rank's
+    classes [15, 30) of 60."""
+    seed = _seed("prob-edge", opt)
+    x, t = make_x(9, C, torch.float32, seed), _prob_target(9, C, seed, torch.float32)
+    x[1, 10:20] = float("-inf")  # no mass there
+    x[2, 0] = float("-inf")
+    x[3, 7] = float("inf")
+    x[5, 2] = float("nan")
+    x[6] = float("-inf")
+    opts = make_opts(opt, C, seed)
+    ours = forward(cpu, x, t, opts, 0.5)
+    check_against_reference(ours, forward(reference, x, t, opts, 0.5), torch.float32)
+    x, t = make_x(9, 15, torch.float32, seed), _prob_target(9, 15, seed, torch.float32)
+    opts = make_opts(opt, 15, seed, class_offset=15, n_classes=60)
+    ours = forward(cpu, x, t, opts, 0.5)
+    check_against_reference(ours, forward(reference, x, t, opts, 0.5), torch.float32)
 
 
 # --------------------------------------------------------------------------------------------
