@@ -626,7 +626,9 @@ def test_cpu_fast_path_contract(monkeypatch):
     loss = fused_xent.distillation_loss(s, t, nothing, hard_weight=1.0)
     (grad,) = torch.autograd.grad(loss, s)
     assert loss.isnan() and torch.equal(grad, torch.zeros_like(grad))
-    assert seen == ["torch"] * 4  # the teacher requiring grad is refused before
+    # The teacher requiring grad is refused before; the NaN "mean" over nothing is decided by the
+    # general route (the small route keeps only finite results), with the same answer.
+    assert seen == ["torch"] * 3 + ["function"]
 
 
 @pytest.mark.parametrize("case", ["inplace_backward", "large", "impl=reference"])
@@ -636,7 +638,7 @@ def test_cpu_inplace_large_and_reference_calls_take_the_function(monkeypatch, ca
     from fused_xent import distillation
 
     if case == "large":
-        monkeypatch.setattr(distillation, "_TORCH_CPU_MAX_ELEMENTS", 11)
+        monkeypatch.setattr(fused_xent.functional, "_TORCH_CPU_MAX_ELEMENTS", 11)
     s = _logits((3, 4), torch.float32, seed=72, scale=1.0).cpu()
     t = _logits((3, 4), torch.float32, seed=73, scale=1.0).cpu()
     seen = _spy_paths(monkeypatch)

@@ -506,7 +506,7 @@ def test_cpu_fallback_in_chunks(monkeypatch):
     if DEVICE.type != "cpu":
         pytest.skip("the CPU fallback")
     monkeypatch.setattr(cpu, "REFERENCE_CHUNK_ELEMENTS", 40)
-    monkeypatch.setattr(fused_xent.logprobs, "_TORCH_CPU_MAX_ELEMENTS", -1)  # not the small path
+    monkeypatch.setattr(fused_xent.functional, "_TORCH_CPU_MAX_ELEMENTS", -1)  # not the small path
     x = _logits((5, 37), torch.bfloat16, seed=42)
     t = _ids((5,), 37, seed=42, ignored=(3,))
     _run_and_check(x, t, "auto", temperature=0.7, softcap=6.0)
