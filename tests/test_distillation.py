@@ -635,7 +635,6 @@ def test_cpu_fast_path_contract(monkeypatch):
 def test_cpu_inplace_large_and_reference_calls_take_the_function(monkeypatch, case):
     """inplace_backward, more than _TORCH_CPU_MAX_ELEMENTS logits (here 11: 2^18 in use) or
     impl="reference": the autograd Function over the reference, as before the fast path."""
-    from fused_xent import distillation
 
     if case == "large":
         monkeypatch.setattr(fused_xent.functional, "_TORCH_CPU_MAX_ELEMENTS", 11)

@@ -250,17 +250,17 @@ class Logits:
     """(rows, C) values ``R`` (float64, exact in ``dtype``) as the input of one call in ``layout``,
     with the map of a gradient of that input back to (rows, C)."""
 
-    def __init__(self, R: torch.Tensor, dtype, layout: str):
+    def __init__(self, R: torch.Tensor, dtype, layout: str, col0: int = 0):
         rows, C = R.shape
         Rd = R.to(dtype)
-        self.layout, self.C = layout, C
+        self.layout, self.C, self.col0 = layout, C, col0
         self.base = None
-        if layout == "row-strided":
+        if layout == "row-strided":  # big[:, col0 : col0 + C]: rows of any alignment
             big = torch.full((rows, C + 5), 7.0, dtype=dtype)
-            big[:, :C] = Rd
+            big[:, col0 : col0 + C] = Rd
             self.leaf = big.requires_grad_()
             self.base = self.leaf * 1
-            self.x = self.base[:, :C]
+            self.x = self.base[:, col0 : col0 + C]
         elif layout == "transposed":
             self.leaf = Rd.t().contiguous().requires_grad_()
             self.x = (self.leaf * 1).t()
@@ -297,10 +297,11 @@ class Logits:
     def layout_checks(self) -> list[str]:
         out = []
         if self.base is not None:  # row-strided: nothing outside the view is written
-            C = self.C
-            if not bool((self.base.detach()[:, C:] == 7.0).all()):
+            outside = torch.ones(self.base.shape[1], dtype=torch.bool)
+            outside[self.col0 : self.col0 + self.C] = False
+            if not bool((self.base.detach()[:, outside] == 7.0).all()):
                 out.append("wrote outside the row-strided view")
-            if self.leaf.grad is not None and bool((self.leaf.grad[:, C:] != 0).any()):
+            if self.leaf.grad is not None and bool((self.leaf.grad[:, outside] != 0).any()):
                 out.append("gradient outside the row-strided view")
         return out
 
@@ -414,6 +415,7 @@ def ce_cases(draw):
     c["mode"] = draw(st.sampled_from(["grad", "grad", "grad", "no_grad"]))
     c["target_grad"] = draw(st.booleans()) and c["prob"]
     c["small_blocks"] = draw(st.booleans())
+    c["col0"] = draw(st.sampled_from([0, 1, 3]))  # row-strided: where the view starts
     c["seed"] = draw(st.integers(0, 2**31 - 1))
     if c["offset"]:  # keep the transform exact at |x| ~ 1e4 (float32 cannot scale it exactly)
         c["logit_scale"] = 1.0 if c["logit_scale"] == 0.7 else c["logit_scale"]
@@ -598,7 +600,7 @@ def _ce_expected_error(c):
 
 
 def _ce_call(c, inp, route):
-    lg = Logits(inp["R"], c["dtype"], c["layout"])
+    lg = Logits(inp["R"], c["dtype"], c["layout"], c["col0"])
     rows, layout = c["rows"], c["layout"]
     if c["prob"]:
         target = shape_rows(inp["T"], layout, rows, prob=True).clone()
@@ -768,6 +770,7 @@ def logprob_cases(draw):
     c["grad_entropy"] = draw(st.sampled_from(["ones", "random", "zero", "unused"]))
     c["mode"] = draw(st.sampled_from(["grad", "grad", "grad", "no_grad"]))
     c["small_blocks"] = draw(st.booleans())
+    c["col0"] = draw(st.sampled_from([0, 1, 3]))  # row-strided: where the view starts
     c["seed"] = draw(st.integers(0, 2**31 - 1))
     if c["offset"]:
         c["temperature"] = 1.0 if c["temperature"] == 0.7 else c["temperature"]
@@ -885,7 +888,7 @@ def _lp_call(c, inp, route):
         lg = _Lp3d(inp["R"], c["dtype"])
         target = inp["y"].reshape(rows // 2, 2).clone()
     else:
-        lg = Logits(inp["R"], c["dtype"], c["layout"])
+        lg = Logits(inp["R"], c["dtype"], c["layout"], c["col0"])
         target = inp["y"].clone()
     grad_mode = c["mode"] == "grad"
     if grad_mode:
@@ -1003,6 +1006,7 @@ def distill_cases(draw):
     c["grad"] = draw(st.sampled_from(["ones", "random", "zero", "scaled"]))
     c["mode"] = draw(st.sampled_from(["grad", "grad", "grad", "no_grad"]))
     c["small_blocks"] = draw(st.booleans())
+    c["col0"] = draw(st.sampled_from([0, 1, 3]))  # row-strided: where the view starts
     c["seed"] = draw(st.integers(0, 2**31 - 1))
     if c["offset"]:
         c["temperature"] = 1.0 if c["temperature"] == 0.7 else c["temperature"]
@@ -1145,7 +1149,7 @@ def _dist_call(c, inp, route):
         teacher = inp["T"].reshape(rows // 2, 2, C).clone()
         target = None if inp["y"] is None else inp["y"].reshape(rows // 2, 2).clone()
     else:
-        lg = Logits(inp["S"], c["dtype"], c["layout"])
+        lg = Logits(inp["S"], c["dtype"], c["layout"], c["col0"])
         teacher = inp["T"].clone()
         if c["layout"] == "row-strided":  # the teacher strided too
             big = torch.full((rows, C + 3), 5.0, dtype=teacher.dtype)
