@@ -30,7 +30,8 @@ setup(
         # bench/report.py draws report.png with it (and skips the plot without it).
         "bench": ["matplotlib>=3.7"],
         # fused_xent.hf (tests/test_hf.py, examples/hf_finetune.py); tested with transformers
-        # 4.57.6 and 5.24.0. accelerate: transformers' Trainer needs it (5.x: >= 1.1).
+        # 4.57.6, 5.24.0 and 5.25.0 (2026-12-07, with kernels 0.19.1). accelerate: transformers'
+        # Trainer needs it (5.x: >= 1.1).
         "hf": ["transformers>=4.57,<6", "accelerate>=1.1"],
     },
 )
