@@ -38,6 +38,7 @@ from .functional import (
     check_inplace,
     guard_backward,
     small_cpu_call,
+    upcast_kept,
 )
 
 
@@ -177,7 +178,9 @@ def _torch_cpu(student, teacher, target, opts, reduction):
     refused. Host reads of per-row values cost nothing here."""
     dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     temperature = opts.temperature
-    s = student.to(dtype)
+    # Ignored positions' rows zeroed in the copy: their gradient is exactly 0 even where the
+    # student's row holds NaN or -inf (as every route; README, "Edge cases").
+    s = upcast_kept(student, None if target is None else target.long() == opts.ignore_index)
     z = s if temperature == 1.0 else s / temperature
     with torch.no_grad():
         t = teacher.to(dtype)

@@ -747,18 +747,17 @@ def _xent_fwd_kernel(
     if PROB_TARGET:
         if HAS_SMOOTHING:
             sum_wt = (1.0 - label_smoothing) * sum_wt + smooth_c * sum_w
-            sum_wtz = (1.0 - label_smoothing) * sum_wtz + smooth_c * sum_wz
+            # At label_smoothing 1 the targets take no share, even at a -inf logit.
+            kept = tl.where(label_smoothing == 1.0, 0.0, (1.0 - label_smoothing) * sum_wtz)
+            sum_wtz = kept + smooth_c * sum_wz
         loss = sum_wt * lse_rel - sum_wtz
         coef = sum_wt
     else:
         # No target share (weight 0, or the target in another rank's slice) adds exactly 0,
         # even where this row's logits are all -inf.
-        loss = tl.where(
-            w_target == 0.0,
-            0.0,
-            (1.0 - label_smoothing) * w_target * ((row_max - z_t) + log_sum),
-        )
+        # (label_smoothing 1 leaves the target no share either: 0 * inf is not a NaN here.)
         coef = (1.0 - label_smoothing) * w_target
+        loss = tl.where(coef == 0.0, 0.0, coef * ((row_max - z_t) + log_sum))
         if HAS_SMOOTHING:
             loss += smooth_c * (sum_w * lse_rel - sum_wz)
             coef += smooth_c * sum_w
