@@ -23,6 +23,7 @@ silently reading gradients.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -631,7 +632,8 @@ class LinearTokenLogprobFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, opts, chunk_size, fp32_wgrad, backend,
                 return_entropy, rows=None, sum_hidden=None):  # fmt: skip
-        logp, stats, entropy = (rows or linear_token_rows)(
+        default = slab_token_rows if chunk_size is None else linear_token_rows
+        logp, stats, entropy = (rows or default)(
             hidden, weight, bias, target, opts, chunk_size, backend, return_entropy
         )
         ctx.opts, ctx.chunk_size, ctx.fp32_wgrad = opts, chunk_size, fp32_wgrad
@@ -677,11 +679,16 @@ def linear_token_grads(ctx, grad_logp, grad_entropy):
         zeros if grad_entropy is None else grad_entropy.to(stats.dtype),
     ])  # fmt: skip
     scaled, scale = row_scale(incoming)
+    backward = dict(dentropy=None if grad_entropy is None else scaled[1],
+                    entropy=None if grad_entropy is None else entropy, logprob=True)  # fmt: skip
+    if ctx.chunk_size is None:  # vocabulary slabs: d_weight final, the others still to scale
+        grads = slab_grads(hidden, weight, bias, target, ctx.opts, ctx.backend,
+                           ctx.needs_input_grad[:3], stats, scaled[0], scale,
+                           **backward)  # fmt: skip
+        return grads, (scale, None, scale), 1.0
     grads, w_scale = _linear_xent_grads(
         hidden, weight, bias, target, ctx.opts, ctx.chunk_size, ctx.fp32_wgrad, ctx.backend,
-        ctx.needs_input_grad[:3], stats=stats, dloss=scaled[0],
-        dentropy=None if grad_entropy is None else scaled[1],
-        entropy=None if grad_entropy is None else entropy, logprob=True,
+        ctx.needs_input_grad[:3], stats=stats, dloss=scaled[0], **backward,
     )  # fmt: skip
     return grads, scale, w_scale
 
@@ -863,3 +870,284 @@ class LinearDistillationFunction(torch.autograd.Function):
             )  # fmt: skip
         grads = finish_linear_grads(grads, scale, ctx.dtypes, w_scale)
         return (*grads, None, None, None, None, None, None, None, None)
+
+
+# --------------------------------------------------------------------------------------------
+# The fused linear forms by vocabulary slabs (the default): never the whole logits, no V x D
+# accumulator
+# --------------------------------------------------------------------------------------------
+#
+# The forward sweeps the head in slabs of rows W_s (a few thousand classes): each slab's logits
+# h W_s^T (N x V_s) go through the cross-entropy kernel as one slice of a vocabulary (the
+# vocabulary-parallel options: class_offset, n_classes), and the slices' statistics are merged
+# row by row (_SlabMerge: the combine of fused_xent.distributed, streamed), then discarded. The
+# backward sweeps the slabs again: it recomputes a slab's logits, the kernel turns them in place
+# into their gradient from the whole rows' statistics, and two products make d_weight[slab] =
+# dS^T h (summed over all N inside one product: written once, rounded once, no accumulator) and
+# add dS W_s to a float32 d_hidden. Four products (8 N D V flops) against the row chunks' three,
+# for memory: the weight gradient itself, a float32 d_hidden, the input gradient, a few floats a
+# row and one slab of logits (min(N V b / 16, SLAB_BYTES)).
+
+SLAB_BYTES = 64 << 20  # logits in flight at most (the kernels' path; see pick_vocab_slab)
+_SLAB_MULTIPLE = 128  # classes: tile-friendly products, 16-byte rows
+_SLAB_MIN_LOGITS = 1 << 14
+
+
+def pick_vocab_slab(n_rows: int, vocab: int, dtype: torch.dtype, kernels: bool) -> int:
+    """Classes per slab, from the shapes alone: a slab's logits take at most a sixteenth of the
+    whole logits and at most ``SLAB_BYTES`` (off the kernels counted as the reference's eight
+    float32 copies a logit), but at least 2**14 logits; a multiple of 128 classes where that
+    fits, at least 8."""
+    size = dtype.itemsize
+    budget = min(n_rows * vocab * size // 16, SLAB_BYTES)
+    per_logit = size if kernels else _REFERENCE_COPIES * max(size, 4)
+    classes = budget // max(n_rows * per_logit, 1)
+    # At least 2**14 logits a slab: a small call takes one or a few slabs (per-slab launches and
+    # products cost more than their logits there), within the bound's 1 MiB of slack.
+    classes = max(classes, _SLAB_MIN_LOGITS // max(n_rows, 1))
+    if classes >= _SLAB_MULTIPLE:
+        classes -= classes % _SLAB_MULTIPLE
+    return max(8, min(classes, vocab))
+
+
+def _slabs(vocab: int, slab: int):
+    return [(s, min(s + slab, vocab)) for s in range(0, vocab, slab)]
+
+
+def _slab_opts(opts, start: int, end: int, vocab: int):
+    """The options of classes [start, end) of ``vocab``, as one slice of a sharded vocabulary
+    (the z-loss added once, to the merged rows)."""
+    weight = None if opts.weight is None else opts.weight[start:end]
+    return dataclasses.replace(opts, weight=weight, class_offset=start, n_classes=vocab,
+                               lse_square_scale=0.0)  # fmt: skip
+
+
+def _slab_logits(hidden, weight, bias, start, end):
+    w = weight[start:end]
+    if bias is None:
+        return hidden @ w.t()
+    return torch.addmm(bias[start:end], hidden, w.t())
+
+
+def _slab_target(target, start, end):
+    return target[:, start:end] if target.is_floating_point() else target
+
+
+class _SlabMerge:
+    """The whole rows' loss and statistics from their slices', one slice at a time.
+
+    With ``m`` the running reference (the largest slice lse so far, 0 while none is finite):
+    ``s = sum_r exp(lse_r - m)``, ``acc = sum_r loss_r - A_r (lse_r - m)`` (a slice without share,
+    ``A_r = 0``, adds its loss alone, even where its lse is -inf), ``A = sum_r A_r``; the entropy
+    ``T = sum_r e_r (H_r - (lse_r - m))``, ``e_r = exp(lse_r - m)``, so that ``H = T / s + log s``;
+    and the argmax, the first slice's on ties. Moving ``m`` rescales ``s`` and ``T`` and adds
+    ``A`` times the move to ``acc``. In the end: ``lse = m + log s``, ``loss = acc + A log s``
+    (plus the z-loss), as ``fused_xent.distributed.combine`` gives for ranks."""
+
+    def __init__(self, n_rows, dtype, device, entropy: bool, predicted: bool) -> None:
+        def zeros():
+            return torch.zeros(n_rows, dtype=dtype, device=device)
+
+        self.m, self.s, self.acc, self.a = zeros(), zeros(), zeros(), zeros()
+        self.t = zeros() if entropy else None
+        self.best = torch.full((n_rows,), float("-inf"), dtype=dtype, device=device)
+        self.idx = torch.zeros(n_rows, dtype=torch.int64, device=device) if predicted else None
+
+    def add(self, loss_r, stats_r, entropy_r=None, predicted_r=None) -> None:
+        lse_r = stats_r[0] + stats_r[1]
+        m_old, s_old = self.m, self.s
+        m = torch.maximum(m_old, torch.where(lse_r == float("-inf"), m_old, lse_r))
+        move = m - m_old
+        shrink = torch.exp(-move)
+        self.s = torch.where(s_old == 0, 0.0, s_old * shrink) + torch.exp(lse_r - m)
+        rel = lse_r - m
+        self.acc = (
+            self.acc
+            + torch.where(self.a == 0, 0.0, self.a * move)
+            + loss_r
+            - torch.where(stats_r[2] == 0, 0.0, stats_r[2] * rel)
+        )
+        self.a = self.a + stats_r[2]
+        if self.t is not None:
+            moved = torch.where(s_old == 0, 0.0, shrink * (self.t + s_old * move))
+            e = torch.exp(rel)
+            self.t = moved + torch.where(e > 0, e * (entropy_r - rel), 0.0)
+        if self.idx is not None:
+            local_max = torch.where(stats_r[1] == float("-inf"), float("-inf"), stats_r[0])
+            self.idx = torch.where(local_max > self.best, predicted_r, self.idx)
+            self.best = torch.maximum(self.best, local_max)
+        self.m = m
+
+    def finish(self, target, opts):
+        """(loss, stats (max, log-sum, coefficient), entropy or None, predicted or None)."""
+        log_sum = self.s.log()
+        lse = self.m + log_sum
+        z2 = opts.lse_square_scale
+        loss = self.acc + torch.where(self.a == 0, 0.0, self.a * log_sum)
+        coef = self.a
+        if z2 != 0.0:
+            loss = loss + z2 * lse * lse
+            coef = coef + 2.0 * z2 * lse
+        if not target.is_floating_point():
+            loss = torch.where(target == opts.ignore_index, 0.0, loss)
+        entropy = None
+        if self.t is not None:
+            entropy = self.t / self.s + log_sum
+            entropy = torch.where(self.s == 0, 0.0, torch.where(entropy < 0, 0.0, entropy))
+        return loss, torch.stack([self.m, log_sum, coef]), entropy, self.idx
+
+
+def slab_loss_rows(hidden, weight, bias, target, opts, backend, entropy=False, predicted=False):
+    """Per-row loss (of the class-index or probability target; not weighted by a token weight),
+    statistics of the whole rows (max, log-sum, coefficient), entropy and argmax (None where not
+    asked for): the forward sweep over the head's slabs."""
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    slab = pick_vocab_slab(n_rows, vocab, hidden.dtype, backend.impl == "triton")
+    merge = _SlabMerge(n_rows, _loss_dtype(hidden), hidden.device, entropy, predicted)
+    for start, end in _slabs(vocab, slab):
+        logits = _slab_logits(hidden, weight, bias, start, end)
+        loss_r, stats_r = _row_outputs(logits)
+        token = token_stats_outputs(logits) if entropy or predicted else (None, None)
+        if not predicted:
+            token = (token[0], None)
+        backend.xent_forward(logits, _slab_target(target, start, end),
+                             _slab_opts(opts, start, end, vocab), loss_r, stats_r,
+                             entropy=token[0], predicted=token[1])  # fmt: skip
+        merge.add(loss_r, stats_r, *token)
+        del logits
+    return merge.finish(target, opts)
+
+
+def slab_grads(hidden, weight, bias, target, opts, backend, need, stats, dloss, scale,
+               target_grad=None, **backward):  # fmt: skip
+    """The backward sweep: (d_hidden float32, d_weight, d_bias float32), each None where not
+    wanted, for the per-row incoming gradient ``dloss * scale`` (``dloss`` at most 1 in magnitude,
+    ``scale`` a power of two on the device: :func:`row_scale`); ``target_grad`` (N, V) receives
+    d(loss)/d(probability target) over ``scale``. d_weight is final: each slab's rows are one
+    product, rounded once into the weight's dtype, then multiplied by the power of two (exact),
+    a slab at a time (on the CPU a mixed-dtype product makes a float32 temporary of its size);
+    d_hidden and d_bias are still to be multiplied by ``scale`` and rounded."""
+    need_h, need_w, need_b = need
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    device = hidden.device
+    d_hidden = (
+        _alloc.empty(hidden.shape, _accumulator_dtype(hidden.dtype), device) if need_h else None
+    )
+    d_weight = _alloc.empty(weight.shape, weight.dtype, device) if need_w else None
+    d_bias = None
+    if need_b and bias is not None:
+        d_bias = _alloc.empty((vocab,), _accumulator_dtype(weight.dtype), device)
+    # (1,)-shaped: it takes part in type promotion, so the product runs in float32.
+    w_factor = scale.to(torch.float32).reshape(1)
+    # float16: the slab's product in float32 first (its sum over N of gradients at most 1 can
+    # leave float16's range, or flush entries that the power of two would have kept).
+    w_half = d_weight is not None and d_weight.dtype == torch.float16
+    slab = pick_vocab_slab(n_rows, vocab, hidden.dtype, backend.impl == "triton")
+    for start, end in _slabs(vocab, slab):
+        logits = _slab_logits(hidden, weight, bias, start, end)
+        backend.xent_backward(
+            logits, _slab_target(target, start, end), _slab_opts(opts, start, end, vocab), stats,
+            dloss, logits if (need_h or need_w or need_b) else None,
+            target_grad=None if target_grad is None else target_grad[:, start:end], **backward,
+        )  # fmt: skip
+        # logits now hold d(loss)/d(logits) of this slab.
+        if d_hidden is not None:
+            _accumulate_mm(d_hidden, logits, weight[start:end], first=start == 0)
+        if d_weight is not None:
+            d_w = d_weight[start:end]
+            if w_half:
+                acc = torch.empty(d_w.shape, dtype=torch.float32, device=device)
+                _accumulate_mm(acc, logits.t(), hidden, first=True)
+                torch.mul(acc, w_factor, out=d_w)
+            else:
+                torch.addmm(d_w, logits.t(), hidden, beta=0, out=d_w)
+                torch.mul(d_w, w_factor, out=d_w)
+        if d_bias is not None:
+            torch.sum(logits, dim=0, dtype=d_bias.dtype, out=d_bias[start:end])
+        del logits
+    if vocab == 0 or n_rows == 0:
+        zero_unwritten((d_hidden, d_weight, d_bias))
+    return d_hidden, d_weight, d_bias
+
+
+class SlabLinearCrossEntropyFunction(torch.autograd.Function):
+    """cross_entropy(hidden @ weight.T + bias, target) by vocabulary slabs (the default plan).
+
+    The forward keeps the per-row statistics of the whole rows; the backward recomputes each
+    slab's logits with the per-row incoming gradient (the reduction's, over the "mean"
+    denominator, times the token weight) over a power of two (:func:`row_scale`), and each
+    gradient is rounded to its parameter's dtype once (d_weight in its product, then the power
+    of two, exact). Never anything of size N x V, nor V x D beyond the weight gradient itself."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, opts, reduction, backend, row_weight=None,
+                return_stats=False):  # fmt: skip
+        loss, stats, entropy, predicted = slab_loss_rows(
+            hidden, weight, bias, target, opts, backend, return_stats, return_stats
+        )
+        den = None
+        if reduction == "mean":
+            den = mean_denominator(target, opts, weight.shape[0], loss.dtype)
+        if row_weight is not None:
+            loss = loss * row_weight.to(loss.dtype)
+        ctx.opts, ctx.reduction, ctx.backend = opts, reduction, backend
+        ctx.dtypes = _param_dtypes(hidden, weight, bias)
+        ctx.save_for_backward(hidden, weight, bias, target, stats, den, row_weight)
+        extra = (lse_of(stats), *((entropy, predicted) if return_stats else ()))
+        ctx.mark_non_differentiable(*extra)
+        return (_reduce(loss, reduction, den), *extra)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        refuse_double_backward()
+        hidden, weight, bias, target, stats, den, row_weight = ctx.saved_tensors
+        if ctx.reduction != "none":
+            grad_loss = over_den(grad_loss, den).expand(hidden.shape[0])
+        if row_weight is not None:
+            grad_loss = grad_loss * row_weight.to(grad_loss.dtype)
+        dloss, scale = row_scale(grad_loss)
+        want_dt = ctx.needs_input_grad[3]
+        d_target = _alloc.empty(target.shape, target.dtype, target.device) if want_dt else None
+        grads = slab_grads(hidden, weight, bias, target, ctx.opts, ctx.backend,
+                           ctx.needs_input_grad[:3], stats, dloss, scale, d_target)  # fmt: skip
+        if d_target is not None:
+            d_target.mul_(scale.to(d_target.dtype))  # a power of two: exact
+        grads = finish_linear_grads(grads, (scale, None, scale), ctx.dtypes)
+        return (*grads, d_target, None, None, None, None, None)
+
+
+def slab_forward_no_grad(hidden, weight, bias, target, opts, reduction, backend, row_weight=None,
+                         return_stats=False):  # fmt: skip
+    """(loss, lse) alone (and entropy, predicted with ``return_stats``): one sweep."""
+    loss, stats, entropy, predicted = slab_loss_rows(
+        hidden, weight, bias, target, opts, backend, return_stats, return_stats
+    )
+    den = None
+    if reduction == "mean":
+        den = mean_denominator(target, opts, weight.shape[0], loss.dtype)
+    if row_weight is not None:
+        loss = loss * row_weight.to(loss.dtype)
+    extra = (entropy, predicted) if return_stats else ()
+    return (_reduce(loss, reduction, den), lse_of(stats), *extra)
+
+
+def logprob_outputs(loss, entropy, target, opts):
+    """log p(target) and the entropy from whole rows' loss and entropy (of slices merged, or of
+    ranks combined): log p <= 0 (a row whose target holds all the probability can round to
+    -1e-8; NaN stays), 0 on ignored rows; the entropy masked like it (0 on ignored rows, NaN
+    where the target is invalid), as the kernels' log-prob mode gives them."""
+    logp = 0.0 - loss  # ignored rows: +0
+    logp = torch.where(logp > 0, 0.0, logp)
+    if entropy is not None:
+        entropy = torch.where(target == opts.ignore_index, 0.0, entropy)
+        entropy = torch.where(torch.isnan(loss), float("nan"), entropy)
+    return logp, entropy
+
+
+def slab_token_rows(hidden, weight, bias, target, opts, chunk_size, backend, return_entropy):
+    """(log p(target), statistics, entropy or None) of hidden @ weight.T + bias by vocabulary
+    slabs (``chunk_size`` unused: the rows of :class:`LinearTokenLogprobFunction`'s default)."""
+    loss, stats, entropy, _ = slab_loss_rows(hidden, weight, bias, target, opts, backend,
+                                             return_entropy)  # fmt: skip
+    logp, entropy = logprob_outputs(loss, entropy, target, opts)
+    return logp, stats, entropy

@@ -46,6 +46,7 @@ from .autograd import (
     accumulate_chunk_grads,
     finish_linear_grads,
     linear_grad_buffers,
+    logprob_outputs,
     refuse_double_backward,
     row_scale,
     save_forward_grads,
@@ -261,14 +262,7 @@ def sharded_token_rows(logits, target, opts, backend, return_entropy, group):
     masked like the log-prob (0 on ignored rows, NaN where the target is invalid)."""
     loss, stats, _, token_stats = _sharded_rows(logits, target, opts, backend, group,
                                                 return_entropy, entropy_only=True)  # fmt: skip
-    logp = 0.0 - loss  # ignored rows: +0
-    # The combined loss of a row whose target holds all the probability can round to -1e-8:
-    # log p <= 0 always (NaN stays).
-    logp = torch.where(logp > 0, 0.0, logp)
-    entropy = None
-    if return_entropy:
-        entropy = torch.where(target == opts.ignore_index, 0.0, token_stats[0])
-        entropy = torch.where(torch.isnan(loss), float("nan"), entropy)
+    logp, entropy = logprob_outputs(loss, token_stats[0] if return_entropy else None, target, opts)
     return logp, stats, entropy
 
 

@@ -12,11 +12,13 @@ from ._options import LossOptions, mean_denominator
 from .autograd import (
     CrossEntropyFunction,
     LinearCrossEntropyFunction,
+    SlabLinearCrossEntropyFunction,
     forward_no_grad,
     linear_forward_no_grad,
     lse_of,
     pick_chunk_size,
     refuse_double_backward,
+    slab_forward_no_grad,
     token_stats_outputs,
 )
 
@@ -692,6 +694,13 @@ def _linear_2d(hidden, head, bias, target, opts, reduction, chunk_size, fp32, ba
             hidden, head, bias, target, opts, reduction, chunk_size, backend, group, row_weight,
             return_stats,
         )  # fmt: skip
+    if chunk_size is None:  # the default: vocabulary slabs (the memory people pick this for)
+        if wants_grad:
+            return SlabLinearCrossEntropyFunction.apply(
+                hidden, head, bias, target, opts, reduction, backend, row_weight, return_stats
+            )
+        return slab_forward_no_grad(hidden, head, bias, target, opts, reduction, backend,
+                                    row_weight, return_stats)  # fmt: skip
     if wants_grad:
         return LinearCrossEntropyFunction.apply(
             hidden, head, bias, target, opts, reduction, chunk_size, fp32, backend, row_weight,
@@ -756,20 +765,20 @@ def linear_cross_entropy(
             sets ``chunk_size``; its other fields have no counterpart and are ignored.
         lse_square_scale, softcap, logit_scale, return_lse, return_stats, token_weight, impl:
             as :func:`cross_entropy` (``return_stats`` and ``token_weight`` with a (C, D) head).
-        chunk_size: rows per chunk. ``None`` picks them from the shapes alone (the same on
-            every call; nothing asks the device, so it is safe in a CUDA graph capture): the
-            fewest rows, a multiple of 128, for which the float32 weight-gradient accumulator,
-            read and written once per chunk (``8 * D / rows`` bytes per logit), moves at most a
-            quarter of what the chunk itself moves (``6 * b`` bytes per logit, ``b`` the dtype's
-            size), and fewer if the chunk's logits would exceed
-            ``fused_xent.autograd.CHUNK_BUDGET_BYTES`` (4 GiB; on the reference path counted as
-            eight float32 copies); at least 128 rows, at most all of them. At 8192 x 4096 x
-            128256 bf16 that is all 8192 rows in one chunk (1.96 GiB of logits); larger batches
-            go in chunks of 11008 rows. A smaller ``chunk_size`` saves memory and costs
-            accumulator traffic.
-        fp32_weight_grad: with a float16 / bfloat16 weight, accumulate the weight gradient over
-            the chunks in float32 and round once at the end, so it matches torch's single
-            matrix product; costs a float32 (C, D) buffer from the forward to the backward.
+        chunk_size: ``None`` (the default): vocabulary slabs, never the whole logits nor a
+            V x D accumulator: the forward sweeps the head's rows in slabs and merges their
+            statistics, the backward sweeps again and writes each slab's weight gradient with
+            one product (four products instead of three; peak memory the weight gradient, a
+            float32 d_hidden, the input gradient and one slab of at most
+            ``min(N * V * b / 16, fused_xent.autograd.SLAB_BYTES)`` logits). An int: rows per
+            chunk of the row-chunk plan, memory for speed (three products; a chunk's logits and
+            a float32 V x D accumulator), as :func:`fused_xent.autograd.pick_chunk_size` would
+            pick them; the vocabulary-parallel form (``process_group``) always chunks rows.
+        fp32_weight_grad: the row-chunk plan only (the slabs write each weight-gradient row
+            once, from one product): with a float16 / bfloat16 weight, accumulate the weight
+            gradient over the chunks in float32 and round once at the end, so it matches
+            torch's single matrix product; costs a float32 (C, D) buffer from the forward to
+            the backward.
             ``False`` accumulates in the weight's dtype (one rounding per chunk, half the memory;
             a float16 one holds the sum times 1 / 2**floor(log2 N), so that it stays in float16's
             range). The hidden-state and bias gradients are always accumulated in float32 (N x D
@@ -839,7 +848,7 @@ def linear_cross_entropy(
             opts, process_group, n_rows, n_classes, prob_target, reduction, hidden.device
         )
     chunk_size = _chunk_from_options(options, chunk_size, n_rows, dim, n_classes)
-    if chunk_size is None:
+    if chunk_size is None and sharded:  # vocabulary-parallel: chunks of rows
         chunk_size = pick_chunk_size(n_rows, n_classes, dim, input.dtype, backend is not ops.TRITON)
     fp32 = bool(fp32_weight_grad)
     lead = tuple(input.shape[:-1])

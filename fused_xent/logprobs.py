@@ -23,6 +23,7 @@ from .autograd import (
     TokenLogprobFunction,
     linear_loss_rows,
     pick_chunk_size,
+    slab_token_rows,
     token_rows,
     token_stats_outputs,
 )
@@ -286,7 +287,7 @@ def linear_token_logprobs(
         opts = distributed.shard_options(
             opts, process_group, n_rows, vocab, False, "none", hidden.device
         )
-    if chunk_size is None:
+    if chunk_size is None and sharded:  # vocabulary-parallel: chunks of rows
         chunk_size = pick_chunk_size(n_rows, vocab, dim, input.dtype, backend is not ops.TRITON)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, linear_weight, linear_bias)
@@ -301,6 +302,10 @@ def linear_token_logprobs(
             hidden, linear_weight, linear_bias, row_target, opts, chunk_size,
             bool(fp32_weight_grad), backend, return_entropy,
         )  # fmt: skip
+    elif chunk_size is None:  # the default: vocabulary slabs
+        logp, _, entropy = slab_token_rows(hidden, linear_weight, linear_bias, row_target, opts,
+                                           None, backend, return_entropy)  # fmt: skip
+        out = (logp, entropy) if return_entropy else logp
     else:
         entropy = token_stats_outputs(hidden)[0] if return_entropy else None
         logp, _ = linear_loss_rows(hidden, linear_weight, linear_bias, row_target, opts,

@@ -862,9 +862,9 @@ def test_chunk_size_budget_wins():
     assert pick_chunk_size(0, 100, 16, torch.float32) == 1  # no rows: still a valid step
 
 
-def test_default_chunks_with_a_partial_last_one(monkeypatch):
-    """chunk_size=None on a batch that is not a multiple of the chunk: 300 rows go as 128, 128
-    and 44, and the result is torch's."""
+def test_row_chunks_with_a_partial_last_one(monkeypatch):
+    """The row-chunk plan (an explicit chunk_size) on a batch that is not a multiple of the
+    chunk: 300 rows go as 128, 128 and 44, and the result is torch's."""
     seen = []
     chunks = autograd._chunks
 
@@ -875,9 +875,33 @@ def test_default_chunks_with_a_partial_last_one(monkeypatch):
     monkeypatch.setattr(autograd, "_chunks", spy)
     seed = _seed("partial_default")
     x, w, b, t = make_case((300,), V, D, torch.float32, seed, ignored=(299,))
-    check_against_torch(x, w, b, t, grad_out_for("mean", (), seed), impl="reference")
+    check_against_torch(x, w, b, t, grad_out_for("mean", (), seed), impl="reference",
+                        chunk_size=128)  # fmt: skip
     assert seen and set(seen) == {128}
     assert autograd._chunks(300, 128)[-1] == (256, 300)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton", "auto"])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1},
+                                     {"softcap": 5.0, "lse_square_scale": 1e-3}])  # fmt: skip
+def test_default_slabs_with_a_partial_last_one(monkeypatch, impl, options):
+    """chunk_size=None (the default) sweeps the vocabulary in slabs, the last one partial, in the
+    forward and again in the backward, and the result is torch's (the merged statistics across
+    slabs: smoothing over the whole vocabulary, softcap and z-loss)."""
+    seen = []
+    slabs = autograd._slabs
+
+    def spy(vocab, slab):
+        out = slabs(vocab, slab)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(autograd, "_slabs", spy)
+    monkeypatch.setattr(autograd, "pick_vocab_slab", lambda *args: 16)
+    seed = _seed("partial_slab")
+    x, w, b, t = make_case((30,), V, D, torch.float32, seed, ignored=(29,))
+    check_against_torch(x, w, b, t, grad_out_for("mean", (), seed), impl=impl, **options)
+    assert seen == [[(0, 16), (16, 32), (32, 48), (48, 50)]] * 2
 
 
 # --------------------------------------------------------------------------------------------
