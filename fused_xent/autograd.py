@@ -1070,6 +1070,21 @@ def slab_grads(hidden, weight, bias, target, opts, backend, need, stats, dloss, 
     return d_hidden, d_weight, d_bias
 
 
+def _slab_forward(hidden, weight, bias, target, opts, reduction, backend, row_weight,
+                  return_stats):  # fmt: skip
+    """The forward sweep's per-row loss (times the token weight), statistics, "mean"
+    denominator (None otherwise), entropy and argmax (None without ``return_stats``)."""
+    loss, stats, entropy, predicted = slab_loss_rows(
+        hidden, weight, bias, target, opts, backend, return_stats, return_stats
+    )
+    den = None
+    if reduction == "mean":
+        den = mean_denominator(target, opts, weight.shape[0], loss.dtype)
+    if row_weight is not None:
+        loss = loss * row_weight.to(loss.dtype)
+    return loss, stats, den, entropy, predicted
+
+
 class SlabLinearCrossEntropyFunction(torch.autograd.Function):
     """cross_entropy(hidden @ weight.T + bias, target) by vocabulary slabs (the default plan).
 
@@ -1082,14 +1097,9 @@ class SlabLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, opts, reduction, backend, row_weight=None,
                 return_stats=False):  # fmt: skip
-        loss, stats, entropy, predicted = slab_loss_rows(
-            hidden, weight, bias, target, opts, backend, return_stats, return_stats
+        loss, stats, den, entropy, predicted = _slab_forward(
+            hidden, weight, bias, target, opts, reduction, backend, row_weight, return_stats
         )
-        den = None
-        if reduction == "mean":
-            den = mean_denominator(target, opts, weight.shape[0], loss.dtype)
-        if row_weight is not None:
-            loss = loss * row_weight.to(loss.dtype)
         ctx.opts, ctx.reduction, ctx.backend = opts, reduction, backend
         ctx.dtypes = _param_dtypes(hidden, weight, bias)
         ctx.save_for_backward(hidden, weight, bias, target, stats, den, row_weight)
@@ -1119,14 +1129,9 @@ class SlabLinearCrossEntropyFunction(torch.autograd.Function):
 def slab_forward_no_grad(hidden, weight, bias, target, opts, reduction, backend, row_weight=None,
                          return_stats=False):  # fmt: skip
     """(loss, lse) alone (and entropy, predicted with ``return_stats``): one sweep."""
-    loss, stats, entropy, predicted = slab_loss_rows(
-        hidden, weight, bias, target, opts, backend, return_stats, return_stats
+    loss, stats, den, entropy, predicted = _slab_forward(
+        hidden, weight, bias, target, opts, reduction, backend, row_weight, return_stats
     )
-    den = None
-    if reduction == "mean":
-        den = mean_denominator(target, opts, weight.shape[0], loss.dtype)
-    if row_weight is not None:
-        loss = loss * row_weight.to(loss.dtype)
     extra = (entropy, predicted) if return_stats else ()
     return (_reduce(loss, reduction, den), lse_of(stats), *extra)
 
