@@ -915,11 +915,13 @@ def _slabs(vocab: int, slab: int):
 
 
 def _slab_opts(opts, start: int, end: int, vocab: int):
-    """The options of classes [start, end) of ``vocab``, as one slice of a sharded vocabulary
-    (the z-loss added once, to the merged rows)."""
+    """The options of classes [start, end) of ``vocab`` (this rank's slice where ``opts`` hold
+    one: its ``class_offset`` and ``n_classes``), as one slice of a sharded vocabulary (the z-loss
+    added once, to the merged rows)."""
     weight = None if opts.weight is None else opts.weight[start:end]
-    return dataclasses.replace(opts, weight=weight, class_offset=start, n_classes=vocab,
-                               lse_square_scale=0.0)  # fmt: skip
+    n_classes = vocab if opts.n_classes is None else opts.n_classes
+    return dataclasses.replace(opts, weight=weight, class_offset=opts.class_offset + start,
+                               n_classes=n_classes, lse_square_scale=0.0)  # fmt: skip
 
 
 def _slab_logits(hidden, weight, bias, start, end):
