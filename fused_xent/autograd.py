@@ -1022,13 +1022,32 @@ def slab_loss_rows(hidden, weight, bias, target, opts, backend, entropy=False, p
 
 def slab_grads(hidden, weight, bias, target, opts, backend, need, stats, dloss, scale,
                target_grad=None, **backward):  # fmt: skip
-    """The backward sweep: (d_hidden float32, d_weight, d_bias float32), each None where not
-    wanted, for the per-row incoming gradient ``dloss * scale`` (``dloss`` at most 1 in magnitude,
-    ``scale`` a power of two on the device: :func:`row_scale`); ``target_grad`` (N, V) receives
-    d(loss)/d(probability target) over ``scale``. d_weight is final: each slab's rows are one
-    product, rounded once into the weight's dtype, then multiplied by the power of two (exact),
-    a slab at a time (on the CPU a mixed-dtype product makes a float32 temporary of its size);
-    d_hidden and d_bias are still to be multiplied by ``scale`` and rounded."""
+    """The backward sweep of the cross-entropy (:func:`slab_products`) for the per-row incoming
+    gradient ``dloss * scale`` (``dloss`` at most 1 in magnitude, ``scale`` a power of two on the
+    device: :func:`row_scale`); ``target_grad`` (N, V) receives d(loss)/d(probability target)
+    over ``scale``."""
+    vocab = weight.shape[0]
+    wants = any(need)
+
+    def to_grad(logits, start, end):
+        backend.xent_backward(
+            logits, _slab_target(target, start, end), _slab_opts(opts, start, end, vocab), stats,
+            dloss, logits if wants else None,
+            target_grad=None if target_grad is None else target_grad[:, start:end], **backward,
+        )  # fmt: skip
+
+    slab = pick_vocab_slab(hidden.shape[0], vocab, hidden.dtype, backend.impl == "triton")
+    return slab_products(hidden, weight, bias, need, scale, slab, to_grad)
+
+
+def slab_products(hidden, weight, bias, need, scale, slab, to_grad):
+    """The backward sweep over the head's slabs of ``slab`` classes: (d_hidden float32, d_weight,
+    d_bias float32), each None where not wanted. ``to_grad(logits, start, end)`` turns a slab's
+    recomputed logits in place into d(loss)/d(logits) over ``scale`` (a power of two on the
+    device). d_weight is final: each slab's rows are one product, rounded once into the weight's
+    dtype, then multiplied by the power of two (exact), a slab at a time (on the CPU a
+    mixed-dtype product makes a float32 temporary of its size); d_hidden and d_bias are still to
+    be multiplied by ``scale`` and rounded."""
     need_h, need_w, need_b = need
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
@@ -1044,14 +1063,9 @@ def slab_grads(hidden, weight, bias, target, opts, backend, need, stats, dloss, 
     # float16: the slab's product in float32 first (its sum over N of gradients at most 1 can
     # leave float16's range, or flush entries that the power of two would have kept).
     w_half = d_weight is not None and d_weight.dtype == torch.float16
-    slab = pick_vocab_slab(n_rows, vocab, hidden.dtype, backend.impl == "triton")
     for start, end in _slabs(vocab, slab):
         logits = _slab_logits(hidden, weight, bias, start, end)
-        backend.xent_backward(
-            logits, _slab_target(target, start, end), _slab_opts(opts, start, end, vocab), stats,
-            dloss, logits if (need_h or need_w or need_b) else None,
-            target_grad=None if target_grad is None else target_grad[:, start:end], **backward,
-        )  # fmt: skip
+        to_grad(logits, start, end)
         # logits now hold d(loss)/d(logits) of this slab.
         if d_hidden is not None:
             _accumulate_mm(d_hidden, logits, weight[start:end], first=start == 0)

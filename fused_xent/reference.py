@@ -218,28 +218,49 @@ def _xlogy_diff(p, log_p, log_q):
     return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(dim=1)
 
 
+def _log_m(log_ps, log_pt, beta):
+    """log M, M = beta P_t + (1 - beta) P_s, in log space: a probability that is subnormal (or 0)
+    in float32 keeps its log there."""
+    return torch.logaddexp(log_pt + math.log(beta), log_ps + math.log1p(-beta))
+
+
+def divergence_sums(log_ps, log_pt, beta):
+    """(D, KL(P_s || M) or None) summed over these columns per row, from the student's and the
+    teacher's log-probabilities (at the temperature) of whole rows: additive over slices of the
+    vocabulary. KL(P_s || M) is kept for the JSD's gradient (beta strictly between 0 and 1)."""
+    ps, pt = log_ps.exp(), log_pt.exp()
+    if beta == 0.0:  # KL(P_t || P_s)
+        return _xlogy_diff(pt, log_pt, log_ps), None
+    if beta == 1.0:  # KL(P_s || P_t)
+        return _xlogy_diff(ps, log_ps, log_pt), None
+    # beta KL(P_t || M) + (1 - beta) KL(P_s || M)
+    log_m = _log_m(log_ps, log_pt, beta)
+    kl_s = _xlogy_diff(ps, log_ps, log_m)
+    return beta * _xlogy_diff(pt, log_pt, log_m) + (1.0 - beta) * kl_s, kl_s
+
+
+def divergence_grad(log_ps, log_pt, beta, div, kl_s):
+    """dD / d(student logits over the temperature) on these columns, from the whole rows' D and
+    KL(P_s || M) (:func:`divergence_sums`)."""
+    ps = log_ps.exp()
+    if beta == 0.0:
+        return ps - log_pt.exp()
+    if beta == 1.0:
+        g, row = log_ps - log_pt, div
+    else:
+        g, row = (1.0 - beta) * (log_ps - _log_m(log_ps, log_pt, beta)), (1.0 - beta) * kl_s
+    return torch.where(ps > 0, ps * (g - row[:, None]), 0.0)
+
+
 def _distill(student, teacher, target, opts, row_scale=None):
     """Per-row loss, and with ``row_scale`` (N,) the student's gradient (float32; float64 for
     float64 logits). Ignored rows give 0 (and a zero gradient), as does a zero row scale."""
     dtype = _compute_dtype(student.dtype)
-    beta, n_cols = opts.beta, student.shape[1]
+    n_cols = student.shape[1]
     ignored, col = _distill_target(target, opts, n_cols)
     log_ps = torch.log_softmax(student.to(dtype) / opts.temperature, dim=1)
     log_pt = torch.log_softmax(teacher.to(dtype) / opts.temperature, dim=1)
-    ps, pt = log_ps.exp(), log_pt.exp()
-    if beta == 0.0:  # KL(P_t || P_s)
-        div = _xlogy_diff(pt, log_pt, log_ps)
-        d_div = ps - pt
-    elif beta == 1.0:  # KL(P_s || P_t)
-        div = _xlogy_diff(ps, log_ps, log_pt)
-        d_div = torch.where(ps > 0, ps * (log_ps - log_pt - div[:, None]), 0.0)
-    else:  # beta KL(P_t || M) + (1 - beta) KL(P_s || M)
-        # In log space: a probability that is subnormal (or 0) in float32 keeps its log there.
-        log_m = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log1p(-beta))
-        kl_s = _xlogy_diff(ps, log_ps, log_m)
-        div = beta * _xlogy_diff(pt, log_pt, log_m) + (1.0 - beta) * kl_s
-        g = (1.0 - beta) * (log_ps - log_m)
-        d_div = torch.where(ps > 0, ps * (g - ((1.0 - beta) * kl_s)[:, None]), 0.0)
+    div, kl_s = divergence_sums(log_ps, log_pt, opts.beta)
     loss = opts.soft_weight * div
     if col is not None:  # the hard term, at temperature 1
         log_p1 = torch.log_softmax(student.to(dtype), dim=1)
@@ -249,6 +270,7 @@ def _distill(student, teacher, target, opts, row_scale=None):
     if row_scale is None:
         return loss, None
     row_scale = row_scale.to(dtype)
+    d_div = divergence_grad(log_ps, log_pt, opts.beta, div, kl_s)
     grad = d_div * (opts.soft_weight / opts.temperature * row_scale)[:, None]
     if col is not None:
         onehot = torch.zeros_like(log_p1).scatter_(1, col[:, None], 1.0)
