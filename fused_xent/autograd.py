@@ -28,7 +28,7 @@ import warnings
 
 import torch
 
-from . import _alloc
+from . import _alloc, reference
 from ._options import mean_denominator, over_den, reduce_total
 
 
@@ -1172,3 +1172,154 @@ def slab_token_rows(hidden, weight, bias, target, opts, chunk_size, backend, ret
                                              return_entropy)  # fmt: skip
     logp, entropy = logprob_outputs(loss, entropy, target, opts)
     return logp, stats, entropy
+
+
+# The distillation by vocabulary slabs (the default of linear_distillation_loss): two heads, and
+# the divergence needs both normalised softmaxes, so the forward sweeps the slabs twice (the
+# log-sum-exps of both heads, then the divergence's sums from the whole rows' log-probabilities)
+# and the backward a third time. Each slab's two logit matrices are float32 (float64) copies
+# through torch's elementwise ops (reference.divergence_sums / divergence_grad: the reference's
+# own math, on columns), so a slab is counted as the reference path's temporaries, for two heads.
+
+_DISTILL_STATS = 6  # lse_s, lse_t (at the temperature), lse_1 (at 1), z[target], D, KL(P_s||M)
+
+
+def _distill_slab(n_rows, vocab, dtype):
+    return max(8, pick_vocab_slab(n_rows, vocab, dtype, False) // 2)
+
+
+def _distill_rows_target(target, opts, vocab, backend):
+    """(ignored or None, the hard term's column or None, invalid rows or None): a target outside
+    [0, V) that is not ignored raises on the host paths (as the reference) and gives the row NaN
+    on the kernels' (as kernels/distill.py, without a host read) and under torch.compile (where a
+    host read would break the graph)."""
+    if target is None:
+        return None, None, None
+    if backend.impl != "triton" and not torch.compiler.is_compiling():
+        ignored, col = reference._distill_target(target, opts, vocab)
+        return ignored, col, None
+    y = target.long()
+    ignored = y == opts.ignore_index
+    if opts.hard_weight == 0.0:
+        return ignored, None, None
+    bad = ~ignored & ((y < 0) | (y >= vocab))
+    return ignored, torch.where(ignored | bad, 0, y), bad
+
+
+def _distill_slab_logits(heads, start, end, dtype, temperature):
+    """The student's and the teacher's logits of classes [start, end) in ``dtype``: (z_s, z_s / T,
+    z_t / T), the student's own-dtype product first (the backward turns it into its gradient)."""
+    s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias = heads
+    raw = _slab_logits(s_hidden, s_weight, s_bias, start, end)
+    z_t = _slab_logits(t_hidden, t_weight, t_bias, start, end).to(dtype)
+    z_s = raw.to(dtype)
+    if temperature != 1.0:
+        return raw, z_s, z_s / temperature, z_t.div_(temperature)
+    return raw, z_s, z_s, z_t
+
+
+def slab_distill_rows(heads, target, opts, backend):
+    """The per-row loss (0 on ignored rows) and the whole rows' statistics (``_DISTILL_STATS``
+    rows) of the distillation of the student's head against the teacher's: two sweeps over the
+    heads' slabs, neither logit matrix ever whole."""
+    s_hidden, s_weight = heads[0], heads[1]
+    n_rows, vocab = s_hidden.shape[0], s_weight.shape[0]
+    dtype = torch.float64 if s_hidden.dtype == torch.float64 else torch.float32
+    device, temperature = s_hidden.device, opts.temperature
+    ignored, col, bad = _distill_rows_target(target, opts, vocab, backend)
+    slab = _distill_slab(n_rows, vocab, s_hidden.dtype)
+    stats = torch.full((_DISTILL_STATS, n_rows), float("-inf"), dtype=dtype, device=device)
+    lse_s, lse_t, lse_1, z_y, div, kl_s = stats
+    z_y.zero_(), div.zero_(), kl_s.zero_()
+    hard = col is not None
+    for start, end in _slabs(vocab, slab):  # the log-sum-exps, and the target's logit
+        _, z_s, zs_t, zt_t = _distill_slab_logits(heads, start, end, dtype, temperature)
+        torch.logaddexp(lse_s, zs_t.logsumexp(dim=1), out=lse_s)
+        torch.logaddexp(lse_t, zt_t.logsumexp(dim=1), out=lse_t)
+        if hard:
+            if temperature != 1.0:
+                torch.logaddexp(lse_1, z_s.logsumexp(dim=1), out=lse_1)
+            here = (col >= start) & (col < end)
+            picked = z_s.gather(1, (col - start).clamp(0, end - start - 1)[:, None]).squeeze(1)
+            z_y.copy_(torch.where(here, picked, z_y))
+    if hard and temperature == 1.0:
+        lse_1.copy_(lse_s)
+    for start, end in _slabs(vocab, slab):  # the divergence, from the whole rows' lse
+        _, _, zs_t, zt_t = _distill_slab_logits(heads, start, end, dtype, temperature)
+        d, k = reference.divergence_sums(zs_t - lse_s[:, None], zt_t - lse_t[:, None], opts.beta)
+        div.add_(d)
+        if k is not None:
+            kl_s.add_(k)
+    loss = opts.soft_weight * div
+    if hard:
+        loss = loss - opts.hard_weight * (z_y - lse_1)
+    if bad is not None:
+        loss = torch.where(bad, float("nan"), loss)
+    if ignored is not None:
+        loss = loss.masked_fill(ignored, 0.0)
+    return loss.to(_loss_dtype(s_hidden)), stats
+
+
+def slab_distill_grads(heads, target, opts, backend, need, stats, dloss, scale):
+    """The backward sweep (:func:`slab_products`) of :func:`slab_distill_rows` for the per-row
+    incoming gradient ``dloss * scale`` (:func:`row_scale`)."""
+    s_hidden, s_weight = heads[0], heads[1]
+    n_rows, vocab = s_hidden.shape[0], s_weight.shape[0]
+    dtype, temperature = stats.dtype, opts.temperature
+    ignored, col, bad = _distill_rows_target(target, opts, vocab, backend)
+    lse_s, lse_t, lse_1, _, div, kl_s = stats
+    dloss = dloss.to(dtype)
+    soft = (opts.soft_weight / temperature * dloss)[:, None]
+    zero = dloss == 0
+    if ignored is not None:
+        zero = zero | ignored
+    zero = zero[:, None]
+
+    def to_grad(logits, start, end):
+        _, z_s, zs_t, zt_t = _distill_slab_logits(heads, start, end, dtype, temperature)
+        log_ps, log_pt = zs_t - lse_s[:, None], zt_t - lse_t[:, None]
+        grad = reference.divergence_grad(log_ps, log_pt, opts.beta, div, kl_s).mul_(soft)
+        if col is not None:  # the hard term, at temperature 1
+            p1 = (z_s - lse_1[:, None]).exp_()
+            here = (col >= start) & (col < end)
+            p1.scatter_add_(1, (col - start).clamp(0, end - start - 1)[:, None],
+                            -here.to(dtype)[:, None])  # fmt: skip
+            grad.add_(p1.mul_((opts.hard_weight * dloss)[:, None]))
+            if bad is not None:
+                grad.masked_fill_(bad[:, None], float("nan"))
+        logits.copy_(grad.masked_fill_(zero, 0.0))
+
+    slab = _distill_slab(n_rows, vocab, s_hidden.dtype)
+    return slab_products(s_hidden, s_weight, heads[2], need, scale, slab, to_grad)
+
+
+class SlabLinearDistillationFunction(torch.autograd.Function):
+    """The distillation of the student's head against the teacher's by vocabulary slabs (the
+    default plan): the forward keeps six floats a row, the backward recomputes each slab of both
+    heads with the per-row incoming gradient over a power of two; gradients to the student's three
+    tensors only, each rounded once to its parameter's dtype."""
+
+    @staticmethod
+    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, target, opts,
+                reduction, backend):  # fmt: skip
+        heads = (s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias)
+        loss, stats = slab_distill_rows(heads, target, opts, backend)
+        den = None
+        if reduction == "mean":
+            den = distill_denominator(target, opts, loss.shape[0], loss.dtype, loss.device)
+        ctx.opts, ctx.reduction, ctx.backend = opts, reduction, backend
+        ctx.dtypes = _param_dtypes(s_hidden, s_weight, s_bias)
+        ctx.save_for_backward(*heads, target, stats, den)
+        return _reduce(loss, reduction, den)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        refuse_double_backward()
+        *heads, target, stats, den = ctx.saved_tensors
+        if ctx.reduction != "none":
+            grad_loss = over_den(grad_loss, den).expand(heads[0].shape[0])
+        dloss, scale = row_scale(grad_loss)
+        grads = slab_distill_grads(heads, target, ctx.opts, ctx.backend,
+                                   ctx.needs_input_grad[:3], stats, dloss, scale)  # fmt: skip
+        grads = finish_linear_grads(grads, (scale, None, scale), ctx.dtypes)
+        return (*grads, None, None, None, None, None, None, None)

@@ -2,10 +2,10 @@
 divergence between a student's and a teacher's softmax, plus an optional hard cross-entropy term.
 
 ``distillation_loss`` takes the two sets of logits; ``linear_distillation_loss`` takes the hidden
-states and LM heads of both models and never holds either full logit matrix (chunks of rows; the
+states and LM heads of both models and never holds either full logit matrix (vocabulary slabs; the
 teacher's products run without autograd). The math and the memory traffic are in
 ``fused_xent.kernels.distill``'s docstring; the autograd Functions are in ``fused_xent.autograd``
-(``DistillationFunction``, ``LinearDistillationFunction``).
+(``DistillationFunction``, ``SlabLinearDistillationFunction``, ``LinearDistillationFunction``).
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from ._options import DistillOptions
 from .autograd import (
     DistillationFunction,
     LinearDistillationFunction,
+    SlabLinearDistillationFunction,
     _reduce,
     distill_denominator,
     distill_no_grad,
     linear_distill_rows,
-    pick_chunk_size,
+    slab_distill_rows,
 )
 from .functional import (
     _INPUT_DTYPES,
@@ -352,9 +353,17 @@ def linear_distillation_loss(
 ) -> torch.Tensor:
     """:func:`distillation_loss` of ``linear(student_input, student_weight, student_bias)``
     against ``linear(teacher_input, teacher_weight, teacher_bias)``, without either full logit
-    matrix: chunks of rows, each chunk's two logit matrices one product each (the teacher's
-    without autograd), the student's turned in place into its gradient and accumulated in float32
-    into the student's three gradients, each rounded once to its parameter's dtype.
+    matrix.
+
+    The default plan sweeps the two heads by vocabulary slabs (a few thousand classes, a slab of
+    both logit matrices at most a sixteenth of one and 64 MiB): the forward twice (both heads'
+    log-sum-exps, then the divergence's sums), the backward once more, each slab's student logits
+    turned into their gradient and taken by two products into d_weight[slab] (one product over all
+    rows, rounded once) and a float32 d_hidden. Beyond the inputs and the gradients it holds six
+    floats a row and one slab. ``chunk_size=`` spends memory for speed: chunks of rows, each
+    chunk's two logit matrices one product each (the teacher's without autograd), the student's
+    turned in place into its gradient and accumulated in float32 (a V x D accumulator); each
+    gradient is rounded once to its parameter's dtype either way.
 
     Args:
         student_input: (..., D_s) hidden states; float32 / float16 / bfloat16 (float64 on the
@@ -365,8 +374,8 @@ def linear_distillation_loss(
         teacher_weight: (V, D_t), the teacher's head: the same V; the teacher input's dtype.
         target: optional (...) int64 / int32 class indices, the inputs' leading shape.
         student_bias, teacher_bias: optional (V,).
-        chunk_size: rows per chunk; None picks it from the shapes alone, as
-            :func:`fused_xent.linear_cross_entropy` does, counting both chunks of logits.
+        chunk_size: None (the default): vocabulary slabs; rows per chunk for the row-chunk
+            plan (memory for speed), as :func:`fused_xent.linear_cross_entropy`'s.
         The other arguments as in :func:`distillation_loss`.
 
     Returns:
@@ -415,22 +424,23 @@ def linear_distillation_loss(
     t_hidden = teacher_input.reshape(-1, teacher_input.shape[-1])
     rows_target = None if target is None else target.reshape(-1)
     n_rows = hidden.shape[0]
-    if chunk_size is None:
-        # Two chunks of logits (student and teacher) live at once: counted as twice the vocabulary.
-        chunk_size = pick_chunk_size(
-            n_rows, 2 * vocab, hidden.shape[1], student_input.dtype, backend is not ops.TRITON
-        )
     args = (hidden, student_weight, student_bias, t_hidden, teacher_weight, teacher_bias,
             rows_target, opts)  # fmt: skip
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (student_input, student_weight, student_bias)
     )
-    if wants_grad:
+    den = None
+    if chunk_size is None:  # the default: vocabulary slabs
+        if wants_grad:
+            loss = SlabLinearDistillationFunction.apply(*args, reduction, backend)
+        else:
+            loss, _ = slab_distill_rows(args[:6], rows_target, opts, backend)
+    elif wants_grad:
         loss = LinearDistillationFunction.apply(*args, reduction, chunk_size, backend)
     else:
         loss, _ = linear_distill_rows(*args, chunk_size, backend)
-        den = None
-        if reduction == "mean":
-            den = distill_denominator(rows_target, opts, n_rows, loss.dtype, loss.device)
+    if not wants_grad and reduction == "mean":
+        den = distill_denominator(rows_target, opts, n_rows, loss.dtype, loss.device)
+    if not wants_grad:
         loss = _reduce(loss, reduction, den)
     return loss.reshape(lead) if reduction == "none" else loss

@@ -305,20 +305,26 @@ def _linear_case(n, d_s, d_t, vocab, dtype, seed, bias=True):
     return h, w, b, ht, wt, bt
 
 
+@pytest.mark.parametrize("plan", ["rows", "slabs"])
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("reduction", ["mean", "none", "sum"])
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_linear_matches_float64(small_blocks, impl, reduction, beta):
-    """7 rows in chunks of 3 (the last one short), student hidden size 8, teacher 12, biases on
-    both: the loss and the student's three gradients against float64 products."""
+def test_linear_matches_float64(small_blocks, monkeypatch, impl, reduction, beta, plan):
+    """7 rows in chunks of 3 (the last one short), or the default vocabulary slabs forced to 16
+    classes (37: two whole, one short), student hidden size 8, teacher 12, biases on both: the
+    loss and the student's three gradients against float64 products."""
+    chunk_size = 3
+    if plan == "slabs":
+        chunk_size = None
+        monkeypatch.setattr(fused_xent.autograd, "pick_vocab_slab", lambda *a: 32)
     h, w, b, ht, wt, bt = _linear_case(7, 8, 12, V, torch.float32, seed=40)
     y = _ids((7,), V, seed=41, ignored=(3,))
     opts = dict(beta=beta, temperature=2.0, hard_weight=0.3, reduction=reduction)
     g = _grad_out(reduction, (7,), seed=42)
     leaves = [p.clone().requires_grad_() for p in (h, w, b)]
     loss = fused_xent.linear_distillation_loss(
-        leaves[0], leaves[1], ht, wt, y, student_bias=leaves[2], teacher_bias=bt, chunk_size=3,
-        impl=impl, **opts,
+        leaves[0], leaves[1], ht, wt, y, student_bias=leaves[2], teacher_bias=bt,
+        chunk_size=chunk_size, impl=impl, **opts,
     )  # fmt: skip
     (loss * g).sum().backward()
     leaves64 = [p.double().requires_grad_() for p in (h, w, b)]
@@ -397,7 +403,11 @@ def test_compile_fullgraph(impl):
             h.reshape(10, 8), lin.weight, ht, wt, y.reshape(10), student_bias=lin.bias,
             beta=0.9, chunk_size=4, impl=impl,
         )  # fmt: skip
-        return soft + rows.sum() + inplace + linear
+        slabs = fused_xent.linear_distillation_loss(  # the default plan: vocabulary slabs
+            h.reshape(10, 8), lin.weight, ht, wt, y.reshape(10), student_bias=lin.bias,
+            beta=0.3, temperature=2.0, hard_weight=0.5, impl=impl,
+        )  # fmt: skip
+        return soft + rows.sum() + inplace + linear + slabs
 
     results = []
     for fn in (torch.compile(step, fullgraph=True), step):
@@ -407,6 +417,30 @@ def test_compile_fullgraph(impl):
         results.append((loss.detach(), lin.weight.grad.clone(), lin.bias.grad.clone()))
     for got, want in zip(results[0], results[1], strict=True):
         assert rel_err(got, want) <= 1e-6
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_target_outside_the_vocabulary(small_blocks, impl):
+    """The default plan decides an out-of-range target of the hard term as every route does
+    (README, "Edge cases"): IndexError where a host read is free, NaN in that row (loss and
+    gradient) on the kernels' route, the other rows untouched."""
+    h, w, b, ht, wt, bt = _linear_case(4, 8, 6, V, torch.float32, seed=59)
+    y = torch.tensor([1, V, -100, 2], device=DEVICE)
+    hl = h.clone().requires_grad_()
+
+    def call():
+        return fused_xent.linear_distillation_loss(hl, w, ht, wt, y, hard_weight=0.5,
+                                                   reduction="none", impl=impl)  # fmt: skip
+
+    if impl != "triton":
+        with pytest.raises(IndexError, match=f"outside \\[0, {V}\\)"):
+            call()
+        return
+    loss = call()
+    loss.sum().backward()
+    assert torch.isnan(loss[1]) and torch.isnan(hl.grad[1]).all()
+    assert loss[2] == 0 and (hl.grad[2] == 0).all()
+    assert torch.isfinite(loss[[0, 3]]).all() and torch.isfinite(hl.grad[[0, 3]]).all()
 
 
 def test_linear_under_autocast():

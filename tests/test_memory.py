@@ -76,8 +76,24 @@ def _logprobs(h, w, t, impl):
     return logp.sum() + entropy.sum()
 
 
+_TEACHER = {}
+
+
+def _distill(h, w, t, impl):
+    """The JSD (three sweeps) with the hard term at a temperature; the teacher's head (the
+    student's hidden size, a different head) is an input, allocated before the step."""
+    if not _TEACHER:
+        gen = torch.Generator().manual_seed(1)
+        _TEACHER["h"] = torch.randn(N, D, generator=gen).to(h.dtype)
+        _TEACHER["w"] = (torch.randn(V, D, generator=gen) * 0.3).to(w.dtype)
+    return fused_xent.linear_distillation_loss(
+        h, w, _TEACHER["h"], _TEACHER["w"], t, beta=0.5, temperature=2.0, hard_weight=0.5,
+        impl=impl,
+    )  # fmt: skip
+
+
 CALLS = {"linear_cross_entropy": _xent, "linear_cross_entropy none+options": _xent_options,
-         "linear_token_logprobs": _logprobs}  # fmt: skip
+         "linear_token_logprobs": _logprobs, "linear_distillation_loss": _distill}  # fmt: skip
 # The kernels under the interpreter are slow at these sizes: the plain call alone there (the
 # driver of the slabs is the same for every backend).
 CASES = [(name, route) for name in CALLS for route in ROUTES
