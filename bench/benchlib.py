@@ -499,10 +499,12 @@ class LinearImpl:
 
     def loss_fn(self, case: LinearCase, device: torch.device) -> LinearLossFn:
         impl = "triton" if device.type == "cuda" else "reference"  # as Impl.loss_fn
-        if self.name in ("fused_xent", "fused_xent_bf16_dw"):
-            fp32 = self.name == "fused_xent"
+        if self.name == "fused_xent":
+            return lambda h, w, t: fused_xent.linear_cross_entropy(h, w, t, impl=impl)
+        if self.name == "fused_xent_rows":
+            rows = linear_chunk_rows(case.n_rows, case.vocab, case.dim, case.dtype, device)
             return lambda h, w, t: fused_xent.linear_cross_entropy(
-                h, w, t, fp32_weight_grad=fp32, impl=impl
+                h, w, t, chunk_size=rows, impl=impl
             )
         if self.name == "torch":
             return _hf_loss
@@ -515,15 +517,24 @@ class LinearImpl:
         return fn
 
 
+def linear_chunk_rows(n_rows, vocab, dim, dtype, device, heads: int = 1) -> int:
+    """The rows per chunk of the row-chunk plan as fused_xent picks it (``heads`` logit chunks
+    at once: 2 for distillation)."""
+    from fused_xent.autograd import pick_chunk_size
+
+    return int(pick_chunk_size(n_rows, heads * vocab, dim, dtype, device.type != "cuda"))
+
+
 LINEAR_IMPLS = [
     LinearImpl(
         "fused_xent",
-        "fused_xent.linear_cross_entropy(h, W, t): d_weight accumulated over the chunks in a "
-        "float32 (V, D) buffer (fp32_weight_grad=True, the default)",
+        "fused_xent.linear_cross_entropy(h, W, t), the default plan: vocabulary slabs (four "
+        "products, one slab of logits in flight, d_weight[slab] one product)",
     ),
     LinearImpl(
-        "fused_xent_bf16_dw",
-        "the same with fp32_weight_grad=False: d_weight accumulated in the weight's dtype",
+        "fused_xent_rows",
+        "the same with chunk_size= the rows fused_xent's row-chunk rule picks: memory for speed "
+        "(three products, a float32 (V, D) d_weight accumulator)",
     ),
     LinearImpl(
         "torch",
@@ -767,9 +778,12 @@ class DistillImpl:
         # impl="auto" on the CPU: its fast path there (and the reference for the linear form).
         impl = "triton" if device.type == "cuda" else "auto"
         beta = case.beta
-        if self.name == "fused_xent" and self.linear:
+        if self.name.startswith("fused_xent") and self.linear:
+            rows = None
+            if self.name == "fused_xent_rows":
+                rows = linear_chunk_rows(case.n_rows, case.vocab, case.dim, case.dtype, device, 2)
             return lambda hs, ws, ht, wt: fused_xent.linear_distillation_loss(
-                hs, ws, ht, wt, beta=beta, impl=impl
+                hs, ws, ht, wt, beta=beta, chunk_size=rows, impl=impl
             )
         if self.name == "fused_xent":
             return lambda s, t: fused_xent.distillation_loss(s, t, beta=beta, impl=impl)
@@ -792,7 +806,9 @@ DISTILL_IMPLS = [
 ]  # fmt: skip
 LINEAR_DISTILL_IMPLS = [
     DistillImpl("fused_xent", "fused_xent.linear_distillation_loss(hs, Ws, ht, Wt, beta=beta), "
-                "default chunking", linear=True),
+                "the default plan: vocabulary slabs", linear=True),
+    DistillImpl("fused_xent_rows", "the same with chunk_size= the row-chunk rule's rows (memory "
+                "for speed)", linear=True),
     DistillImpl("torch", "unfused: F.linear of both in bf16 (the teacher's under no_grad), then "
                 "the float32 eager recipe", linear=True),
     DistillImpl("liger", "Liger-Kernel LigerFusedLinearJSD(jsd_beta=beta, temperature=1)(hs, Ws, "

@@ -435,12 +435,11 @@ def rl_accuracy(case: Case, device: torch.device, rows: list[dict], steps: dict)
     check_accuracy(rows, steps, lambda: (x.clone().requires_grad_(True), t, a, b), errors)
 
 
-def _chunk_rows(case: LinearCase, device: torch.device) -> int | None:
-    """The rows per chunk fused_xent picks here by default (None if that helper moved)."""
+def _chunk_rows(case, device: torch.device, heads: int = 1) -> int | None:
+    """The rows per chunk of fused_xent's row-chunk plan here (None if that helper moved)."""
     try:
-        from fused_xent.autograd import pick_chunk_size
-
-        return int(pick_chunk_size(case.n_rows, case.vocab, case.dim, case.dtype))
+        return benchlib.linear_chunk_rows(case.n_rows, case.vocab, case.dim, case.dtype, device,
+                                          heads)  # fmt: skip
     except Exception:
         return None
 
@@ -476,7 +475,7 @@ def run_linear_case(
             "dw_rel_err": None,
             "first_call_s": None,
             "input_copies": len(rotation.bufs),
-            "chunk_rows": chunk_rows if name.startswith("fused_xent") else None,
+            "chunk_rows": chunk_rows if name == "fused_xent_rows" else None,
             "skipped": None,
             "error": None,
         }
@@ -638,13 +637,7 @@ def run_linear_distill_case(
     floor_flops_ms = case.flops / mm_rate * 1e3
     floor_bytes_ms = case.bytes_moved / copy_bw * 1e3
     floor_ms = max(floor_flops_ms, floor_bytes_ms)
-    try:  # as linear_distillation_loss picks it: both chunks of logits counted
-        from fused_xent.autograd import pick_chunk_size
-
-        chunk_rows = int(pick_chunk_size(case.n_rows, 2 * case.vocab, case.dim, case.dtype,
-                                         device.type != "cuda"))  # fmt: skip
-    except Exception:
-        chunk_rows = None
+    chunk_rows = _chunk_rows(case, device, 2)  # both chunks of logits counted
     rotation = benchlib.LinearDistillRotation(case, device)
 
     def new_row(name, run):
@@ -656,7 +649,7 @@ def run_linear_distill_case(
             "floor_ms": floor_ms, "ms": None, "tflops": None, "pct_floor": None,
             "peak_extra_bytes": None, "loss_rel_err": None, "dh_rel_err": None,
             "dw_rel_err": None, "first_call_s": None, "input_copies": len(rotation.bufs),
-            "chunk_rows": chunk_rows if name == "fused_xent" else None,
+            "chunk_rows": chunk_rows if name == "fused_xent_rows" else None,
             "skipped": None, "error": None,
         }  # fmt: skip
 
@@ -780,7 +773,7 @@ def _distill_markdown(meta, rows, noise_rows, linear_rows=None, linear_noise=Non
         "M), 0 the forward KL, 1 the reverse), its temperature divides both logits without a "
         "T^2 factor, and its loss is the token sum over the tokens not ignored (all here): the "
         "same mean. On the CPU fused_xent runs impl='auto' (the reference for the linear form)"
-        + (f"; its default chunk here: {chunks} rows." if chunks else "."),
+        + (f"; fused_xent_rows' chunk here: {chunks} rows." if chunks else "."),
         "",
         "| hidden, heads | floor ms | implementation | ms | TFLOP/s | % of floor | +GB "
         "| loss rel err | d_hidden rel err | d_weight rel err |",
@@ -968,7 +961,8 @@ def _linear_markdown(meta: dict, rows: list[dict], noise_rows: list[dict]) -> li
         "distinct randn copies, each with its own targets, all with one weight (V x D), randn / "
         "sqrt(D) so that the logits are ~ N(0, 1).",
         "- Flops: three matrix products of 2·N·D·V each (logits, d_hidden, d_weight); floor = "
-        "6·N·D·V / the matrix product rate; % = floor / ms.",
+        "6·N·D·V / the matrix product rate; % = floor / ms (fused_xent's default recomputes the "
+        "logits, four products: 75% is its own floor).",
         "- +GB = peak memory allocated during one step beyond the inputs (CUDA only), the "
         "returned d_hidden (N x D) and d_weight (V x D) included. Errors are norm-wise, relative "
         "to float64 computed with plain torch ops on the same inputs, a block of rows at a time. "
@@ -976,7 +970,7 @@ def _linear_markdown(meta: dict, rows: list[dict], noise_rows: list[dict]) -> li
         "- Implementations: "
         + "; ".join(f"**{i.name}** = {i.note}" for i in benchlib.LINEAR_IMPLS)
         + ". On the CPU fused_xent runs its reference path (impl='reference')"
-        + (f". fused_xent's default chunk here: {chunks} rows." if chunks else "."),
+        + (f". fused_xent_rows' chunk here: {chunks} rows." if chunks else "."),
         "",
         "| hidden, weight | floor ms | implementation | ms | TFLOP/s | % of floor | +GB "
         "| loss rel err | d_hidden rel err | d_weight rel err |",

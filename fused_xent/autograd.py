@@ -1185,7 +1185,9 @@ _DISTILL_STATS = 6  # lse_s, lse_t (at the temperature), lse_1 (at 1), z[target]
 
 
 def _distill_slab(n_rows, vocab, dtype):
-    return max(8, pick_vocab_slab(n_rows, vocab, dtype, False) // 2)
+    """A half of the cross-entropy's slab (two heads), not below its least (2**14 logits)."""
+    slab = pick_vocab_slab(n_rows, vocab, dtype, False)
+    return slab if slab * n_rows <= _SLAB_MIN_LOGITS else max(8, slab // 2)
 
 
 def _distill_rows_target(target, opts, vocab, backend):
@@ -1232,7 +1234,8 @@ def slab_distill_rows(heads, target, opts, backend):
     lse_s, lse_t, lse_1, z_y, div, kl_s = stats
     z_y.zero_(), div.zero_(), kl_s.zero_()
     hard = col is not None
-    for start, end in _slabs(vocab, slab):  # the log-sum-exps, and the target's logit
+    slabs = _slabs(vocab, slab)
+    for start, end in slabs:  # the log-sum-exps, and the target's logit
         _, z_s, zs_t, zt_t = _distill_slab_logits(heads, start, end, dtype, temperature)
         torch.logaddexp(lse_s, zs_t.logsumexp(dim=1), out=lse_s)
         torch.logaddexp(lse_t, zt_t.logsumexp(dim=1), out=lse_t)
@@ -1244,8 +1247,9 @@ def slab_distill_rows(heads, target, opts, backend):
             z_y.copy_(torch.where(here, picked, z_y))
     if hard and temperature == 1.0:
         lse_1.copy_(lse_s)
-    for start, end in _slabs(vocab, slab):  # the divergence, from the whole rows' lse
-        _, _, zs_t, zt_t = _distill_slab_logits(heads, start, end, dtype, temperature)
+    for start, end in slabs:  # the divergence, from the whole rows' lse
+        if len(slabs) > 1:  # (one slab: the logits of the first sweep)
+            _, _, zs_t, zt_t = _distill_slab_logits(heads, start, end, dtype, temperature)
         d, k = reference.divergence_sums(zs_t - lse_s[:, None], zt_t - lse_t[:, None], opts.beta)
         div.add_(d)
         if k is not None:
