@@ -71,6 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _trl
 from .functional import cross_entropy, linear_cross_entropy
 
 __all__ = ["ForCausalLMLoss", "patch", "unpatch"]
@@ -217,11 +218,21 @@ class _Patch:
         return None
 
     def head_options(self) -> tuple[float | None, float]:
-        """(softcap, logit_scale) as fused_xent takes them: softcap * tanh(scale * x / softcap)."""
+        """(softcap, logit_scale) as fused_xent takes them: softcap * tanh(scale * x / softcap).
+
+        The scale as TRL's fused head reads it, the first one present: ``logit_scale`` (Cohere;
+        None reads as 1), ``output_multiplier``, ``lm_head_multiplier`` (Falcon-H1), then
+        ``logits_scaling`` (Granite, MiniCPM3 divide by it; HyperCLOVA X multiplies)."""
         softcap = self._config_value("final_logit_softcapping")
-        scale = float(self._config_value("logit_scale") or 1.0)
-        scale /= float(self._config_value("logits_scaling") or 1.0)
-        return (float(softcap) if softcap else None), scale
+        scale = self._config_value("logit_scale")
+        for name in ("output_multiplier", "lm_head_multiplier"):
+            if scale is None:
+                scale = self._config_value(name)
+        scaling = self._config_value("logits_scaling")
+        if scale is None and scaling is not None:
+            hyperclova = self._config_value("model_type") == "hyperclovax"
+            scale = float(scaling) if hyperclova else 1.0 / float(scaling)
+        return (float(softcap) if softcap else None), float(1.0 if scale is None else scale)
 
     # -- the loss function -----------------------------------------------------------------
     def __call__(
@@ -319,7 +330,7 @@ def _head_forward(head: nn.Module, input: torch.Tensor) -> torch.Tensor:
             "fused_xent.hf: the model called its output embedding twice in one call; it cannot "
             "be patched with linear=True (use linear=False)"
         )
-    weight, bias = head.weight, head.bias
+    hidden, weight, bias = _head_operands(head, input.reshape(-1, input.shape[-1]))
     for name, tensor in (("weight", weight), ("bias", bias)):
         if _is_dtensor(tensor):
             raise TypeError(
@@ -329,7 +340,6 @@ def _head_forward(head: nn.Module, input: torch.Tensor) -> torch.Tensor:
             )
     softcap, scale = state.head_options()
     target = _shifted(request.labels, request.ignore_index, request.shift_labels)
-    hidden = input.reshape(-1, input.shape[-1])
     target = target.reshape(-1).to(hidden.device, non_blocking=True)
     if target.shape[0] != hidden.shape[0]:
         raise ValueError(
@@ -353,6 +363,86 @@ def _head_forward(head: nn.Module, input: torch.Tensor) -> torch.Tensor:
     return proxy
 
 
+def _plain_linear(module) -> bool:
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def _is_lora_linear(module) -> bool:
+    """PEFT's LoRA ``Linear`` (its class is also called ``Linear``): a base layer and adapters."""
+    return all(hasattr(module, a) for a in ("base_layer", "lora_A", "lora_B", "scaling"))
+
+
+def _is_modules_to_save(module) -> bool:
+    """PEFT's ``ModulesToSaveWrapper``: a trainable copy of the head per adapter."""
+    return hasattr(module, "modules_to_save") and hasattr(module, "original_module")
+
+
+def _saved_module(wrapper):
+    """The module a ``ModulesToSaveWrapper`` runs now (as its forward picks it)."""
+    active = list(wrapper.active_adapters)
+    adapters = getattr(wrapper, "_adapters", set(wrapper.modules_to_save.keys()))
+    if wrapper.disable_adapters or not active or any(a not in adapters for a in active):
+        return wrapper.original_module
+    return wrapper.modules_to_save[active[0]]
+
+
+def _head_problem(head, name: str) -> str | None:
+    """Why ``head`` cannot be read as one linear map (weight, bias) of its input, or None."""
+    if _plain_linear(head):
+        return None
+    if _is_modules_to_save(head):
+        return _head_problem(_saved_module(head), name)
+    if _is_lora_linear(head):
+        if not _plain_linear(head.base_layer):
+            return (
+                f"{name}'s LoRA base layer is a {type(head.base_layer).__name__}, not an nn.Linear"
+            )
+        variants = [a for a in head.active_adapters if a in getattr(head, "lora_variant", {})]
+        if variants:
+            return (
+                f"{name}'s LoRA adapter {variants[0]!r} is a variant (DoRA, ...): only plain LoRA "
+                "heads are fused"
+            )
+        lora_b = head.lora_B
+        with_bias = [a for a in head.active_adapters if a in lora_b and lora_b[a].bias is not None]
+        if with_bias:
+            return f"{name}'s LoRA adapter {with_bias[0]!r} has a bias (lora_bias): not fused"
+        return None
+    return (
+        f"{name} is a {type(head).__name__}, not an nn.Linear (nor PEFT's LoRA Linear or "
+        "modules_to_save wrapper of one): a wrapped or quantised head cannot be read as a weight "
+        "and bias; use linear=False"
+    )
+
+
+def _head_operands(head, hidden, base=None):
+    """(hidden', weight, bias) with ``hidden' @ weight.T + bias`` = ``head(hidden)``: an
+    ``nn.Linear``'s own; a PEFT LoRA head's as one head over the concatenation ``[h, s A(drop(h))]``
+    and ``[W, B]`` (exact: ``h W^T + s (A drop(h)) B^T``; the gradients reach A and B through
+    the concatenation), a ``modules_to_save`` head's active copy. ``base`` (weight, bias) stands
+    for the base layer's (TRL hands a gathered FSDP weight)."""
+    if _is_modules_to_save(head):
+        return _head_operands(_saved_module(head), hidden, base)
+    if _is_lora_linear(head):
+        hidden_b, weight, bias = _head_operands(head.base_layer, hidden, base)
+        if head.disable_adapters or head.merged:
+            return hidden_b, weight, bias
+        parts_h, parts_w = [hidden_b], [weight]
+        for name in head.active_adapters:
+            if name not in head.lora_A:
+                continue
+            lora_a = head.lora_A[name]
+            x = head.lora_dropout[name](hidden.to(lora_a.weight.dtype))
+            parts_h.append((lora_a(x) * head.scaling[name]).to(hidden_b.dtype))
+            parts_w.append(head.lora_B[name].weight.to(weight.dtype))
+        if len(parts_h) == 1:
+            return hidden_b, weight, bias
+        return torch.cat(parts_h, dim=-1), torch.cat(parts_w, dim=1), bias
+    if base is not None:
+        return hidden, base[0], base[1]
+    return hidden, head.weight, head.bias
+
+
 def _is_dtensor(tensor) -> bool:
     if tensor is None or not torch.distributed.is_available():
         return False
@@ -362,12 +452,17 @@ def _is_dtensor(tensor) -> bool:
 
 
 def _patched_forward(model: nn.Module, args: tuple, kwargs: dict):
-    state: _Patch = model.__dict__[_ATTR]
+    state: _Patch | None = model.__dict__.get(_ATTR)
+    if state is None:  # unpatched under a TRL head that still calls this forward
+        return type(model).forward(model, *args, **kwargs)
     before = state.forward_before
     if before is _MISSING:
         original = functools.partial(type(model).forward, model)
     else:
         original = before
+    if kwargs.get("fused_lm_head") and _trl.is_trl_forward(before):
+        # Patched after TRL gave the model its fused head (patch(trainer.model)).
+        return _trl_call(model, before, args, kwargs)
     position = state.labels_position
     if "labels" in kwargs:
         labels = kwargs["labels"]
@@ -379,6 +474,7 @@ def _patched_forward(model: nn.Module, args: tuple, kwargs: dict):
         return original(*args, **kwargs)
     if state.request is not None:
         raise RuntimeError("fused_xent.hf: a patched model's forward was re-entered")
+    _follow_head(model, state)
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(model.config, "return_dict", True)
@@ -406,6 +502,98 @@ def _patched_forward(model: nn.Module, args: tuple, kwargs: dict):
     # The proxy the model made of the logits is not logits: say None, as documented.
     out = type(out)(**{key: value for key, value in out.items() if key != "logits"})
     return out if return_dict else out.to_tuple()
+
+
+def _follow_head(model: nn.Module, state: _Patch) -> None:
+    """The patch moves to the model's output embedding of now, if another module took its place
+    (PEFT wraps the head in a LoRA layer or a modules_to_save copy after the patch;
+    resize_token_embeddings makes a new one); one that cannot be fused raises."""
+    current = model.get_output_embeddings()
+    if current is state.head:
+        return
+    problem = _head_problem(current, f"{type(model).__name__}.get_output_embeddings()")
+    if problem is not None:
+        raise ValueError(f"fused_xent.hf: the output embedding changed since the patch: {problem}")
+    old = state.head
+    if old is not None:
+        _restore(old.__dict__, "forward", state.head_forward_before)
+        old.__dict__.pop(_ATTR, None)
+    state.head = current
+    state.head_forward_before = current.__dict__.get("forward", _MISSING)
+    current.__dict__[_ATTR] = state
+    current.forward = types.MethodType(_head_forward, current)
+
+
+class _TrlCall:
+    """One fused call of TRL's head on a patched model (``fused_xent._trl.ACTIVE``)."""
+
+    __slots__ = ("model", "served")
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.served = False
+
+    def serve(self, hidden, weight, bias, targets, temperature, softcap, logit_scale, outputs):
+        head = self.model.get_output_embeddings()
+        problem = _head_problem(head, f"{type(self.model).__name__}.get_output_embeddings()")
+        if problem is not None:
+            raise ValueError(f"fused_xent.hf (TRL's fused LM head): {problem}")
+        hidden, weight, bias = _head_operands(head, hidden, base=(weight, bias))
+        return _trl.per_token(hidden, weight, bias, targets, temperature, softcap, logit_scale,
+                              outputs)  # fmt: skip
+
+
+def _trl_call(model: nn.Module, trl_forward, args: tuple, kwargs: dict):
+    """TRL's fused forward with fused_xent serving its head; raises if it did not."""
+    _trl.require()
+    call = _TrlCall(model)
+    token = _trl.ACTIVE.set(call)
+    try:
+        out = trl_forward(*args, **kwargs)
+    finally:
+        _trl.ACTIVE.reset(token)
+    if not call.served:
+        raise RuntimeError(
+            f"fused_xent.hf: TRL {_trl.trl_version()}'s fused LM head returned without the call "
+            f"fused_xent serves ({_trl._FUNCTION}): this TRL computes it another way (fused_xent "
+            f"is tested with TRL {_trl.TESTED_TRL}); pin that release or unpatch the model"
+        )
+    return out
+
+
+def _make_trl_forward(trl_forward):
+    """TRL's fused forward with its fused calls served by fused_xent; TRL's signature kept (as
+    TRL keeps the model's: ``generate`` validates its keywords against it)."""
+
+    def forward(self, *args, fused_lm_head=False, **kwargs):
+        if not fused_lm_head:
+            return trl_forward(*args, **kwargs)
+        return _trl_call(self, trl_forward, args, {**kwargs, "fused_lm_head": True})
+
+    functools.update_wrapper(forward, getattr(trl_forward, "__func__", trl_forward))
+    forward._fused_xent_trl = trl_forward
+    return forward
+
+
+def _on_trl_head(model) -> None:
+    """TRL just gave ``model`` its fused head: if fused_xent patched the model (or the base
+    model of this PEFT model), TRL's fused calls are served by fused_xent from now on."""
+    if _base_of(model).__dict__.get(_ATTR) is None:
+        return
+    trl_forward = model.__dict__.get("forward")
+    if trl_forward is not None and _trl.is_trl_forward(trl_forward):
+        model.forward = types.MethodType(_make_trl_forward(trl_forward), model)
+
+
+_trl.on_fused_head = _on_trl_head
+
+
+def _base_of(model):
+    """The transformers model of a PEFT model (``get_base_model()``); any other model itself."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and type(model).__module__.split(".")[0] == "peft":
+        return get_base()
+    return model
 
 
 def _make_forward(signature: inspect.Signature, doc: str | None):
@@ -469,11 +657,9 @@ def _check_model(model, linear: bool) -> tuple[nn.Module | None, inspect.Signatu
     head = model.get_output_embeddings()
     if head is None:
         raise ValueError(f"{name}.get_output_embeddings() returned None: no output embedding")
-    if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
-        raise ValueError(
-            f"{name}.get_output_embeddings() is a {type(head).__name__}, not an nn.Linear "
-            "(a wrapped or quantised head cannot be read as a weight and bias); use linear=False"
-        )
+    problem = _head_problem(head, f"{name}.get_output_embeddings()")
+    if problem is not None:
+        raise ValueError(problem)
     return head, signature
 
 
@@ -503,17 +689,20 @@ def patch(model, *, linear: bool = True):
     """
     if not isinstance(linear, bool):
         raise TypeError(f"linear must be a bool, got {type(linear).__name__}")
+    given, model = model, _base_of(model)
     state = getattr(model, "__dict__", {}).get(_ATTR)
     if state is not None:
         if state.linear == linear:
-            return model
+            return given
         unpatch(model)
     head, signature = _check_model(model, linear)
+    _trl.ensure_hooks()
     state = _Patch(model, head, linear)
     model.__dict__[_ATTR] = state
     if not linear:
         model.loss_function = ForCausalLMLoss
-        return model
+        _on_trl_head(model)  # a TRL head already there: its fused calls are fused_xent's
+        return given
     model.loss_function = state
     params = [
         p
@@ -527,24 +716,30 @@ def patch(model, *, linear: bool = True):
     model.forward = types.MethodType(_make_forward(signature, doc), model)
     head.__dict__[_ATTR] = state
     head.forward = types.MethodType(_head_forward, head)
-    return model
+    return given
 
 
 def unpatch(model):
     """Undo :func:`patch`: the model's forward, its head's forward and its loss function are what
-    they were before. A model that is not patched is returned unchanged."""
+    they were before (a fused head TRL added after the patch stays, TRL's own again). A model that
+    is not patched is returned unchanged; a PEFT model's base model is unpatched."""
+    given, model = model, _base_of(model)
     state = getattr(model, "__dict__", {}).get(_ATTR)
     if state is None:
-        return model
+        return given
     if state.request is not None:
         raise RuntimeError("fused_xent.hf.unpatch called during the patched model's forward")
-    if state.linear:
+    trl_forward = getattr(model.__dict__.get("forward"), "_fused_xent_trl", None)
+    if trl_forward is not None:
+        model.__dict__["forward"] = trl_forward
+    elif state.linear:
         _restore(model.__dict__, "forward", state.forward_before)
+    if state.linear:
         _restore(state.head.__dict__, "forward", state.head_forward_before)
         state.head.__dict__.pop(_ATTR, None)
     _restore(model.__dict__, "_loss_function", state.loss_before)
     del model.__dict__[_ATTR]
-    return model
+    return given
 
 
 def _restore(namespace: dict, key: str, before) -> None:
