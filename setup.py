@@ -33,5 +33,9 @@ setup(
         # 4.57.6, 5.24.0 and 5.25.0 (2026-12-07, with kernels 0.19.1). accelerate: transformers'
         # Trainer needs it (5.x: >= 1.1).
         "hf": ["transformers>=4.57,<6", "accelerate>=1.1"],
+        # TRL's trainers served by fused_xent.hf.patch (fused_xent/_trl.py reads TRL's internals:
+        # tested with 1.16.0, 2026-12-08) and PEFT models / LoRA heads (tested with 0.22.0).
+        "trl": ["trl>=1.16,<1.17"],
+        "peft": ["peft>=0.22,<0.23"],
     },
 )

@@ -20,4 +20,4 @@ if ! python -c "import torch" 2>/dev/null; then
     fi
 fi
 # hf: transformers and accelerate, so tests/test_hf.py runs (it skips itself without them).
-python -m pip install -e ".[test,dev,bench,hf]"
+python -m pip install -e ".[test,dev,bench,hf,trl,peft]"

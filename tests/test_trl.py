@@ -1,0 +1,299 @@
+"""TRL's trainers and PEFT adapters on fused_xent (issue #21), with the real libraries.
+
+TRL's trainers give the model a fused LM head of their own (``add_fused_lm_head``) and call it
+with ``fused_lm_head=True``; ``fused_xent.hf.patch`` makes those calls fused_xent's, whether the
+model is patched before the trainer is built or ``trainer.model`` after. Each trainer runs two
+steps on a tiny Llama on the CPU, once on TRL's own head and once per order on fused_xent's (a
+spy counts the calls that reached fused_xent), with SGD so that equal gradients give equal
+parameters: the losses, the metrics TRL logs and the parameters must agree. The per-token fields
+(log-probs, entropy, log sum p^2, mean logit, top-1) are checked against float64 beside TRL's own
+function; PEFT models, LoRA heads (one head over the concatenation) and modules_to_save heads
+against the unpatched PEFT model, in both orders.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+
+import trl.trainer.utils as trl_utils  # noqa: E402
+from helpers import CUDA, rel_err  # noqa: E402
+
+import fused_xent.autograd  # noqa: E402
+import fused_xent.hf as hf  # noqa: E402
+from fused_xent import _trl  # noqa: E402
+
+pytestmark = pytest.mark.skipif(CUDA, reason="CPU trainers (the GPU check runs the kernels)")
+
+VOCAB = 100  # 96 words, <pad>, <eos> and two unused ids
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quiet():
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    transformers.logging.set_verbosity(verbosity)
+
+
+def tokenizer():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    vocab = {f"w{i}": i for i in range(96)} | {"<pad>": 96, "<eos>": 97}
+    tok = Tokenizer(WordLevel(vocab, unk_token="w1"))
+    tok.pre_tokenizer = Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>"
+    )
+
+
+def tiny_llama(seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=96, eos_token_id=97,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts the fused calls fused_xent served."""
+    calls = []
+    served = _trl.per_token
+
+    def per_token(*args, **kwargs):
+        calls.append(args[7])  # the outputs asked for
+        return served(*args, **kwargs)
+
+    monkeypatch.setattr(_trl, "per_token", per_token)
+    return calls
+
+
+COMMON_ARGS = dict(max_steps=2, logging_steps=1, report_to=[], learning_rate=0.05, optim="sgd",
+                   use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)  # fmt: skip
+
+
+def _train(make_trainer, order: str):
+    """(log history, parameters) of two steps; ``order``: "trl" (TRL's own head), "before" (the
+    model patched before the trainer is built) or "after" (``trainer.model`` patched)."""
+    model = tiny_llama()
+    if order == "before":
+        hf.patch(model)
+    trainer = make_trainer(model)
+    if order == "after":
+        hf.patch(trainer.model)
+    torch.manual_seed(0)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return logs, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _compare(make_trainer, order, spy, keys):
+    want_logs, want_params = _train(make_trainer, "trl")
+    assert not spy
+    got_logs, got_params = _train(make_trainer, order)
+    assert spy, "no call reached fused_xent"
+    assert len(got_logs) == len(want_logs) == 2
+    for got, want in zip(got_logs, want_logs, strict=True):
+        for key in keys:
+            assert key in want, key
+            assert abs(got[key] - want[key]) <= 1e-5 * max(1.0, abs(want[key])), (key, got, want)
+    for name, want in want_params.items():
+        assert rel_err(got_params[name], want) <= 1e-5, name
+
+
+def _sft(model):
+    data = datasets.Dataset.from_dict(
+        {"input_ids": [[1 + (i * 7 + j * 3) % 90 for j in range(10 + i % 5)] for i in range(8)]}
+    )
+    args = trl.SFTConfig(output_dir="unused", per_device_train_batch_size=4, **COMMON_ARGS)
+    return trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer())
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_sft_trainer(order, spy):
+    """SFT asks for the log-probs, the entropy and top-1 (its token accuracy)."""
+    _compare(_sft, order, spy, ("loss", "entropy", "mean_token_accuracy", "grad_norm"))
+    assert all(set(outputs) == {"log_probs", "entropy", "is_top1"} for outputs in spy)
+
+
+def _reward(completions, **kwargs):
+    return [len(c) / 10.0 for c in completions]
+
+
+def _grpo(model):
+    prompts = [" ".join(f"w{(i * 5 + j) % 90 + 1}" for j in range(4)) for i in range(4)]
+    args = trl.GRPOConfig(output_dir="unused", per_device_train_batch_size=4, num_generations=4,
+                          max_completion_length=5, temperature=0.7, **COMMON_ARGS)  # fmt: skip
+    return trl.GRPOTrainer(model=model, args=args, reward_funcs=_reward, processing_class=tokenizer(),
+                           train_dataset=datasets.Dataset.from_dict({"prompt": prompts}))  # fmt: skip
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_grpo_trainer(order, spy):
+    """GRPO: sampled completions, the log-probs and entropy at its temperature."""
+    _compare(_grpo, order, spy, ("loss", "entropy", "reward", "grad_norm"))
+
+
+# --- the per-token fields ------------------------------------------------------------------
+
+
+def _float64_fields(hidden, weight, bias, targets, temperature, softcap, scale):
+    z = (hidden.double() @ weight.double().T + bias.double()) * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
+    log_p = torch.log_softmax(z, dim=-1)
+    logp = log_p.gather(1, targets[:, None]).squeeze(1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    log_sum_sq = torch.logsumexp(2 * log_p, dim=-1)
+    return logp, entropy, log_sum_sq, z.mean(-1), z.argmax(-1) == targets
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_per_token_fields_against_float64(monkeypatch, softcap):
+    """Every field TRL's head returns, and the gradients of the log-probs and the entropy, over
+    several vocabulary slabs (a short last one), against float64 and beside TRL's own function."""
+    monkeypatch.setattr(fused_xent.autograd, "pick_vocab_slab", lambda *a: 16)
+    gen = torch.Generator().manual_seed(3)
+    n, d, v = 9, 12, 37
+    hidden = torch.randn(n, d, generator=gen, requires_grad=True)
+    weight = torch.randn(v, d, generator=gen).mul_(0.7).requires_grad_()
+    bias = torch.randn(v, generator=gen, requires_grad=True)
+    targets = torch.randint(0, v, (n,), generator=gen)
+    targets[2] = torch.argmax((hidden @ weight.T + bias)[2]).item()  # one top-1 at least
+    a, b = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    args = (targets, 0.7, softcap, 0.5, ("log_probs",) + _trl._EXTRAS[:2] + ("entropy", "is_top1"))
+    got = _trl.per_token(hidden, weight, bias, *args)
+    peer = trl_utils._ChunkedLogProbFunction
+    peer = getattr(peer, "original", peer).apply(hidden, weight, bias, targets, 0.7, 16, softcap,
+                                                 0.5, args[-1])  # fmt: skip
+    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    want = _float64_fields(*leaves, targets, 0.7, softcap, 0.5)
+    for name, g, p, w in zip(("logp", "entropy", "sq", "mean", "top1"), got, peer, want,
+                             strict=True):  # fmt: skip
+        if name == "top1":
+            assert torch.equal(g, w) and torch.equal(p, w) and bool(w.any())
+            continue
+        assert rel_err(g, w) <= 1e-5, name
+        assert rel_err(p, w) <= 1e-4, name  # TRL's own, for scale
+    (got[0] * a + got[1] * b).sum().backward()
+    (want[0] * a.double() + want[1] * b.double()).sum().backward()
+    for name, t, ref in zip(("hidden", "weight", "bias"), (hidden, weight, bias), leaves,
+                            strict=True):  # fmt: skip
+        assert rel_err(t.grad, ref.grad) <= 1e-5, name
+
+
+# --- PEFT ------------------------------------------------------------------------------------
+
+
+def _peft_step(model, batch):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+@pytest.mark.parametrize("head", ["lora", "modules_to_save"])
+def test_peft_models_and_heads(order, head, monkeypatch):
+    """patch(peft_model), or patch then get_peft_model: a LoRA head and a modules_to_save head
+    fused (linear_cross_entropy called, no logits returned), the loss and every trainable
+    gradient (the head's adapter's included) as the unpatched PEFT model's."""
+    peft = pytest.importorskip("peft")
+    options = {
+        "lora": dict(target_modules=["q_proj", "lm_head"]),
+        "modules_to_save": dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),
+    }
+    config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **options[head])
+    batch = {"input_ids": torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))}
+    batch["labels"] = batch["input_ids"]
+    want_loss, want = _peft_step(peft.get_peft_model(tiny_llama(), config), batch)
+    calls = []
+    fused = hf.linear_cross_entropy
+    monkeypatch.setattr(
+        hf, "linear_cross_entropy", lambda *a, **k: calls.append(1) or fused(*a, **k)
+    )
+    model = tiny_llama()
+    if order == "before":
+        hf.patch(model)
+    wrapped = peft.get_peft_model(model, config)
+    if order == "after":
+        assert hf.patch(wrapped) is wrapped
+    got_loss, got = _peft_step(wrapped, batch)
+    assert calls == [1]
+    assert abs(got_loss - want_loss) <= 1e-6
+    assert got.keys() == want.keys() and any("lm_head" in n for n in got)
+    for name in want:
+        assert rel_err(got[name], want[name]) <= 1e-5, name
+    assert hf.unpatch(wrapped) is wrapped and hf._ATTR not in model.__dict__
+
+
+def test_trl_head_with_a_lora_head(spy):
+    """TRL's fused head on a PEFT model whose head has a LoRA adapter: fused_xent's log-probs are
+    the model's own (the adapter included); TRL's own head reads the base weight alone."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                             target_modules=["q_proj", "lm_head"])  # fmt: skip
+    model = peft.get_peft_model(hf.patch(tiny_llama()), config)
+    trl_utils.add_fused_lm_head(model.get_base_model(), outputs=("log_probs",))
+    ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(2))
+    got = model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
+    assert spy
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1].double()  # the adapter's logits
+    want = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert rel_err(got, want) <= 1e-5
+    hf.unpatch(model)  # TRL's own head again: without the adapter
+    theirs = model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
+    assert rel_err(theirs, want) > 1e-3
+
+
+# --- never a silent no-op --------------------------------------------------------------------
+
+
+def test_a_trl_head_fused_xent_cannot_serve_raises(monkeypatch):
+    model = hf.patch(tiny_llama())
+    trl_utils.add_fused_lm_head(model)
+    ids = torch.randint(0, 96, (1, 6))
+    dispatch = trl_utils._ChunkedLogProbFunction
+    assert isinstance(dispatch, _trl._Dispatch)
+    # A TRL whose fused head no longer goes through the function fused_xent replaces:
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", dispatch.original)
+    monkeypatch.setattr(_trl, "_install", lambda utils: None)
+    with pytest.raises(RuntimeError, match="TRL"):
+        model(input_ids=ids, labels=ids, fused_lm_head=True)
+
+
+def test_hooks_installed_when_trl_is_imported_later():
+    """patch() does not import TRL; importing it later installs the hooks, so a trainer built
+    afterwards is served."""
+    code = (
+        "import sys, transformers, fused_xent.hf as hf\n"
+        "m = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=50, "
+        "hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, "
+        "num_key_value_heads=1))\n"
+        "hf.patch(m)\n"
+        "assert 'trl' not in sys.modules\n"
+        "import trl.trainer.utils as u\n"
+        "from fused_xent import _trl\n"
+        "assert isinstance(u._ChunkedLogProbFunction, _trl._Dispatch)\n"
+        "import trl.trainer.sft_trainer as s\n"
+        "assert s.add_fused_lm_head._fused_xent_wraps is not None\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
