@@ -104,11 +104,12 @@ def shard_options(
     return dataclasses.replace(opts, class_offset=sum(sizes[:rank]), n_classes=sum(sizes))
 
 
-def _target_weight_here(target, opts, n_local):
-    """weight[target] on the rank that holds the target, 0 elsewhere and on ignored rows."""
+def _target_weight_here(target, opts, n_local, dtype):
+    """weight[target] on the rank that holds the target, 0 elsewhere and on ignored rows, in
+    ``dtype`` (the loss's: float64 weights are not rounded to float32, as unsharded)."""
     col = target.long() - opts.class_offset
     here = (target != opts.ignore_index) & (col >= 0) & (col < n_local)
-    return torch.where(here, opts.weight.float().gather(0, col.clamp(0, n_local - 1)), 0.0)
+    return torch.where(here, opts.weight.to(dtype).gather(0, col.clamp(0, n_local - 1)), 0.0)
 
 
 def combine(loss_r, stats_r, target, opts, group, n_local):
@@ -127,7 +128,7 @@ def combine(loss_r, stats_r, target, opts, group, n_local):
     class_index = not target.is_floating_point()
     with_weight_sum = class_index and opts.weight is not None
     if with_weight_sum:
-        parts.append(_target_weight_here(target, opts, n_local).to(loss_r.dtype))
+        parts.append(_target_weight_here(target, opts, n_local, loss_r.dtype))
     packed = torch.stack(parts)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
     log_sum = packed[0].log()
