@@ -649,12 +649,9 @@ class LinearTokenLogprobFunction(torch.autograd.Function):
         if grad_logp is None and grad_entropy is None:
             return (None,) * 11
         grads, scale, w_scale = linear_token_grads(ctx, grad_logp, grad_entropy)
-        if ctx.sum_hidden is not None:
-            if grads[0] is not None:
-                grads[0].mul_(scale)  # a power of two: exact; the ranks' scales may differ
-                ctx.sum_hidden(grads[0])
-            scale = (None, scale, scale)
-        grads = finish_linear_grads(grads, scale, ctx.dtypes, w_scale)
+        scales = scale if isinstance(scale, tuple) else (scale,) * 3
+        grads = finish_linear_grads(grads, sum_hidden_grad(grads, scales, ctx.sum_hidden),
+                                    ctx.dtypes, w_scale)  # fmt: skip
         return (*grads, None, None, None, None, None, None, None, None)
 
 
@@ -999,10 +996,10 @@ class _SlabMerge:
         return loss, torch.stack([self.m, log_sum, coef]), entropy, self.idx
 
 
-def slab_loss_rows(hidden, weight, bias, target, opts, backend, entropy=False, predicted=False):
-    """Per-row loss (of the class-index or probability target; not weighted by a token weight),
-    statistics of the whole rows (max, log-sum, coefficient), entropy and argmax (None where not
-    asked for): the forward sweep over the head's slabs."""
+def slab_sweep(hidden, weight, bias, target, opts, backend, entropy=False, predicted=False):
+    """The forward sweep over the head's slabs: the :class:`_SlabMerge` of their rows (its
+    ``finish`` gives the whole rows'; its ``best`` is their largest logit, -inf where none is
+    finite, tracked with ``predicted``)."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     slab = pick_vocab_slab(n_rows, vocab, hidden.dtype, backend.impl == "triton")
     merge = _SlabMerge(n_rows, _loss_dtype(hidden), hidden.device, entropy, predicted)
@@ -1017,6 +1014,14 @@ def slab_loss_rows(hidden, weight, bias, target, opts, backend, entropy=False, p
                              entropy=token[0], predicted=token[1])  # fmt: skip
         merge.add(loss_r, stats_r, *token)
         del logits
+    return merge
+
+
+def slab_loss_rows(hidden, weight, bias, target, opts, backend, entropy=False, predicted=False):
+    """Per-row loss (of the class-index or probability target; not weighted by a token weight),
+    statistics of the whole rows (max, log-sum, coefficient), entropy and argmax (None where not
+    asked for): the forward sweep over the head's slabs."""
+    merge = slab_sweep(hidden, weight, bias, target, opts, backend, entropy, predicted)
     return merge.finish(target, opts)
 
 
@@ -1108,15 +1113,21 @@ class SlabLinearCrossEntropyFunction(torch.autograd.Function):
     slab's logits with the per-row incoming gradient (the reduction's, over the "mean"
     denominator, times the token weight) over a power of two (:func:`row_scale`), and each
     gradient is rounded to its parameter's dtype once (d_weight in its product, then the power
-    of two, exact). Never anything of size N x V, nor V x D beyond the weight gradient itself."""
+    of two, exact). Never anything of size N x V, nor V x D beyond the weight gradient itself.
+
+    ``rows(hidden, weight, bias, target, opts, reduction, backend, row_weight, return_stats) ->
+    (loss, stats, den, entropy, predicted)`` is how the forward gets them (default
+    :func:`_slab_forward`), and ``sum_hidden(acc)`` sums the float32 hidden-state accumulator over
+    the ranks in place (a head sharded by rows: ``fused_xent.distributed``), as in
+    :class:`LinearTokenLogprobFunction`; the rest is the same either way."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, opts, reduction, backend, row_weight=None,
-                return_stats=False):  # fmt: skip
-        loss, stats, den, entropy, predicted = _slab_forward(
+                return_stats=False, rows=None, sum_hidden=None):  # fmt: skip
+        loss, stats, den, entropy, predicted = (rows or _slab_forward)(
             hidden, weight, bias, target, opts, reduction, backend, row_weight, return_stats
         )
-        ctx.opts, ctx.reduction, ctx.backend = opts, reduction, backend
+        ctx.opts, ctx.reduction, ctx.backend, ctx.sum_hidden = opts, reduction, backend, sum_hidden
         ctx.dtypes = _param_dtypes(hidden, weight, bias)
         ctx.save_for_backward(hidden, weight, bias, target, stats, den, row_weight)
         extra = (lse_of(stats), *((entropy, predicted) if return_stats else ()))
@@ -1138,14 +1149,30 @@ class SlabLinearCrossEntropyFunction(torch.autograd.Function):
                            ctx.needs_input_grad[:3], stats, dloss, scale, d_target)  # fmt: skip
         if d_target is not None:
             d_target.mul_(scale.to(d_target.dtype))  # a power of two: exact
-        grads = finish_linear_grads(grads, (scale, None, scale), ctx.dtypes)
-        return (*grads, d_target, None, None, None, None, None)
+        scales = sum_hidden_grad(grads, (scale, None, scale), ctx.sum_hidden)
+        grads = finish_linear_grads(grads, scales, ctx.dtypes)
+        return (*grads, d_target, None, None, None, None, None, None, None)
+
+
+def sum_hidden_grad(grads, scales, sum_hidden):
+    """The per-gradient scales still to apply (:func:`finish_linear_grads`), after the float32
+    d_hidden accumulator, if any, is summed over the ranks by ``sum_hidden`` (None: unsharded,
+    nothing to do): each rank's share at its own scale first (a power of two: exact; the ranks'
+    incoming gradients may differ), then the sum, rounded once afterwards."""
+    if sum_hidden is None:
+        return scales
+    if grads[0] is not None:
+        if scales[0] is not None:
+            grads[0].mul_(scales[0])
+        sum_hidden(grads[0])
+    return (None, *scales[1:])
 
 
 def slab_forward_no_grad(hidden, weight, bias, target, opts, reduction, backend, row_weight=None,
-                         return_stats=False):  # fmt: skip
-    """(loss, lse) alone (and entropy, predicted with ``return_stats``): one sweep."""
-    loss, stats, den, entropy, predicted = _slab_forward(
+                         return_stats=False, rows=None):  # fmt: skip
+    """(loss, lse) alone (and entropy, predicted with ``return_stats``): one sweep (``rows`` as
+    in :class:`SlabLinearCrossEntropyFunction`)."""
+    loss, stats, den, entropy, predicted = (rows or _slab_forward)(
         hidden, weight, bias, target, opts, reduction, backend, row_weight, return_stats
     )
     extra = (entropy, predicted) if return_stats else ()

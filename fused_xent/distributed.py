@@ -23,8 +23,19 @@ read on the host, so that ranks that disagree on the rows, the options or the sl
 ``ValueError`` on every rank instead of a hang. Nothing of size N x C is ever sent. The backward of
 ``cross_entropy`` needs no communication (every rank has the global row statistics and writes the
 gradient of its own slice); ``linear_cross_entropy`` sums the hidden-state gradient over the ranks
-(one all-reduce of N x D float32, its accumulator: in the forward for "mean"/"sum", in the
-backward for "none").
+(one all-reduce of N x D float32, its accumulator).
+
+The linear forms (``linear_cross_entropy``, ``linear_token_logprobs``) take the unsharded forms'
+plans on each rank's rows of the head. By default (no ``chunk_size``) vocabulary slabs: the
+forward sweeps the slice in slabs, merges their statistics into the slice's
+(``fused_xent.autograd.slab_sweep``: each slab one slice of the whole vocabulary at the rank's
+offset plus its own) and combines those across the ranks as above (once per call); the backward
+sweeps the slabs again with the global statistics (``fused_xent.autograd.slab_grads``), writes this
+rank's weight gradient a slab at a time and sums the hidden-state gradient over the ranks; never
+more than one slab of logits nor a V x D float32 accumulator. With ``chunk_size`` rows, the row
+chunks: each chunk's logits of the slice combined across the ranks (once per chunk), the gradients
+accumulated in float32 (in the forward for "mean"/"sum", the hidden-state gradient summed there;
+in the backward for "none").
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ from . import _alloc
 from ._options import over_den, reduce_total
 from .autograd import (
     LinearTokenLogprobFunction,
+    SlabLinearCrossEntropyFunction,
     _chunk_logits,
     _chunks,
     _param_dtypes,
@@ -50,6 +62,8 @@ from .autograd import (
     refuse_double_backward,
     row_scale,
     save_forward_grads,
+    slab_forward_no_grad,
+    slab_sweep,
     take_forward_grads,
     token_stats_outputs,
     weight_sum_scale,
@@ -104,11 +118,12 @@ def shard_options(
     return dataclasses.replace(opts, class_offset=sum(sizes[:rank]), n_classes=sum(sizes))
 
 
-def _target_weight_here(target, opts, n_local):
-    """weight[target] on the rank that holds the target, 0 elsewhere and on ignored rows."""
+def _target_weight_here(target, opts, n_local, dtype):
+    """weight[target] on the rank that holds the target, 0 elsewhere and on ignored rows, in
+    ``dtype`` (the loss's: float64 weights are not rounded to float32, as unsharded)."""
     col = target.long() - opts.class_offset
     here = (target != opts.ignore_index) & (col >= 0) & (col < n_local)
-    return torch.where(here, opts.weight.float().gather(0, col.clamp(0, n_local - 1)), 0.0)
+    return torch.where(here, opts.weight.to(dtype).gather(0, col.clamp(0, n_local - 1)), 0.0)
 
 
 def combine(loss_r, stats_r, target, opts, group, n_local):
@@ -127,7 +142,7 @@ def combine(loss_r, stats_r, target, opts, group, n_local):
     class_index = not target.is_floating_point()
     with_weight_sum = class_index and opts.weight is not None
     if with_weight_sum:
-        parts.append(_target_weight_here(target, opts, n_local).to(loss_r.dtype))
+        parts.append(_target_weight_here(target, opts, n_local, loss_r.dtype))
     packed = torch.stack(parts)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
     log_sum = packed[0].log()
@@ -175,10 +190,15 @@ def combine_entropy(stats_r, entropy_r, stats, group):
     return torch.where(part < 0, 0.0, part)  # >= 0, as each slice's (NaN stays)
 
 
-def combine_argmax(stats_r, predicted_r, group):
-    """The global argmax (lowest class on ties) from the slices' own (global indices): the
-    slices holding the global max offer theirs, the lowest wins. Two all-reduces of N values."""
-    local_max = torch.where(stats_r[1] == float("-inf"), float("-inf"), stats_r[0])
+def slice_max(stats_r):
+    """A slice's largest logit from its kernel statistics: -inf where none is finite."""
+    return torch.where(stats_r[1] == float("-inf"), float("-inf"), stats_r[0])
+
+
+def combine_argmax(local_max, predicted_r, group):
+    """The global argmax (lowest class on ties) from the slices' own (global indices) and their
+    largest logits (:func:`slice_max`): the slices holding the global max offer theirs, the
+    lowest wins. Two all-reduces of N values."""
     top = local_max.clone()
     dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
     offer = torch.where(local_max == top, predicted_r, torch.iinfo(torch.int64).max)
@@ -186,22 +206,47 @@ def combine_argmax(stats_r, predicted_r, group):
     return offer
 
 
+def _global_rows(local, target, opts, group, n_local, return_stats, entropy_only):
+    """Global per-row loss, statistics, denominator, and (entropy, predicted) or None from this
+    slice's ``local`` = (loss_r, stats_r, entropy_r, predicted_r, its largest logit), as the
+    kernel gives them with ``lse_square_scale = 0`` (``entropy_only``: no argmax combined)."""
+    loss_r, stats_r, entropy_r, predicted_r, max_r = local
+    loss, stats, denominator = combine(loss_r, stats_r, target, opts, group, n_local)
+    token_stats = None
+    if return_stats:
+        token_stats = (
+            combine_entropy(stats_r, entropy_r, stats, group),
+            None if entropy_only else combine_argmax(max_r, predicted_r, group),
+        )
+    return loss, stats, denominator, token_stats
+
+
 def _sharded_rows(logits, target, opts, backend, group, return_stats, entropy_only=False):
     """Global per-row loss, statistics, denominator, and (entropy, predicted) or None
     (``entropy_only``: (entropy, None), no argmax computed or combined)."""
-    token_stats = None
+    token_stats = (None, None)
     if return_stats:
         token_stats = token_stats_outputs(logits)
         if entropy_only:
             token_stats = (token_stats[0], None)
     loss_r, stats_r = _local_forward(logits, target, opts, backend, token_stats)
-    loss, stats, denominator = combine(loss_r, stats_r, target, opts, group, logits.shape[1])
-    if return_stats:
-        token_stats = (
-            combine_entropy(stats_r, token_stats[0], stats, group),
-            None if entropy_only else combine_argmax(stats_r, token_stats[1], group),
-        )
-    return loss, stats, denominator, token_stats
+    local = (loss_r, stats_r, *token_stats, slice_max(stats_r))
+    return _global_rows(local, target, opts, group, logits.shape[1], return_stats, entropy_only)
+
+
+def _slab_rows(hidden, weight, bias, target, opts, backend, group, return_stats,
+               entropy_only=False):  # fmt: skip
+    """:func:`_sharded_rows` of ``hidden @ weight.T + bias`` with this rank's rows of the head,
+    by vocabulary slabs: the slice's loss share and statistics are its slabs' merged
+    (``fused_xent.autograd.slab_sweep``, each slab a slice of the whole vocabulary at the rank's
+    offset plus its own; the z-loss 0, added once in :func:`combine`), its entropy the slice's
+    own and its argmax the slice's, as the kernel gives them for the slice's logits; never more
+    than one slab of logits."""
+    local_opts = dataclasses.replace(opts, lse_square_scale=0.0)
+    merge = slab_sweep(hidden, weight, bias, target, local_opts, backend, return_stats,
+                       return_stats and not entropy_only)  # fmt: skip
+    local = (*merge.finish(target, local_opts), merge.best)
+    return _global_rows(local, target, opts, group, weight.shape[0], return_stats, entropy_only)
 
 
 def _incoming_per_row(grad_loss, denominator, reduction, n_rows):
@@ -257,13 +302,18 @@ def sharded_forward_no_grad(logits, target, opts, reduction, backend, group, row
     return (_reduced(loss, denominator, reduction), stats[0] + stats[1], *(token_stats or ()))
 
 
-def sharded_token_rows(logits, target, opts, backend, return_entropy, group):
-    """(log p(target), global statistics, entropy or None) of one slice's rows: the entropy
-    masked like the log-prob (0 on ignored rows, NaN where the target is invalid)."""
-    loss, stats, _, token_stats = _sharded_rows(logits, target, opts, backend, group,
-                                                return_entropy, entropy_only=True)  # fmt: skip
+def _logprob_rows(rows, target, opts, return_entropy):
+    """(log p(target), global statistics, entropy or None) from :func:`_global_rows`' outputs:
+    the entropy masked like the log-prob (0 on ignored rows, NaN where the target is invalid)."""
+    loss, stats, _, token_stats = rows
     logp, entropy = logprob_outputs(loss, token_stats[0] if return_entropy else None, target, opts)
     return logp, stats, entropy
+
+
+def sharded_token_rows(logits, target, opts, backend, return_entropy, group):
+    """(log p(target), global statistics, entropy or None) of one slice's rows."""
+    rows = _sharded_rows(logits, target, opts, backend, group, return_entropy, entropy_only=True)
+    return _logprob_rows(rows, target, opts, return_entropy)
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,11 +358,50 @@ def _sum_hidden_grad(bufs, group):
     """The hidden-state gradient summed over the ranks, in its float32 accumulator (the sum of
     the ranks' unrounded shares, rounded once afterwards)."""
     if bufs[0] is not None:
-        dist.all_reduce(bufs[0], op=dist.ReduceOp.SUM, group=group)
+        _hidden_sum(group)(bufs[0])
+
+
+def _hidden_sum(group):
+    """``sum_hidden`` of the autograd Functions: a float32 accumulator summed over the ranks."""
+    return functools.partial(dist.all_reduce, op=dist.ReduceOp.SUM, group=group)
+
+
+def _slab_sharded_forward(hidden, weight, bias, target, opts, reduction, backend, row_weight,
+                          return_stats, group):  # fmt: skip
+    """The ``rows`` of ``SlabLinearCrossEntropyFunction`` with this rank's rows of the head:
+    the global per-row loss (times the token weight), statistics, "mean" denominator (None
+    otherwise), entropy and argmax (None without ``return_stats``)."""
+    loss, stats, denominator, token_stats = _slab_rows(hidden, weight, bias, target, opts,
+                                                       backend, group, return_stats)  # fmt: skip
+    if row_weight is not None:
+        loss = loss * row_weight.to(loss.dtype)
+    den = denominator if reduction == "mean" else None
+    return (loss, stats, den, *(token_stats or (None, None)))
+
+
+def sharded_slab_linear_cross_entropy(hidden, weight, bias, target, opts, reduction, backend,
+                                      group, row_weight, return_stats, wants_grad):  # fmt: skip
+    """What ``linear_cross_entropy`` runs with a ``process_group`` by default (no
+    ``chunk_size``): vocabulary slabs of this rank's rows of the head. The forward sweeps them
+    (their statistics merged into the slice's, then combined across the ranks: one max and one
+    sum all-reduce of a few floats a row) and keeps the global row statistics; the backward
+    sweeps them again with those (``fused_xent.autograd.slab_grads``: this rank's weight and bias
+    gradients, its share of the hidden-state gradient) and sums the hidden-state gradient's
+    float32 accumulator over the ranks (one all-reduce of N x D floats), rounded once. Never
+    more than one slab of logits, nor a V x D float32 accumulator."""
+    rows = functools.partial(_slab_sharded_forward, group=group)
+    if wants_grad:
+        return SlabLinearCrossEntropyFunction.apply(
+            hidden, weight, bias, target, opts, reduction, backend, row_weight, return_stats,
+            rows, _hidden_sum(group),
+        )  # fmt: skip
+    return slab_forward_no_grad(hidden, weight, bias, target, opts, reduction, backend,
+                                row_weight, return_stats, rows)  # fmt: skip
 
 
 class ShardedLinearCrossEntropyFunction(torch.autograd.Function):
-    """linear_cross_entropy with this rank's rows of the LM head.
+    """linear_cross_entropy with this rank's rows of the LM head, by chunks of rows (an explicit
+    ``chunk_size``; the default is :func:`sharded_slab_linear_cross_entropy`).
 
     "mean"/"sum": the forward makes one pass over the chunks; after each chunk's statistics are
     combined across ranks the same logits become this rank's gradient of the per-row losses,
@@ -400,6 +489,12 @@ def sharded_linear_forward_no_grad(
 
 def _sharded_linear_token_rows(hidden, weight, bias, target, opts, chunk_size, backend,
                                return_entropy, group):  # fmt: skip
+    """(log p(target), global statistics, entropy or None) with this rank's rows of the head:
+    by vocabulary slabs (``chunk_size`` None, the default) or by chunks of rows."""
+    if chunk_size is None:
+        rows = _slab_rows(hidden, weight, bias, target, opts, backend, group, return_entropy,
+                          entropy_only=True)  # fmt: skip
+        return _logprob_rows(rows, target, opts, return_entropy)
     n_rows = hidden.shape[0]
     logp, stats = _row_outputs(hidden)
     entropy = _alloc.empty((n_rows,), logp.dtype, hidden.device) if return_entropy else None
@@ -416,15 +511,16 @@ def _sharded_linear_token_rows(hidden, weight, bias, target, opts, chunk_size, b
 
 def sharded_linear_token_logprobs(hidden, weight, bias, target, opts, chunk_size, fp32_wgrad,
                                   backend, group, return_entropy, wants_grad):  # fmt: skip
-    """What ``linear_token_logprobs`` runs with a ``process_group``: each chunk's statistics
-    (and entropy) combined across the ranks in the forward; the backward recomputes the chunks,
-    writes this rank's gradients and sums the hidden-state gradient over the ranks (one
-    all-reduce of N x D float32)."""
+    """What ``linear_token_logprobs`` runs with a ``process_group``: the statistics (and
+    entropy) of each vocabulary slab of this rank's rows of the head merged and combined across
+    the ranks in the forward (with ``chunk_size``: of each chunk of rows); the backward
+    recomputes the slabs (chunks), writes this rank's gradients and sums the hidden-state
+    gradient over the ranks (one all-reduce of N x D float32)."""
     rows = functools.partial(_sharded_linear_token_rows, group=group)
     if wants_grad:
         return LinearTokenLogprobFunction.apply(
             hidden, weight, bias, target, opts, chunk_size, fp32_wgrad, backend, return_entropy,
-            rows, functools.partial(dist.all_reduce, op=dist.ReduceOp.SUM, group=group),
+            rows, _hidden_sum(group),
         )  # fmt: skip
     logp, _, entropy = rows(hidden, weight, bias, target, opts, chunk_size, backend,
                             return_entropy)  # fmt: skip

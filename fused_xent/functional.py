@@ -16,7 +16,6 @@ from .autograd import (
     forward_no_grad,
     linear_forward_no_grad,
     lse_of,
-    pick_chunk_size,
     refuse_double_backward,
     slab_forward_no_grad,
     token_stats_outputs,
@@ -676,7 +675,8 @@ class _MeanOverPositions(torch.autograd.Function):
 def _linear_2d(hidden, head, bias, target, opts, reduction, chunk_size, fp32, backend, group,
                row_weight=None, return_stats=False):  # fmt: skip
     """(loss, lse) of ``cross_entropy(hidden @ head.T + bias, target)``, hidden (N, D), head
-    (C, D), target (N,) indices or (N, C) probabilities, over chunks of rows; with
+    (C, D), target (N,) indices or (N, C) probabilities, by vocabulary slabs (``chunk_size``
+    None) or over chunks of rows, with or without a ``group`` holding the head's rows; with
     ``return_stats`` also (entropy, predicted)."""
     if target.is_floating_point() and backend is not ops.REFERENCE and target.shape[1] > 1:
         if target.stride(1) != 1:  # the kernels stride over rows, not over classes
@@ -685,6 +685,11 @@ def _linear_2d(hidden, head, bias, target, opts, reduction, chunk_size, fp32, ba
         t is not None and t.requires_grad for t in (hidden, head, bias, target)
     )
     if group is not None:
+        if chunk_size is None:  # the default: vocabulary slabs of this rank's rows of the head
+            return distributed.sharded_slab_linear_cross_entropy(
+                hidden, head, bias, target, opts, reduction, backend, group, row_weight,
+                return_stats, wants_grad,
+            )  # fmt: skip
         if wants_grad:
             return distributed.ShardedLinearCrossEntropyFunction.apply(
                 hidden, head, bias, target, opts, reduction, chunk_size, fp32, backend, group,
@@ -773,7 +778,8 @@ def linear_cross_entropy(
             ``min(N * V * b / 16, fused_xent.autograd.SLAB_BYTES)`` logits). An int: rows per
             chunk of the row-chunk plan, memory for speed (three products; a chunk's logits and
             a float32 V x D accumulator), as :func:`fused_xent.autograd.pick_chunk_size` would
-            pick them; the vocabulary-parallel form (``process_group``) always chunks rows.
+            pick them. The same with ``process_group``: slabs of this rank's rows of the head
+            by default, row chunks with an int.
         fp32_weight_grad: the row-chunk plan only (the slabs write each weight-gradient row
             once, from one product): with a float16 / bfloat16 weight, accumulate the weight
             gradient over the chunks in float32 and round once at the end, so it matches
@@ -848,8 +854,6 @@ def linear_cross_entropy(
             opts, process_group, n_rows, n_classes, prob_target, reduction, hidden.device
         )
     chunk_size = _chunk_from_options(options, chunk_size, n_rows, dim, n_classes)
-    if chunk_size is None and sharded:  # vocabulary-parallel: chunks of rows
-        chunk_size = pick_chunk_size(n_rows, n_classes, dim, input.dtype, backend is not ops.TRITON)
     fp32 = bool(fp32_weight_grad)
     lead = tuple(input.shape[:-1])
     if out_features and (return_stats or token_weight is not None):

@@ -22,7 +22,6 @@ from .autograd import (
     LinearTokenLogprobFunction,
     TokenLogprobFunction,
     linear_loss_rows,
-    pick_chunk_size,
     slab_token_rows,
     token_rows,
     token_stats_outputs,
@@ -225,9 +224,9 @@ def linear_token_logprobs(
     impl: str = "auto",
 ):
     """:func:`token_logprobs` of ``linear(input, linear_weight, linear_bias)`` without ever
-    holding the (N, V) logits: chunks of rows, each chunk's logits one matrix product, turned in
-    place into their gradient in the backward and accumulated in float32 (rounded once), as
-    :func:`fused_xent.linear_cross_entropy`.
+    holding the (N, V) logits: vocabulary slabs by default (or chunks of rows), each slab's
+    logits one matrix product, turned in place into their gradient in the backward (rounded
+    once), as :func:`fused_xent.linear_cross_entropy`.
 
     Args:
         input: (..., D) hidden states; float32 / float16 / bfloat16 (float64 on the reference
@@ -236,7 +235,8 @@ def linear_token_logprobs(
             this rank's rows of it (its slice of the vocabulary, in rank order).
         target: (...) int64 / int32 token ids, ``input.shape[:-1]``.
         linear_bias: optional (V,).
-        chunk_size: rows per chunk (None: from the shapes, as ``linear_cross_entropy``).
+        chunk_size: None (the default): vocabulary slabs, as ``linear_cross_entropy``'s default
+            (with ``process_group`` too); an int: rows per chunk of the row-chunk plan.
         fp32_weight_grad: as in :func:`fused_xent.linear_cross_entropy`.
         The other arguments as in :func:`token_logprobs`.
 
@@ -287,8 +287,6 @@ def linear_token_logprobs(
         opts = distributed.shard_options(
             opts, process_group, n_rows, vocab, False, "none", hidden.device
         )
-    if chunk_size is None and sharded:  # vocabulary-parallel: chunks of rows
-        chunk_size = pick_chunk_size(n_rows, vocab, dim, input.dtype, backend is not ops.TRITON)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, linear_weight, linear_bias)
     )
