@@ -36,6 +36,7 @@ from .functional import (
     _check_chunk_size,
     _check_float,
     all_finite,
+    autocast_linear,
     check_inplace,
     guard_backward,
     small_cpu_call,
@@ -383,16 +384,14 @@ def linear_distillation_loss(
     """
     _check_tensor("student_input", student_input)
     device = student_input.device
-    if torch.is_autocast_enabled(device.type):
-        # As F.linear under autocast (and linear_cross_entropy): the products in the autocast
-        # dtype, the loss in float32.
-        dtype = torch.get_autocast_dtype(device.type)
-        student_input, teacher_input = student_input.to(dtype), teacher_input.to(dtype)
-        student_weight, teacher_weight = student_weight.to(dtype), teacher_weight.to(dtype)
-        if isinstance(student_bias, torch.Tensor):
-            student_bias = student_bias.to(dtype)
-        if isinstance(teacher_bias, torch.Tensor):
-            teacher_bias = teacher_bias.to(dtype)
+    # As F.linear under autocast (and linear_cross_entropy): the products in the autocast dtype,
+    # the loss in float32.
+    student_input, student_weight, student_bias = autocast_linear(
+        student_input, student_weight, student_bias
+    )
+    teacher_input, teacher_weight, teacher_bias = autocast_linear(
+        teacher_input, teacher_weight, teacher_bias
+    )
     _check_tensor("teacher_input", teacher_input, device)
     _check_common(reduction, impl)
     if student_input.dim() < 1 or teacher_input.dim() < 1:

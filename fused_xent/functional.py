@@ -715,6 +715,18 @@ def _linear_2d(hidden, head, bias, target, opts, reduction, chunk_size, fp32, ba
                                   row_weight, return_stats)  # fmt: skip
 
 
+def autocast_linear(input, weight, bias):
+    """(input, weight, bias) as F.linear under autocast takes them: in the autocast dtype when
+    autocast is on for the input's device (the loss itself follows torch's float32 policy:
+    computed in float32, returned as float32); unchanged otherwise."""
+    device_type = input.device.type if isinstance(input, torch.Tensor) else "cpu"
+    if not torch.is_autocast_enabled(device_type):
+        return input, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = [t.to(dtype) if isinstance(t, torch.Tensor) else t for t in (input, weight, bias)]
+    return cast[0], cast[1], cast[2]
+
+
 def linear_cross_entropy(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
@@ -820,14 +832,7 @@ def linear_cross_entropy(
     _check_common(
         {"input": input, "linear_weight": linear_weight, "target": target}, reduction, impl
     )
-    device_type = input.device.type
-    if torch.is_autocast_enabled(device_type):
-        # As F.linear under autocast: the product runs in the autocast dtype; the loss itself
-        # follows torch's float32 policy (computed in float32, returned as float32).
-        dtype = torch.get_autocast_dtype(device_type)
-        input, linear_weight = input.to(dtype), linear_weight.to(dtype)
-        if isinstance(linear_bias, torch.Tensor):
-            linear_bias = linear_bias.to(dtype)
+    input, linear_weight, linear_bias = autocast_linear(input, linear_weight, linear_bias)
     sharded = process_group is not None
     _check_linear(input, linear_weight, target, linear_bias, weight, sharded)
     _check_chunk_size(chunk_size)

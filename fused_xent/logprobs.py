@@ -36,6 +36,7 @@ from .functional import (
     _dtensor_linear_call,
     _options,
     all_finite,
+    autocast_linear,
     check_inplace,
     guard_backward,
     small_cpu_call,
@@ -231,7 +232,8 @@ def linear_token_logprobs(
     Args:
         input: (..., D) hidden states; float32 / float16 / bfloat16 (float64 on the reference
             path).
-        linear_weight: (V, D), the LM head's weight, ``input``'s dtype; with ``process_group``
+        linear_weight: (V, D), the LM head's weight, ``input``'s dtype (under autocast both
+            are cast to the autocast dtype first, as F.linear does); with ``process_group``
             this rank's rows of it (its slice of the vocabulary, in rank order).
         target: (...) int64 / int32 token ids, ``input.shape[:-1]``.
         linear_bias: optional (V,).
@@ -252,6 +254,7 @@ def linear_token_logprobs(
                  chunk_size=chunk_size, fp32_weight_grad=fp32_weight_grad, impl=impl),
         )  # fmt: skip
     sharded = process_group is not None
+    input, linear_weight, linear_bias = autocast_linear(input, linear_weight, linear_bias)
     _check_logits("input", input, target, impl, sharded)
     for name, value in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
         if value is None and name == "linear_bias":

@@ -84,8 +84,15 @@ FAMILIES = {
     "falcon_h1": (
         "FalconH1Config",
         "FalconH1ForCausalLM",
-        {"lm_head_multiplier": 0.37, "mamba_d_ssm": 32, "mamba_n_heads": 4, "mamba_d_head": 8,
-         "mamba_d_state": 8, "mamba_n_groups": 1, "mamba_chunk_size": 8},
+        {
+            "lm_head_multiplier": 0.37,
+            "mamba_d_ssm": 32,
+            "mamba_n_heads": 4,
+            "mamba_d_head": 8,
+            "mamba_d_state": 8,
+            "mamba_n_groups": 1,
+            "mamba_chunk_size": 8,
+        },
     ),  # fmt: skip
     "qwen2_tied": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
 }
