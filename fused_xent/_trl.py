@@ -13,6 +13,12 @@ there, whichever came first:
 * ``add_fused_lm_head`` is wrapped, so that a head added to an already patched model is wrapped
   in turn (``fused_xent.hf`` sets :data:`on_fused_head`).
 
+TRL's DistillationTrainer computes its loss with ``ChunkedDivergenceFunction`` from both
+models' hidden states and heads; that name in ``trl.trainer.distillation_trainer`` is replaced by
+:class:`_DivergenceDispatch`, which serves it with
+:func:`fused_xent.linear_distillation_loss` when the student's head weight is a patched model's
+(:data:`divergence_server`, fused_xent.hf's), and hands it to TRL otherwise.
+
 TRL's forward keeps doing everything else (the backbone, the shift and mask, the loss over
 ``num_items_in_batch``, a mixture-of-experts router loss, its output class), so the trainers'
 metrics stay intact. A fused call of a patched model that does not reach fused_xent raises,
@@ -34,12 +40,17 @@ TESTED_TRL = "1.16"  # the release CI installs (the `trl` extra pins the range)
 _UTILS = "trl.trainer.utils"
 _FUNCTION = "_ChunkedLogProbFunction"
 _ADD = "add_fused_lm_head"
+_DISTILL = "trl.trainer.distillation_trainer"  # DistillationTrainer's chunked divergence
+_DIVERGENCE = "ChunkedDivergenceFunction"
 _EXTRAS = ("log_sum_sq_probs", "mean_logits", "is_top1")
 
 # The fused call in flight: an object with ``serve(hidden, weight, bias, targets, temperature,
 # softcap, logit_scale, outputs)`` and a ``served`` flag (fused_xent.hf's).
 ACTIVE: contextvars.ContextVar = contextvars.ContextVar("fused_xent_trl_call", default=None)
 on_fused_head = None  # fused_xent.hf's callback: a model that was just given TRL's head
+# fused_xent.hf's: the function serving TRL's chunked divergence for this student head weight,
+# or None (not a patched model's head)
+divergence_server = None
 _why_not: str | None = None  # why the hooks could not be installed, if they could not
 
 
@@ -69,6 +80,23 @@ class _Dispatch:
         return getattr(self.original, name)
 
 
+class _DivergenceDispatch:
+    """Stands in for TRL's ``ChunkedDivergenceFunction`` (DistillationTrainer): fused_xent when
+    the student's head is a patched model's, TRL's own function otherwise."""
+
+    def __init__(self, original) -> None:
+        self.original = original
+
+    def apply(self, *args):
+        serve = divergence_server(args[1]) if divergence_server is not None else None
+        if serve is None:
+            return self.original.apply(*args)
+        return serve(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.original, name)
+
+
 def _wrap_add(add):
     @functools.wraps(add)
     def add_fused_lm_head(model, *args, **kwargs):
@@ -81,10 +109,17 @@ def _wrap_add(add):
     return add_fused_lm_head
 
 
-def _install(utils) -> None:
+def _install(module) -> None:
     """Both hooks into a loaded ``trl.trainer.utils`` (and every ``trl`` module that imported
-    ``add_fused_lm_head`` from it); idempotent. What is missing is kept in ``_why_not``."""
+    ``add_fused_lm_head`` from it), or the divergence's into a loaded distillation trainer's
+    module; idempotent. What is missing is kept in ``_why_not``."""
     global _why_not
+    if module.__name__ == _DISTILL:
+        divergence = getattr(module, _DIVERGENCE, None)
+        if divergence is not None and not isinstance(divergence, _DivergenceDispatch):
+            setattr(module, _DIVERGENCE, _DivergenceDispatch(divergence))
+        return
+    utils = module
     function, add = getattr(utils, _FUNCTION, None), getattr(utils, _ADD, None)
     if function is None or add is None:
         missing = [n for n, v in ((_FUNCTION, function), (_ADD, add)) if v is None]
@@ -119,10 +154,11 @@ class _Loader(importlib.abc.Loader):
 
 class _Finder(importlib.abc.MetaPathFinder):
     """Installs the hooks right after ``trl.trainer.utils`` is imported (before any trainer
-    module binds ``add_fused_lm_head``)."""
+    module binds ``add_fused_lm_head``), and the divergence's after the distillation trainer's
+    module."""
 
     def find_spec(self, name, path, target=None):
-        if name != _UTILS:
+        if name not in (_UTILS, _DISTILL):
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None:
@@ -134,9 +170,10 @@ class _Finder(importlib.abc.MetaPathFinder):
 def ensure_hooks() -> None:
     """The hooks now if TRL's utilities are imported, else when they are (nothing is imported
     here: without TRL installed, nothing happens)."""
-    utils = sys.modules.get(_UTILS)
-    if utils is not None:
-        _install(utils)
+    for name in (_UTILS, _DISTILL):
+        if sys.modules.get(name) is not None:
+            _install(sys.modules[name])
+    if sys.modules.get(_UTILS) is not None and sys.modules.get(_DISTILL) is not None:
         return
     if not any(isinstance(f, _Finder) for f in sys.meta_path):
         try:

@@ -1247,10 +1247,11 @@ def _distill_slab_logits(heads, start, end, dtype, temperature):
     return raw, z_s, z_s, z_t
 
 
-def slab_distill_rows(heads, target, opts, backend):
+def slab_distill_rows(heads, target, opts, backend, entropy=False):
     """The per-row loss (0 on ignored rows) and the whole rows' statistics (``_DISTILL_STATS``
     rows) of the distillation of the student's head against the teacher's: two sweeps over the
-    heads' slabs, neither logit matrix ever whole."""
+    heads' slabs, neither logit matrix ever whole. With ``entropy`` also the student's entropy
+    at the temperature (from the second sweep's log-probabilities; None otherwise)."""
     s_hidden, s_weight = heads[0], heads[1]
     n_rows, vocab = s_hidden.shape[0], s_weight.shape[0]
     dtype = torch.float64 if s_hidden.dtype == torch.float64 else torch.float32
@@ -1260,6 +1261,7 @@ def slab_distill_rows(heads, target, opts, backend):
     stats = torch.full((_DISTILL_STATS, n_rows), float("-inf"), dtype=dtype, device=device)
     lse_s, lse_t, lse_1, z_y, div, kl_s = stats
     z_y.zero_(), div.zero_(), kl_s.zero_()
+    ent = torch.zeros(n_rows, dtype=dtype, device=device) if entropy else None
     hard = col is not None
     slabs = _slabs(vocab, slab)
     for start, end in slabs:  # the log-sum-exps, and the target's logit
@@ -1277,10 +1279,13 @@ def slab_distill_rows(heads, target, opts, backend):
     for start, end in slabs:  # the divergence, from the whole rows' lse
         if len(slabs) > 1:  # (one slab: the logits of the first sweep)
             _, _, zs_t, zt_t = _distill_slab_logits(heads, start, end, dtype, temperature)
-        d, k = reference.divergence_sums(zs_t - lse_s[:, None], zt_t - lse_t[:, None], opts.beta)
+        log_ps = zs_t - lse_s[:, None]
+        d, k = reference.divergence_sums(log_ps, zt_t - lse_t[:, None], opts.beta)
         div.add_(d)
         if k is not None:
             kl_s.add_(k)
+        if ent is not None:
+            ent.sub_(reference._xlogy_diff(log_ps.exp(), log_ps, 0.0))
     loss = opts.soft_weight * div
     if hard:
         loss = loss - opts.hard_weight * (z_y - lse_1)
@@ -1288,7 +1293,11 @@ def slab_distill_rows(heads, target, opts, backend):
         loss = torch.where(bad, float("nan"), loss)
     if ignored is not None:
         loss = loss.masked_fill(ignored, 0.0)
-    return loss.to(_loss_dtype(s_hidden)), stats
+    if ent is not None:
+        ent = ent.clamp_min(0.0).to(_loss_dtype(s_hidden))
+        if ignored is not None:
+            ent = ent.masked_fill(ignored, 0.0)
+    return loss.to(_loss_dtype(s_hidden)), stats, ent
 
 
 def slab_distill_grads(heads, target, opts, backend, need, stats, dloss, scale):
@@ -1332,19 +1341,22 @@ class SlabLinearDistillationFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, target, opts,
-                reduction, backend):  # fmt: skip
+                reduction, backend, return_entropy=False):  # fmt: skip
         heads = (s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias)
-        loss, stats = slab_distill_rows(heads, target, opts, backend)
+        loss, stats, entropy = slab_distill_rows(heads, target, opts, backend, return_entropy)
         den = None
         if reduction == "mean":
             den = distill_denominator(target, opts, loss.shape[0], loss.dtype, loss.device)
         ctx.opts, ctx.reduction, ctx.backend = opts, reduction, backend
         ctx.dtypes = _param_dtypes(s_hidden, s_weight, s_bias)
         ctx.save_for_backward(*heads, target, stats, den)
-        return _reduce(loss, reduction, den)
+        if entropy is None:
+            return _reduce(loss, reduction, den)
+        ctx.mark_non_differentiable(entropy)
+        return _reduce(loss, reduction, den), entropy
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, grad_entropy=None):
         refuse_double_backward()
         *heads, target, stats, den = ctx.saved_tensors
         if ctx.reduction != "none":
@@ -1353,4 +1365,4 @@ class SlabLinearDistillationFunction(torch.autograd.Function):
         grads = slab_distill_grads(heads, target, ctx.opts, ctx.backend,
                                    ctx.needs_input_grad[:3], stats, dloss, scale)  # fmt: skip
         grads = finish_linear_grads(grads, (scale, None, scale), ctx.dtypes)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)

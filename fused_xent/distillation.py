@@ -350,8 +350,9 @@ def linear_distillation_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    return_entropy: bool = False,
     impl: str = "auto",
-) -> torch.Tensor:
+):
     """:func:`distillation_loss` of ``linear(student_input, student_weight, student_bias)``
     against ``linear(teacher_input, teacher_weight, teacher_bias)``, without either full logit
     matrix.
@@ -377,12 +378,20 @@ def linear_distillation_loss(
         student_bias, teacher_bias: optional (V,).
         chunk_size: None (the default): vocabulary slabs; rows per chunk for the row-chunk
             plan (memory for speed), as :func:`fused_xent.linear_cross_entropy`'s.
+        return_entropy: also return the student's entropy at the temperature per position
+            (the inputs' leading shape, float32, 0 at ignored positions, no gradient: TRL's
+            distillation trainer logs it), from the loss's own sweeps; the default plan only.
         The other arguments as in :func:`distillation_loss`.
 
     Returns:
-        The float32 loss: 0-dim, or the inputs' leading shape for "none".
+        The float32 loss: 0-dim, or the inputs' leading shape for "none"; with
+        ``return_entropy`` the tuple (loss, entropy).
     """
     _check_tensor("student_input", student_input)
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    if return_entropy and chunk_size is not None:
+        raise ValueError("return_entropy=True needs the default plan (chunk_size=None)")
     device = student_input.device
     # As F.linear under autocast (and linear_cross_entropy): the products in the autocast dtype,
     # the loss in float32.
@@ -428,12 +437,15 @@ def linear_distillation_loss(
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (student_input, student_weight, student_bias)
     )
-    den = None
+    den = entropy = None
     if chunk_size is None:  # the default: vocabulary slabs
         if wants_grad:
-            loss = SlabLinearDistillationFunction.apply(*args, reduction, backend)
+            loss = SlabLinearDistillationFunction.apply(*args, reduction, backend, return_entropy)
+            if return_entropy:
+                loss, entropy = loss
         else:
-            loss, _ = slab_distill_rows(args[:6], rows_target, opts, backend)
+            loss, _, entropy = slab_distill_rows(args[:6], rows_target, opts, backend,
+                                                 return_entropy)  # fmt: skip
     elif wants_grad:
         loss = LinearDistillationFunction.apply(*args, reduction, chunk_size, backend)
     else:
@@ -442,4 +454,5 @@ def linear_distillation_loss(
         den = distill_denominator(rows_target, opts, n_rows, loss.dtype, loss.device)
     if not wants_grad:
         loss = _reduce(loss, reduction, den)
-    return loss.reshape(lead) if reduction == "none" else loss
+    loss = loss.reshape(lead) if reduction == "none" else loss
+    return (loss, entropy.reshape(lead)) if return_entropy else loss

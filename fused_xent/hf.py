@@ -65,6 +65,7 @@ import functools
 import inspect
 import math
 import types
+import weakref
 from typing import Any
 
 import torch
@@ -74,7 +75,7 @@ from torch import nn
 from . import _trl
 from .functional import cross_entropy, linear_cross_entropy
 
-__all__ = ["ForCausalLMLoss", "patch", "unpatch"]
+__all__ = ["ForCausalLMLoss", "generalized_jsd_loss", "patch", "unpatch"]
 
 _ATTR = "_fused_xent_hf"  # the patch's state, on the model and on its head
 
@@ -172,6 +173,57 @@ def ForCausalLMLoss(  # noqa: N802  (transformers' name)
     return _divide(loss, num_items_in_batch)
 
 
+def generalized_jsd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    num_items_in_batch: torch.Tensor | int | None = None,
+) -> torch.Tensor:
+    """TRL's ``GKDTrainer.generalized_jsd_loss`` on :func:`fused_xent.distillation_loss`: the same
+    signature, divergence (``beta`` 0 the forward KL, 1 the reverse, between them the JSD with
+    ``M = beta P_t + (1 - beta) P_s``, at ``temperature``, no T^2 factor) and reductions, so a GKD
+    trainer takes it as it is (``trainer.generalized_jsd_loss = generalized_jsd_loss``).
+
+    TRL's reductions are not fused_xent's: with ``num_items_in_batch`` the sum over the kept
+    positions (labels not -100) divided by it; "batchmean" the sum over the kept positions
+    divided by their number, or **without labels by the batch size** (the first dimension: per
+    sequence, not per position); "sum" the sum; "mean" the mean over positions *and* classes
+    (the sum divided by positions x V). ``distillation_loss(reduction="mean")`` is the mean over
+    the kept positions. "none" (TRL: per position and class) is refused: use
+    :func:`fused_xent.distillation_loss` with ``reduction="none"`` for per-position values.
+    """
+    from .distillation import distillation_loss
+
+    if reduction not in ("batchmean", "sum", "mean"):
+        raise ValueError(
+            f"reduction must be 'batchmean', 'sum' or 'mean' (TRL's), got {reduction!r}; for "
+            "per-position values use fused_xent.distillation_loss(..., reduction='none')"
+        )
+    if not isinstance(student_logits, torch.Tensor) or student_logits.dim() < 1:
+        raise TypeError("student_logits must be a tensor (..., V)")
+    vocab = student_logits.shape[-1]
+    target = None if labels is None else labels.reshape(-1)
+    total = distillation_loss(
+        student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab), target,
+        beta=beta, temperature=temperature, reduction="sum",
+    )  # fmt: skip
+    if num_items_in_batch is not None:
+        return _divide(total, num_items_in_batch)
+    if reduction == "sum":
+        return total
+    if labels is None:
+        kept = student_logits.reshape(-1, vocab).shape[0]
+    else:
+        kept = (labels != -100).sum()
+    if reduction == "mean":
+        return total / (kept * vocab)
+    denom = kept if labels is not None else student_logits.shape[0]
+    return total / (denom.clamp_min(1) if isinstance(denom, torch.Tensor) else max(denom, 1))
+
+
 class _Request:
     """What one training call of a patched model asks of its head and its loss function."""
 
@@ -201,6 +253,7 @@ class _Patch:
             head.__dict__.get("forward", _MISSING) if head is not None else _MISSING
         )
         self.labels_position = None  # index of `labels` in the forward's positional parameters
+        self.model = model  # (a cycle through the model's __dict__, as the head's)
         self.config = model.config
         self.request: _Request | None = None
         self.checked = False  # the probe has been checked on an eager call
@@ -586,6 +639,65 @@ def _on_trl_head(model) -> None:
 
 
 _trl.on_fused_head = _on_trl_head
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # the patches in effect
+
+
+def _base_linear(head):
+    """The nn.Linear whose weight ``head.weight`` is (through PEFT's wrappers)."""
+    if _is_modules_to_save(head):
+        return _base_linear(_saved_module(head))
+    if _is_lora_linear(head):
+        return _base_linear(head.base_layer)
+    return head
+
+
+def _divergence_server(student_weight):
+    """fused_xent's server for TRL's chunked divergence when ``student_weight`` is the head
+    weight of a patched model, else None (TRL's own function runs)."""
+    for state in list(_LIVE):
+        head = state.model.get_output_embeddings()
+        if head is not None and getattr(_base_linear(head), "weight", None) is student_weight:
+            return functools.partial(_serve_divergence, state.model, head)
+    return None
+
+
+def _serve_divergence(model, head, h_s, w_s, b_s, h_t, w_t, b_t, beta, temperature=1.0,
+                      s_scale=1.0, s_softcap=None, t_scale=1.0, t_softcap=None):  # fmt: skip
+    """TRL's ChunkedDivergenceFunction (per-token divergence, the student's entropy) by
+    :func:`fused_xent.linear_distillation_loss`: a scale multiplies the hidden states and the
+    bias (exact for a power of two), a LoRA head is one head over the concatenation."""
+    from .distillation import linear_distillation_loss
+
+    name = type(model).__name__
+    if s_softcap is not None or t_softcap is not None:
+        raise ValueError(
+            f"fused_xent.hf: TRL's distillation trainer with a softcapped model "
+            f"(final_logit_softcapping; student {name}) is not served by fused_xent, whose "
+            "distillation has no softcap: unpatch the student (fused_xent.hf.unpatch) to use "
+            "TRL's own loss"
+        )
+    problem = _head_problem(head, f"{name}.get_output_embeddings()")
+    if problem is not None:
+        raise ValueError(f"fused_xent.hf (TRL's distillation trainer): {problem}")
+    h_s, w_s, b_s = _head_operands(head, h_s, base=(w_s, b_s))
+    heads = []
+    for h, w, b, scale in ((h_s, w_s, b_s, s_scale), (h_t, w_t, b_t, t_scale)):
+        if scale != 1.0:
+            h, b = h * scale, None if b is None else b * scale
+        if w.dtype != h.dtype and not torch.is_autocast_enabled(h.device.type):
+            w, b = w.to(h.dtype), None if b is None else b.to(h.dtype)  # as TRL casts the head
+        heads.append((h, w, b))
+    (h_s, w_s, b_s), (h_t, w_t, b_t) = heads
+    # The teacher gets no gradient (as TRL's): its tensors read as constants.
+    h_t, w_t = h_t.detach(), w_t.detach()
+    b_t = None if b_t is None else b_t.detach()
+    return linear_distillation_loss(
+        h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t, beta=float(beta),
+        temperature=float(temperature), reduction="none", return_entropy=True,
+    )  # fmt: skip
+
+
+_trl.divergence_server = _divergence_server
 
 
 def _base_of(model):
@@ -699,6 +811,7 @@ def patch(model, *, linear: bool = True):
     _trl.ensure_hooks()
     state = _Patch(model, head, linear)
     model.__dict__[_ATTR] = state
+    _LIVE.add(state)
     if not linear:
         model.loss_function = ForCausalLMLoss
         _on_trl_head(model)  # a TRL head already there: its fused calls are fused_xent's
@@ -739,6 +852,7 @@ def unpatch(model):
         state.head.__dict__.pop(_ATTR, None)
     _restore(model.__dict__, "_loss_function", state.loss_before)
     del model.__dict__[_ATTR]
+    _LIVE.discard(state)
     return given
 
 

@@ -308,3 +308,100 @@ def test_hooks_installed_when_trl_is_imported_later():
         "assert s.add_fused_lm_head._fused_xent_wraps is not None\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+# --- distillation: TRL's DistillationTrainer and GKD -----------------------------------------
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_distillation_trainer_divergence(beta, monkeypatch):
+    """TRL's DistillationTrainer loss (``_chunked_divergence_loss``: per-token divergence and
+    the student's entropy from both heads) with a patched student is fused_xent's
+    ``linear_distillation_loss``, with a logit scale and a temperature, as TRL's own."""
+    import trl.trainer.distillation_trainer as dt
+
+    student, teacher = hf.patch(tiny_llama(0)), tiny_llama(1)
+    assert isinstance(dt.ChunkedDivergenceFunction, _trl._DivergenceDispatch)
+    served = []
+    serve = hf._serve_divergence
+    monkeypatch.setattr(hf, "_serve_divergence", lambda *a, **k: served.append(1) or serve(*a, **k))
+    gen = torch.Generator().manual_seed(4)
+    h_s = torch.randn(2, 6, 32, generator=gen)
+    h_t = torch.randn(2, 6, 32, generator=gen)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0
+
+    def run():
+        hs = h_s.clone().requires_grad_()
+        student.zero_grad()
+        loss, entropy, n_valid = dt._chunked_divergence_loss(
+            hs, h_t, student.lm_head.weight, teacher.lm_head.weight, mask, beta,
+            temperature=2.0, student_logit_scale=0.5, teacher_logit_scale=1.5,
+        )  # fmt: skip
+        loss.backward()
+        return loss.detach(), entropy, n_valid, hs.grad, student.lm_head.weight.grad.clone()
+
+    got = run()
+    assert served == [1]
+    hf.unpatch(student)
+    want = run()
+    assert served == [1]  # TRL's own now
+    assert int(got[2]) == int(want[2]) == 10
+    for name, g, w in zip(("loss", "entropy", "d_hidden", "d_weight"), got[:2] + got[3:],
+                          want[:2] + want[3:], strict=True):  # fmt: skip
+        assert rel_err(g, w) <= 1e-5, name
+    hf.patch(student)
+    with pytest.raises(ValueError, match="softcap"):
+        dt._chunked_divergence_loss(h_s, h_t, student.lm_head.weight, teacher.lm_head.weight,
+                                    mask, beta, student_final_logit_softcapping=30.0)  # fmt: skip
+
+
+def test_gkd_loss_drop_in():
+    """fused_xent.hf.generalized_jsd_loss is TRL's GKD loss in value and gradient, every
+    reduction TRL has (its "batchmean" without labels divides by the batch size)."""
+    gkd = pytest.importorskip("trl.experimental.gkd.gkd_trainer")
+    gen = torch.Generator().manual_seed(5)
+    s = torch.randn(3, 5, 11, generator=gen, requires_grad=True)
+    t = torch.randn(3, 5, 11, generator=gen)
+    labels = torch.randint(0, 11, (3, 5), generator=gen)
+    labels[0, :2] = -100
+    for beta in (0.0, 0.5, 1.0):
+        for reduction in ("batchmean", "sum", "mean"):
+            for lab, items in ((None, None), (labels, None), (labels, 7)):
+                args = (s, t, lab, beta, 2.0, reduction, items)
+                got = hf.generalized_jsd_loss(*args)
+                want = gkd.GKDTrainer.generalized_jsd_loss(*args)
+                assert rel_err(got, want) <= 1e-6, (beta, reduction, lab is None, items)
+                g1, g2 = (torch.autograd.grad(x, s)[0] for x in (got, want))
+                assert rel_err(g1, g2) <= 1e-5
+    with pytest.raises(ValueError, match="distillation_loss"):
+        hf.generalized_jsd_loss(s, t, reduction="none")
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_distillation_trainer(order, monkeypatch):
+    """TRL's DistillationTrainer (on-policy off: the dataset's completions) for two steps with a
+    patched student, in both orders, against TRL's own loss."""
+    served = []
+    serve = hf._serve_divergence
+    monkeypatch.setattr(hf, "_serve_divergence", lambda *a, **k: served.append(1) or serve(*a, **k))
+    prompts = [" ".join(f"w{(i * 5 + j) % 90 + 1}" for j in range(4)) for i in range(8)]
+    completions = [" ".join(f"w{(i * 3 + j) % 90 + 1}" for j in range(5)) for i in range(8)]
+    data = datasets.Dataset.from_dict({"prompt": prompts, "completion": completions})
+
+    def make(student):
+        args = trl.DistillationConfig(output_dir="unused", per_device_train_batch_size=4,
+                                      bf16=False, beta=0.5, max_completion_length=5,
+                                      **COMMON_ARGS)  # fmt: skip
+        return trl.DistillationTrainer(model=student, teacher_model=tiny_llama(1), args=args,
+                                       train_dataset=data, processing_class=tokenizer())  # fmt: skip
+
+    want_logs, want_params = _train(make, "trl")
+    assert not served
+    got_logs, got_params = _train(make, order)
+    assert served
+    for got, want in zip(got_logs, want_logs, strict=True):
+        for key in ("loss", "grad_norm", "entropy"):
+            assert abs(got[key] - want[key]) <= 1e-5 * abs(want[key]), (key, got, want)
+    for name, want in want_params.items():
+        assert rel_err(got_params[name], want) <= 1e-5, name
