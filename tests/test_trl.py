@@ -393,9 +393,9 @@ def test_distillation_trainer(order, monkeypatch):
         args = trl.DistillationConfig(output_dir="unused", per_device_train_batch_size=4,
                                       bf16=False, beta=0.5, max_completion_length=5,
                                       **COMMON_ARGS)  # fmt: skip
-        teacher = tiny_llama(1)
+        teacher, tok = tiny_llama(1), tokenizer()
         return trl.DistillationTrainer(model=student, teacher_model=teacher, args=args,
-                                       train_dataset=data, processing_class=tokenizer())  # fmt: skip
+                                       train_dataset=data, processing_class=tok)  # fmt: skip
 
     want_logs, want_params = _train(make, "trl")
     assert not served
