@@ -473,6 +473,24 @@ def _torch_lce_loss(chunked: bool) -> LinearLossFn | None:
     return lambda h, w, t: fn(h, w, t, options=options)
 
 
+def _trl_head_loss() -> LinearLossFn | None:
+    """TRL's own fused LM head (``ChunkedLogProbFunction``, ``trl/kernels/``) as SFT calls it
+    (log-probs, entropy and top-1 asked for, TRL's vocabulary tile), the loss the mean of -log p;
+    None where TRL (>= 1.16) is not importable. Its own function, never fused_xent's dispatch."""
+    try:
+        from trl.kernels import ChunkedLogProbFunction
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as tile
+    except Exception:
+        return None
+    outputs = ("log_probs", "entropy", "is_top1")
+
+    def loss(h, w, t):
+        logp = ChunkedLogProbFunction.apply(h, w, None, t, 1.0, tile, None, 1.0, outputs)[0]
+        return -logp.mean()
+
+    return loss
+
+
 def _hf_loss(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     # Hugging Face's LM loss: full logits in the weight's dtype, upcast to float32, then the loss.
     return F.cross_entropy(F.linear(h, w).float(), t)
@@ -495,6 +513,8 @@ class LinearImpl:
             and _torch_lce_loss(self.name.endswith("chunked")) is None
         ):
             return f"torch {torch.__version__} has no F.linear_cross_entropy / its options"
+        if self.name == "trl" and _trl_head_loss() is None:
+            return "TRL (>= 1.16, its trl.kernels) is not importable"
         return None
 
     def loss_fn(self, case: LinearCase, device: torch.device) -> LinearLossFn:
@@ -512,7 +532,7 @@ class LinearImpl:
             fn = _torch_lce_loss(self.name.endswith("chunked"))
             assert fn is not None
             return fn
-        fn = {"liger": _liger_linear_loss, "cce": _cce_loss}[self.name]()
+        fn = {"liger": _liger_linear_loss, "cce": _cce_loss, "trl": _trl_head_loss}[self.name]()
         assert fn is not None
         return fn
 
@@ -558,6 +578,12 @@ LINEAR_IMPLS = [
         "cce",
         "cut_cross_entropy.linear_cross_entropy(h, W, t), defaults (impl 'cce', its gradient "
         "filtering on)",
+    ),
+    LinearImpl(
+        "trl",
+        "TRL's fused LM head, trl.kernels.ChunkedLogProbFunction, as its SFT trainer asks it "
+        "(log-probs, entropy, top-1; its 32768-class tiles), loss = mean of -log p: what TRL "
+        "users have without fused_xent",
     ),
 ]
 LINEAR_IMPLS_BY_NAME = {i.name: i for i in LINEAR_IMPLS}

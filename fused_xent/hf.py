@@ -48,8 +48,9 @@ the patch, and two things change for that call only:
    router loss to what its loss function returned, as it always does.
 
 The softcap and scale come from the config (or its ``text_config``): ``final_logit_softcapping``
-is our ``softcap``, ``logit_scale`` multiplies and ``logits_scaling`` divides; both scales are
-taken as applied before the softcap (``softcap * tanh(scale * x / softcap)``), which the probe
+is our ``softcap``; the scale is read as TRL's fused head reads it (:meth:`_Patch.head_options`:
+``logit_scale``, ``output_multiplier``, ``lm_head_multiplier``, ``logits_scaling``), taken as
+applied before the softcap (``softcap * tanh(scale * x / softcap)``), which the probe
 confirms. The training call checks that the head was called once and the loss function once, with
 the labels and loss keywords the model was given, and otherwise raises.
 
@@ -348,8 +349,9 @@ class _Patch:
                 raise ValueError(
                     "fused_xent.hf: the model transforms its logits in a way the config does not "
                     f"describe: the values {list(_PROBE)} became {seen.tolist()}, but softcap="
-                    f"{softcap} and logit_scale={scale} (from final_logit_softcapping, logit_scale "
-                    f"and logits_scaling) give {expected.tolist()}. Use linear=False for this model"
+                    f"{softcap} and logit_scale={scale} (from final_logit_softcapping and the "
+                    "first of logit_scale, output_multiplier, lm_head_multiplier, logits_scaling) "
+                    f"give {expected.tolist()}. Use linear=False for this model"
                 )
             self.checked = True
         # A fresh tensor: the model may add its router loss in place (`loss += ...`).
