@@ -4,8 +4,13 @@
 # the most important first:
 #
 #   install  pip install --no-deps --no-build-isolation -e .
-#   suite    pytest tests (pytest-xdist when importable)
-#   report   bench/report.py, all three sections: xent, rl, linear (peers where importable)
+#   wheels   the peers' wheels carried along (--wheels DIR: scripts/peer_wheels.sh fetches them)
+#   suite    pytest tests (pytest-xdist when importable), every result written as it comes
+#            (-v, unbuffered) and the failures named at the end (-rf): a timeout still leaves
+#            what passed and what failed in logs/suite.log
+#   xent, rl, linear, distill
+#            bench/report.py, one section each under its own budget (peers where importable)
+#   host     bench/host_time.py: host time per step against the eager recipes (no launch)
 #   memcheck compute-sanitizer memcheck on scripts/memcheck_target.py (targets outside [0, C))
 #   large    scripts/check_large.py: bf16 16400 x 131072, more than 2^31 logits
 #   graph    the CUDA-graph capture test of tests/test_training_loops.py
@@ -13,13 +18,16 @@
 #
 # and prints one summary (ok / FAILED / skipped, with the seconds of each step). Exits 1 if a step
 # failed. A step may use its own budget plus what the steps before it left unused; the whole run
-# stops within --budget seconds (default 480, 8 minutes). The budgets are estimates, not
-# measurements: adjust BUDGET below after a run.
+# stops within --budget seconds (default 540, 9 minutes of a 15-minute device lease). The budgets
+# are estimates, not measurements: adjust BUDGET below after a run.
 #
-#   bash scripts/gpu_check.sh [--out DIR] [--dry] [--budget SECONDS]
+#   bash scripts/gpu_check.sh [--out DIR] [--dry] [--budget SECONDS] [--wheels DIR]
 #
-# --out: where summary.txt, logs.tar.gz (every step's log) and report/ (report.md, report.json,
-#   report.png) go; default $OUT when set, else bench/out/gpu_check.
+# --wheels: a folder of wheels installed with --no-index --no-deps before the suite (the device
+#   has no network); default shared/wheels, then bench/wheels, where present.
+# --out: where summary.txt, logs.tar.gz (every step's log; the logs/ folder itself if the run is
+#   killed before its end) and report/SECTION/ (report.md, report.json, report.png for xent) go;
+#   default $OUT when set, else bench/out/gpu_check.
 # --dry: the same steps on a CPU, small, for CI: the suite's `-k seed` tests, report.py --quick,
 #   the memcheck target and a tiny shape of the large check under Triton's interpreter (the
 #   sanitizer and the CUDA graph need a GPU), the example for 3 steps.
@@ -30,6 +38,7 @@ CALLER_DIR=$PWD
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 
 DRY=0
+WHEELS=""
 OUT_DIR="${OUT:-bench/out/gpu_check}"
 TOTAL=""
 while [ $# -gt 0 ]; do
@@ -37,22 +46,24 @@ while [ $# -gt 0 ]; do
         --dry) DRY=1 ;;
         --out) OUT_DIR="$2"; [[ "$2" = /* ]] || OUT_DIR="$CALLER_DIR/$2"; shift ;;
         --budget) TOTAL="$2"; shift ;;
+        --wheels) WHEELS="$2"; [[ "$2" = /* ]] || WHEELS="$CALLER_DIR/$2"; shift ;;
         -h | --help) sed -n '2,/^# shellcheck/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "gpu_check: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
 done
 PY="${PYTHON:-python3}"
-STEPS=(install suite report memcheck large graph example)
+STEPS=(install wheels suite xent rl linear distill host memcheck large graph example)
+SECTIONS=(xent rl linear distill)
 # Seconds per step (estimates); with --dry a safety net only (CI on two cores).
 if [ "$DRY" = 1 ]; then
-    declare -A BUDGET=([install]=120 [suite]=300 [report]=180 [memcheck]=90 [large]=60
-        [graph]=30 [example]=120)
+    declare -A BUDGET=([install]=120 [wheels]=60 [suite]=300 [xent]=90 [rl]=60 [linear]=90
+        [distill]=90 [host]=120 [memcheck]=90 [large]=60 [graph]=30 [example]=120)
 else
-    # 480 s in all (the 8 minutes asked of this check); the report holds four sections now
-    # (cross-entropy, RL step, linear, distillation), the suite gave it 50 s.
-    declare -A BUDGET=([install]=25 [suite]=170 [report]=180 [memcheck]=40 [large]=25
-        [graph]=20 [example]=20)
+    # 540 s in all (9 minutes of a 15-minute lease, machine start included): the suite first,
+    # then each report section under its own budget, so one slow section cannot eat the rest.
+    declare -A BUDGET=([install]=20 [wheels]=15 [suite]=200 [xent]=55 [rl]=35 [linear]=80
+        [distill]=50 [host]=25 [memcheck]=25 [large]=15 [graph]=10 [example]=10)
 fi
 SUM=0
 for s in "${STEPS[@]}"; do SUM=$((SUM + BUDGET[$s])); done
@@ -176,9 +187,21 @@ export -f install
 export PY
 step install bash -c install
 
+# wheels: the peers (Liger-Kernel, cut-cross-entropy, TRL: pure Python) for the report.
+if [ -z "$WHEELS" ]; then
+    for d in shared/wheels bench/wheels; do [ -d "$d" ] && WHEELS="$PWD/$d" && break; done
+fi
+if [ -n "$WHEELS" ] && compgen -G "$WHEELS/*.whl" >/dev/null; then
+    step wheels "$PY" -m pip install --no-index --no-deps "$WHEELS"/*.whl
+else
+    skip wheels "no wheels folder (scripts/peer_wheels.sh makes one)"
+fi
+
 # suite: pytest-xdist when importable (the GPU machine may lack it, and hypothesis: those tests
-# skip themselves); the test modules need nothing else beyond torch, triton and numpy.
-PYTEST=("$PY" -m pytest tests -q -p no:cacheprovider --durations=10 --junitxml="$LOGS/suite.xml")
+# skip themselves); the test modules need nothing else beyond torch, triton and numpy. Each
+# result is written as it comes (-v, unbuffered), the failures named again at the end (-rf).
+PYTEST=(env PYTHONUNBUFFERED=1 "$PY" -m pytest tests -v -rf -p no:cacheprovider --durations=15
+    --junitxml="$LOGS/suite.xml")
 if [ "$DRY" = 1 ]; then
     PYTEST+=(-k seed)
 elif "$PY" -c "import xdist" 2>/dev/null; then
@@ -186,9 +209,18 @@ elif "$PY" -c "import xdist" 2>/dev/null; then
 fi
 step suite "${PYTEST[@]}"
 
-REPORT=("$PY" bench/report.py --out "$OUT_DIR/report")
-[ "$DRY" = 1 ] && REPORT+=(--quick)
-step report "${REPORT[@]}"
+for section in "${SECTIONS[@]}"; do
+    REPORT=(env PYTHONUNBUFFERED=1 "$PY" bench/report.py --sections "$section"
+        --out "$OUT_DIR/report/$section")
+    [ "$DRY" = 1 ] && REPORT+=(--quick)
+    step "$section" "${REPORT[@]}"
+done
+
+if [ "$DRY" = 1 ]; then
+    skip host "bench/host_time.py runs in CI itself"
+else
+    step host "$PY" bench/host_time.py
+fi
 
 SANITIZER=$(command -v compute-sanitizer)
 if [ -z "$SANITIZER" ]; then
