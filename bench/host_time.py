@@ -37,12 +37,12 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from fused_xent.kernels import xent  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.driver import driver as _driver  # noqa: E402
 
 import fused_xent  # noqa: E402
-from fused_xent.kernels import xent  # noqa: E402
 
 LAUNCHES = Counter()
 
