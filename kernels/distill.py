@@ -69,6 +69,7 @@ import triton
 import triton.language as tl
 
 from . import xent
+from ._launch import launch
 from .xent import (
     LN2,
     LOG2E,
@@ -778,7 +779,9 @@ def distill_forward(student, teacher, target, opts, loss, stats, grad=None, grad
     s_base, t_base, g_base, lead, args = _common(student, teacher, target, opts, grad)
     write_grad = grad is not None
     with torch.cuda.device(student.device) if student.is_cuda else nullcontext():
-        _distill_fwd_kernel[(n_rows,)](
+        launch(
+            _distill_fwd_kernel,
+            (n_rows,),
             s_base,
             t_base,
             target if target is not None else loss,  # unread without a target
@@ -820,7 +823,9 @@ def distill_backward(student, teacher, target, opts, stats, dloss, grad, reducti
     s_base, t_base, g_base, lead, args = _common(student, teacher, target, opts, grad)
     reduce = xent._REDUCE_CODE[reduction]
     with torch.cuda.device(student.device) if student.is_cuda else nullcontext():
-        _distill_bwd_kernel[(n_rows,)](
+        launch(
+            _distill_bwd_kernel,
+            (n_rows,),
             s_base,
             t_base,
             target if target is not None else stats,  # unread without a target

@@ -66,6 +66,7 @@ import triton
 import triton.language as tl
 
 from .._options import reduce_total
+from ._launch import launch
 
 # Triton decides at decoration time whether a kernel is compiled or interpreted on the CPU.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -1077,7 +1078,9 @@ def xent_prologue(target, opts, n_cols, reduction, den, counter) -> None:
     :func:`xent_forward` finishes needs both."""
     n_rows = target.shape[0]
     with torch.cuda.device(target.device) if target.is_cuda else nullcontext():
-        _prologue_kernel[(1,)](
+        launch(
+            _prologue_kernel,
+            (1,),
             target,
             opts.weight if opts.weight is not None else den,  # unread without a weight
             den,
@@ -1142,7 +1145,9 @@ def xent_forward(
     x_base, g_base, lead, vec, edges = _row_args(logits, grad)
     reduce = _REDUCE_CODE[reduction]
     with torch.cuda.device(logits.device) if logits.is_cuda else nullcontext():
-        _xent_fwd_kernel[(n_rows,)](
+        launch(
+            _xent_fwd_kernel,
+            (n_rows,),
             x_base,
             target,
             opts.weight if opts.weight is not None else loss,  # unread without a weight
@@ -1218,7 +1223,9 @@ def xent_backward(
     x_base, g_base, lead, vec, edges = _row_args(logits, grad)
     reduce = _REDUCE_CODE[reduction]
     with torch.cuda.device(logits.device) if logits.is_cuda else nullcontext():
-        _xent_bwd_kernel[(n_rows,)](
+        launch(
+            _xent_bwd_kernel,
+            (n_rows,),
             x_base,
             target,
             opts.weight if opts.weight is not None else stats,  # unread without a weight

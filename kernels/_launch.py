@@ -1,0 +1,115 @@
+"""The kernels' launch: Triton's ``kernel[grid](...)`` the first time, the compiled kernel itself
+after that.
+
+``JITFunction.run`` spends most of a short row's host time (bench/host_time.py): it binds and
+specialises every argument, hashes a cache key, looks up hooks and global values, then calls the
+compiled kernel's launcher. :func:`launch` does the first launch of each *specialisation* through
+it and keeps what it returned; later launches with the same specialisation call the launcher
+directly, as ``JITFunction.run`` does (the call its line has had since Triton 3.3: grid, stream,
+function, packed metadata, launch metadata, the enter / exit hooks, then every parameter in
+order, constexprs included), with no launch metadata and no hooks (the launcher skips None
+ones) while no hook is installed.
+
+The key is finer than Triton's, never coarser, so a kept kernel is always the one Triton would
+pick: the kernel, the device, the launch keywords (the constexprs and ``num_warps``, by value),
+and for each positional argument its kind and what Triton specialises on: a tensor's dtype and
+16-byte alignment; an int's type, whether it is 1, divisible by 16, negative, or beyond 32 bits;
+a float's type; anything else its type and value. ``FUSED_XENT_CHECK_LAUNCH=1`` also asks Triton
+for its kernel and its bound arguments at every launch and raises if either differs
+(``tests/test_launch.py`` runs the launchers that way against a stub driver); a launch enter or
+exit hook (a profiler), the interpreter, or ``FUSED_XENT_SLOW_LAUNCH=1`` take Triton's own path
+every time.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+from triton.runtime.driver import driver
+
+try:  # Triton >= 3.4
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover - the oldest releases keep the hooks on CompiledKernel
+    _knobs = None
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
+ENABLED = (
+    not _INTERPRET
+    and _knobs is not None
+    and _VERSION >= (3, 4)
+    and os.environ.get("FUSED_XENT_SLOW_LAUNCH", "0") != "1"
+)
+CHECK = os.environ.get("FUSED_XENT_CHECK_LAUNCH", "0") == "1"
+_KEPT: dict = {}  # key -> (compiled kernel, the parameters after the positional ones)
+
+
+def _spec(value):
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.data_ptr() % 16 == 0
+    kind = type(value)
+    if kind is int:
+        return int, value == 1, value % 16 == 0, value < 0, value.bit_length() > 31
+    if kind is float:
+        return float
+    return kind, value
+
+
+def _active(hook) -> bool:
+    """A launch hook that does something (Triton 3.9's are hook chains, empty by default)."""
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return calls is None or bool(calls)
+
+
+def _hooks() -> bool:
+    runtime = _knobs.runtime
+    return _active(runtime.launch_enter_hook) or _active(runtime.launch_exit_hook)
+
+
+def launch(kernel, grid: tuple, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``; the compiled kernel's launcher directly once this
+    specialisation has been launched through Triton."""
+    if not ENABLED or _hooks():
+        return kernel[grid](*args, **kwargs)
+    device = driver.active.get_current_device()
+    key = (kernel, device, tuple(map(_spec, args)), tuple(kwargs.items()))
+    kept = _KEPT.get(key)
+    if kept is None:
+        compiled = kernel[grid](*args, **kwargs)
+        if hasattr(compiled, "result"):  # an asynchronous compile's future
+            compiled = compiled.result()
+        tail = tuple(kwargs.get(p.name, p.default) for p in kernel.params[len(args) :])
+        _KEPT[key] = (compiled, tail)
+        return compiled
+    compiled, tail = kept
+    if CHECK:
+        _check(kernel, grid, args, kwargs, compiled, tail)
+    stream = driver.active.get_current_stream(device)
+    n = len(grid)
+    compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream,
+                 compiled.function, compiled.packed_metadata, None, None, None, *args,
+                 *tail)  # fmt: skip
+    return compiled
+
+
+def _check(kernel, grid, args, kwargs, compiled, tail) -> None:
+    """Triton's own choice for this call (compiled, not launched) and its bound arguments must
+    be what :func:`launch` is about to use."""
+    own = kernel.run(*args, grid=grid, warmup=True, **kwargs)
+    if hasattr(own, "result"):
+        own = own.result()
+    if own is not compiled:
+        raise AssertionError(f"fused_xent launch: another kernel than Triton's for {kernel}")
+    binder = kernel.device_caches[driver.active.get_current_device()][4]
+    bound = tuple(binder(*args, **kwargs)[0].values())
+    mine = (*args, *tail)
+    same = len(bound) == len(mine) and all(
+        a is b or (not isinstance(a, torch.Tensor) and type(a) is type(b) and a == b)
+        for a, b in zip(bound, mine, strict=False)
+    )
+    if not same:
+        raise AssertionError(f"fused_xent launch: other arguments than Triton's for {kernel}")
