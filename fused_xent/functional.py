@@ -198,11 +198,18 @@ def _backend(impl: str, input: torch.Tensor):
         raise TypeError(
             f"impl='triton' takes float32, float16 or bfloat16 input, got {input.dtype}"
         )
-    try:
-        from .kernels import xent  # noqa: F401  (fail here, with a clear message)
-    except ImportError as exc:  # no triton on this platform
-        raise RuntimeError(f"impl='triton' needs Triton, which failed to import: {exc}") from exc
+    if "xent" not in _KERNELS:
+        try:
+            from .kernels import xent  # (fail here, with a clear message)
+        except ImportError as exc:  # no triton on this platform
+            raise RuntimeError(
+                f"impl='triton' needs Triton, which failed to import: {exc}"
+            ) from exc
+        _KERNELS["xent"] = xent
     return ops.TRITON
+
+
+_KERNELS: dict = {}  # the kernels' module once imported (an import statement per call costs)
 
 
 # Small CPU calls with the options torch has: torch's own kernels on float32 (float64) copies.

@@ -19,19 +19,21 @@ import torch
 
 from ._options import DistillOptions, LossOptions
 
+_MODULES: dict = {}  # impl -> its backend module, imported on first use
+
 
 def _module(impl: str):
+    module = _MODULES.get(impl)
+    if module is not None:
+        return module
     if impl == "reference":
-        from . import reference
-
-        return reference
-    if impl == "cpu":
-        from . import cpu
-
-        return cpu
-    from .kernels import xent
-
-    return xent
+        from . import reference as module
+    elif impl == "cpu":
+        from . import cpu as module
+    else:
+        from .kernels import xent as module
+    _MODULES[impl] = module
+    return module
 
 
 def _opts(weight, ignore_index, label_smoothing=0.0, lse_square_scale=0.0, logit_scale=1.0,

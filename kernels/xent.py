@@ -58,6 +58,7 @@ again for the targets, class weights are a C-vector shared by all rows and live 
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import nullcontext
 
@@ -984,14 +985,19 @@ def _launch_config(n_cols: int, dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK, num_warps) for rows of ``n_cols`` logits of ``dtype``: 64 logits a thread (the
     per-row work, reductions and target, spread over as many logits as the registers allow),
     32 for float32's long rows (64 spills in Triton 3.6's two-pass build)."""
-    block = min(max(triton.next_power_of_2(n_cols), 32), _LONG_ROW_BLOCK)
+    block = min(max(1 << max(n_cols - 1, 0).bit_length(), 32), _LONG_ROW_BLOCK)
     per_thread = 32 if dtype == torch.float32 and n_cols > block else 64
     return block, max(block // (32 * per_thread), 1)
 
 
 def _row_config(n_cols: int, dtype: torch.dtype, consts: dict) -> tuple[int, int]:
+    return _row_config_of(n_cols, dtype, any(consts.values()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _row_config_of(n_cols: int, dtype: torch.dtype, options: bool) -> tuple[int, int]:
     block, num_warps = _launch_config(n_cols, dtype)
-    if any(consts.values()):
+    if options:
         # Options carry more live arrays a logit: half the block, 16 logits a thread (8 for
         # float32, whose softcap two-pass build spills at 16).
         block = min(block, _OPTIONS_BLOCK_MAX)
@@ -1007,7 +1013,7 @@ def _row_config(n_cols: int, dtype: torch.dtype, consts: dict) -> tuple[int, int
 
 def vector_width(dtype: torch.dtype) -> int:
     """Elements in 16 bytes."""
-    return 16 // torch.empty((), dtype=dtype).element_size()
+    return 16 // dtype.itemsize
 
 
 def _aligned_base(t: torch.Tensor) -> tuple[torch.Tensor, int]:
