@@ -1021,6 +1021,17 @@ def slab_loss_rows(hidden, weight, bias, target, opts, backend, entropy=False, p
     """Per-row loss (of the class-index or probability target; not weighted by a token weight),
     statistics of the whole rows (max, log-sum, coefficient), entropy and argmax (None where not
     asked for): the forward sweep over the head's slabs."""
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    if opts.n_classes is None and vocab <= pick_vocab_slab(
+        n_rows, vocab, hidden.dtype, backend.impl == "triton"
+    ):
+        # One slab (a short call): the kernel's rows are the whole rows, nothing to merge.
+        logits = _slab_logits(hidden, weight, bias, 0, vocab)
+        loss, stats = _row_outputs(logits)
+        ent, pred = token_stats_outputs(logits) if entropy or predicted else (None, None)
+        pred = pred if predicted else None
+        backend.xent_forward(logits, target, opts, loss, stats, entropy=ent, predicted=pred)
+        return loss, stats, ent, pred
     merge = slab_sweep(hidden, weight, bias, target, opts, backend, entropy, predicted)
     return merge.finish(target, opts)
 

@@ -11,7 +11,7 @@ order, constexprs included), with no launch metadata and no hooks (the launcher 
 ones) while no hook is installed.
 
 The key is finer than Triton's, never coarser, so a kept kernel is always the one Triton would
-pick: the kernel, the device, the launch keywords (the constexprs and ``num_warps``, by value),
+pick: the kernel (its id: the kernels are module globals, never freed), the device, the launch keywords (the constexprs and ``num_warps``, by value),
 and for each positional argument its kind and what Triton specialises on: a tensor's dtype and
 16-byte alignment; an int's type, whether it is 1, divisible by 16, negative, or beyond 32 bits;
 a float's type; anything else its type and value. ``FUSED_XENT_CHECK_LAUNCH=1`` also asks Triton
@@ -46,15 +46,19 @@ CHECK = os.environ.get("FUSED_XENT_CHECK_LAUNCH", "0") == "1"
 _KEPT: dict = {}  # key -> (compiled kernel, the parameters after the positional ones)
 
 
-def _spec(value):
-    if isinstance(value, torch.Tensor):
-        return value.dtype, value.data_ptr() % 16 == 0
-    kind = type(value)
-    if kind is int:
-        return int, value == 1, value % 16 == 0, value < 0, value.bit_length() > 31
-    if kind is float:
-        return float
-    return kind, value
+_Tensor = torch.Tensor
+
+
+def _specs(args) -> tuple:
+    """What Triton specialises each positional argument on, or finer (one comprehension: a
+    function call per argument would cost more than the rest of the key)."""
+    return tuple([
+        (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, _Tensor)
+        else (a == 1, a % 16 == 0, a < 0, a.bit_length() > 31) if type(a) is int
+        else float if type(a) is float
+        else (type(a), a)
+        for a in args
+    ])  # fmt: skip
 
 
 def _active(hook) -> bool:
@@ -76,7 +80,8 @@ def launch(kernel, grid: tuple, *args, **kwargs):
     if not ENABLED or _hooks():
         return kernel[grid](*args, **kwargs)
     device = driver.active.get_current_device()
-    key = (kernel, device, tuple(map(_spec, args)), tuple(kwargs.items()))
+    # id(): a JITFunction hashes in Python (its cache key); the kernels are module globals.
+    key = (id(kernel), device, _specs(args), tuple(kwargs.items()))
     kept = _KEPT.get(key)
     if kept is None:
         compiled = kernel[grid](*args, **kwargs)
