@@ -35,11 +35,11 @@ from collections import Counter
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("bench/host_time.py: run without TRITON_INTERPRET (it stubs the launches instead)")
 
+import static  # noqa: E402  (bench/static.py: its stub driver)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from fused_xent.kernels import xent  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.driver import driver as _driver  # noqa: E402
 
 import fused_xent  # noqa: E402
@@ -68,35 +68,13 @@ def _launcher(src, metadata):
     return launch
 
 
-class StubDriver:
-    """Compiles for sm_90 (``bench/static.py``'s stub) and launches nothing."""
+class StubDriver(static.StubDriver):
+    """``bench/static.py``'s stub (compiles for sm_90), with a launcher that launches nothing."""
 
     def __init__(self):
-        self.target = GPUTarget("cuda", 90, 32)
+        super().__init__(90)
         self.utils = _Utils()
         self.launcher_cls = _launcher
-
-    @staticmethod
-    def is_active():
-        return True
-
-    def get_current_target(self):
-        return self.target
-
-    def get_current_device(self):
-        return 0
-
-    def set_current_device(self, device):
-        pass
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_device_interface(self):
-        return torch.cuda
-
-    def __getattr__(self, name):
-        raise AttributeError(f"the host-time stub driver has no {name!r}")
 
 
 def _launchable(logits):  # the launchers' own check, minus its refusal of CPU tensors

@@ -95,10 +95,22 @@ def launch(kernel, grid: tuple, *args, **kwargs):
         _check(kernel, grid, args, kwargs, compiled, tail)
     stream = driver.active.get_current_stream(device)
     n = len(grid)
-    compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream,
-                 compiled.function, compiled.packed_metadata, None, None, None, *args,
-                 *tail)  # fmt: skip
+    try:
+        compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream,
+                     compiled.function, compiled.packed_metadata, None, None, None, *args,
+                     *tail)  # fmt: skip
+    except TypeError:
+        # A Triton whose launcher takes other arguments (raised before anything launched):
+        # Triton's own path from now on.
+        _disable()
+        return kernel[grid](*args, **kwargs)
     return compiled
+
+
+def _disable() -> None:
+    global ENABLED
+    ENABLED = False
+    _KEPT.clear()
 
 
 def _check(kernel, grid, args, kwargs, compiled, tail) -> None:
