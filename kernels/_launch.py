@@ -11,10 +11,12 @@ order, constexprs included), with no launch metadata and no hooks (the launcher 
 ones) while no hook is installed.
 
 The key is finer than Triton's, never coarser, so a kept kernel is always the one Triton would
-pick: the kernel (its id: the kernels are module globals, never freed), the device, the launch keywords (the constexprs and ``num_warps``, by value),
-and for each positional argument its kind and what Triton specialises on: a tensor's dtype and
-16-byte alignment; an int's type, whether it is 1, divisible by 16, negative, or beyond 32 bits;
-a float's type; anything else its type and value. ``FUSED_XENT_CHECK_LAUNCH=1`` also asks Triton
+pick: the kernel (its id: the kernels are module globals, never freed), the device, the launch
+keywords (the constexprs and ``num_warps``, by value), and for each positional argument what
+Triton specialises on: a tensor's dtype and 16-byte alignment; an int's being 1, divisible by 16,
+negative, or beyond 32 bits; a float's type; anything else its type and value. A launcher that
+takes other arguments (another Triton) raises TypeError before launching: Triton's path then,
+for good. ``FUSED_XENT_CHECK_LAUNCH=1`` also asks Triton
 for its kernel and its bound arguments at every launch and raises if either differs
 (``tests/test_launch.py`` runs the launchers that way against a stub driver); a launch enter or
 exit hook (a profiler), the interpreter, or ``FUSED_XENT_SLOW_LAUNCH=1`` take Triton's own path
