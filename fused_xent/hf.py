@@ -307,9 +307,9 @@ class _Patch:
         name = type(self.head).__name__
         if request.head_out is None:
             raise RuntimeError(
-                "fused_xent.hf: the model computed its loss without calling the output embedding "
-                f"it had when patched ({name}); if it was replaced (resize_token_embeddings), call "
-                "fused_xent.hf.patch(model) again"
+                "fused_xent.hf: the model computed its loss without calling its output "
+                f"embedding ({name}, get_output_embeddings()) as a module; it cannot be patched "
+                "with linear=True (use linear=False)"
             )
         if request.expected is None:
             raise RuntimeError("fused_xent.hf: the model called its loss function twice in a call")

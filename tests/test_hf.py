@@ -524,7 +524,7 @@ def test_forward_outside_the_layout_raises_at_the_first_call():
 
     batch = make_batch("plain")
     for cls, match in (
-        (FunctionalHead, "without calling the output embedding"),
+        (FunctionalHead, "without calling its output embedding"),
         (OwnLoss, "did not call self.loss_function"),
         (Multiplier, "transforms its logits"),
     ):
