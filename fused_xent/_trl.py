@@ -215,8 +215,9 @@ def per_token(hidden, weight, bias, targets, temperature, softcap, logit_scale, 
     """(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1) of ``hidden @ weight.T +
     bias`` under TRL's transform (``softcap * tanh(logit_scale * x / softcap) / temperature``),
     None where ``outputs`` does not ask for it: the log-probs and the entropy (both with their
-    gradients) from :func:`fused_xent.linear_token_logprobs`; the other three, without gradient,
-    from one more sweep over the head's slabs (only when asked for)."""
+    gradients) from :func:`fused_xent.linear_token_logprobs`'s Function; top-1 from the argmax
+    of the same sweep; log sum p^2 and the mean logit (and then top-1 too), without gradient,
+    from one more sweep over the head's slabs, only when asked for."""
     from .logprobs import linear_token_logprobs
 
     if weight.dtype != hidden.dtype and not torch.is_autocast_enabled(hidden.device.type):
@@ -225,16 +226,56 @@ def per_token(hidden, weight, bias, targets, temperature, softcap, logit_scale, 
         weight = weight.to(hidden.dtype)
         bias = None if bias is None else bias.to(hidden.dtype)
     entropy_too = "entropy" in outputs
-    got = linear_token_logprobs(
-        hidden, weight, targets, linear_bias=bias, temperature=float(temperature),
-        logit_scale=float(logit_scale), softcap=None if softcap is None else float(softcap),
-        return_entropy=entropy_too,
-    )  # fmt: skip
-    logp, entropy = got if entropy_too else (got, None)
+    softcap = None if softcap is None else float(softcap)
     extras = {}
-    if any(name in outputs for name in _EXTRAS):
+    if any(name in outputs for name in _EXTRAS[:2]):  # a sweep of their own (top-1 with them)
         extras = _extras(hidden, weight, bias, targets, temperature, softcap, logit_scale)
+    if "is_top1" in outputs and not extras:  # SFT: the argmax from the log-probs' own sweep
+        logp, entropy, top = _logprobs_with_argmax(
+            hidden, weight, bias, targets, float(temperature), softcap, float(logit_scale),
+            entropy_too,
+        )  # fmt: skip
+        extras = {"is_top1": top == targets.reshape(-1).to(top.device).long()}
+    else:
+        got = linear_token_logprobs(
+            hidden, weight, targets, linear_bias=bias, temperature=float(temperature),
+            logit_scale=float(logit_scale), softcap=softcap, return_entropy=entropy_too,
+        )  # fmt: skip
+        logp, entropy = got if entropy_too else (got, None)
     return (logp, entropy, *(extras.get(name) if name in outputs else None for name in _EXTRAS))
+
+
+def _logprobs_with_argmax(hidden, weight, bias, targets, temperature, softcap, logit_scale,
+                          entropy_too):  # fmt: skip
+    """What :func:`fused_xent.linear_token_logprobs` computes (by slabs, the same Function) and
+    the argmax of each row from the same forward sweep (the kernels' own, first on ties): no
+    extra sweep for TRL's top-1. TRL hands (N, D) hidden states and N valid targets."""
+    from .autograd import LinearTokenLogprobFunction, logprob_outputs, slab_loss_rows
+    from .functional import _backend, autocast_linear
+    from .logprobs import _token_options
+
+    hidden, weight, bias = autocast_linear(hidden, weight, bias)
+    opts = _token_options(-100, temperature, logit_scale, softcap)
+    backend = _backend("auto", hidden)
+    target = targets.reshape(-1)
+    found = {}
+
+    def rows(h, w, b, t, o, chunk_size, be, return_entropy):
+        loss, stats, entropy, predicted = slab_loss_rows(h, w, b, t, o, be, return_entropy, True)
+        found["argmax"] = predicted
+        logp, entropy = logprob_outputs(loss, entropy, t, o)
+        return logp, stats, entropy
+
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    if wants_grad:
+        out = LinearTokenLogprobFunction.apply(hidden, weight, bias, target, opts, None, True,
+                                               backend, entropy_too, rows)  # fmt: skip
+        logp, entropy = out if entropy_too else (out, None)
+    else:
+        logp, _, entropy = rows(hidden, weight, bias, target, opts, None, backend, entropy_too)
+    return logp, entropy, found["argmax"]
 
 
 @torch.no_grad()

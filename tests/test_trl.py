@@ -175,11 +175,18 @@ def _float64_fields(hidden, weight, bias, targets, temperature, softcap, scale):
     return logp, entropy, log_sum_sq, z.mean(-1), z.argmax(-1) == targets
 
 
+ALL_FIELDS = ("log_probs", "log_sum_sq_probs", "mean_logits", "entropy", "is_top1")
+SFT_FIELDS = ("log_probs", "entropy", "is_top1")  # top-1 from the log-probs' own sweep
+
+
 @pytest.mark.parametrize("softcap", [None, 3.0])
-def test_per_token_fields_against_float64(monkeypatch, softcap):
-    """Every field TRL's head returns, and the gradients of the log-probs and the entropy, over
-    several vocabulary slabs (a short last one), against float64 and beside TRL's own function."""
-    monkeypatch.setattr(fused_xent.autograd, "pick_vocab_slab", lambda *a: 16)
+@pytest.mark.parametrize("fields,slab", [(ALL_FIELDS, 16), (SFT_FIELDS, 16), (SFT_FIELDS, None)])
+def test_per_token_fields_against_float64(monkeypatch, softcap, fields, slab):
+    """The fields TRL's head returns, and the gradients of the log-probs and the entropy, over
+    several vocabulary slabs (a short last one) or one, against float64 and beside TRL's own
+    function; SFT's fields take top-1 from the log-probs' sweep (the kernels' argmax)."""
+    if slab is not None:
+        monkeypatch.setattr(fused_xent.autograd, "pick_vocab_slab", lambda *a: slab)
     gen = torch.Generator().manual_seed(3)
     n, d, v = 9, 12, 37
     hidden = torch.randn(n, d, generator=gen, requires_grad=True)
@@ -188,7 +195,7 @@ def test_per_token_fields_against_float64(monkeypatch, softcap):
     targets = torch.randint(0, v, (n,), generator=gen)
     targets[2] = torch.argmax((hidden @ weight.T + bias)[2]).item()  # one top-1 at least
     a, b = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
-    args = (targets, 0.7, softcap, 0.5, ("log_probs",) + _trl._EXTRAS[:2] + ("entropy", "is_top1"))
+    args = (targets, 0.7, softcap, 0.5, fields)
     got = _trl.per_token(hidden, weight, bias, *args)
     peer = trl_utils._ChunkedLogProbFunction
     peer = getattr(peer, "original", peer).apply(hidden, weight, bias, targets, 0.7, 16, softcap,
@@ -197,6 +204,9 @@ def test_per_token_fields_against_float64(monkeypatch, softcap):
     want = _float64_fields(*leaves, targets, 0.7, softcap, 0.5)
     for name, g, p, w in zip(("logp", "entropy", "sq", "mean", "top1"), got, peer, want,
                              strict=True):  # fmt: skip
+        if g is None:
+            assert name in ("sq", "mean") and fields == SFT_FIELDS
+            continue
         if name == "top1":
             assert torch.equal(g, w) and torch.equal(p, w) and bool(w.any())
             continue
@@ -406,3 +416,20 @@ def test_distillation_trainer(order, monkeypatch):
             assert abs(got[key] - want[key]) <= 1e-5 * abs(want[key]), (key, got, want)
     for name, want in want_params.items():
         assert rel_err(got_params[name], want) <= 1e-5, name
+
+
+@pytest.mark.parametrize("slab", [16, None])
+def test_top1_ties_go_to_the_first_class(monkeypatch, slab):
+    """A target that ties with an earlier class for the maximum is not top-1 (TRL's rule: the
+    first argmax), within a slab and across slabs, on both of fused_xent's routes to it."""
+    if slab is not None:
+        monkeypatch.setattr(fused_xent.autograd, "pick_vocab_slab", lambda *a: slab)
+    gen = torch.Generator().manual_seed(6)
+    hidden = torch.randn(4, 8, generator=gen)
+    weight = torch.randn(37, 8, generator=gen) * 0.1
+    weight[20] = weight[5] = hidden[0] * 3  # class 5 and 20 tie for row 0's maximum
+    weight[9] = hidden[1] * 3  # row 1's maximum alone
+    targets = torch.tensor([20, 9, 5, 0])
+    for fields in (ALL_FIELDS, SFT_FIELDS):
+        top1 = _trl.per_token(hidden, weight, None, targets, 1.0, None, 1.0, fields)[4]
+        assert top1[:2].tolist() == [False, True], fields
