@@ -99,7 +99,7 @@ from dataclasses import dataclass, field
 
 import torch
 import triton
-from fused_xent.kernels import distill, xent
+from fused_xent.kernels import _launch, distill, xent
 from triton.backends.compiler import GPUTarget
 from triton.runtime.cache import get_cache_manager
 from triton.runtime.driver import driver as _driver
@@ -433,12 +433,16 @@ class Capture:
         JITFunction.run = run
         if _ORIG_CHECK is not None:
             xent._check_launchable = _check_launchable
+        # Every launch through the patched run (kernels/_launch.py would call a kept kernel's
+        # launcher itself, which this stub driver has not).
+        self._fast, _launch.ENABLED = _launch.ENABLED, False
         return self
 
     def __exit__(self, *exc):
         JITFunction.run = self._orig
         if _ORIG_CHECK is not None:
             xent._check_launchable = _ORIG_CHECK
+        _launch.ENABLED = self._fast
 
     def take(self) -> list[Call]:
         calls, self.calls = self.calls, []

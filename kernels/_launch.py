@@ -89,8 +89,9 @@ def launch(kernel, grid: tuple, *args, **kwargs):
         compiled = kernel[grid](*args, **kwargs)
         if hasattr(compiled, "result"):  # an asynchronous compile's future
             compiled = compiled.result()
-        tail = tuple(kwargs.get(p.name, p.default) for p in kernel.params[len(args) :])
-        _KEPT[key] = (compiled, tail)
+        if compiled is not None:  # (None: a patched run that only records, bench/static.py)
+            tail = tuple(kwargs.get(p.name, p.default) for p in kernel.params[len(args) :])
+            _KEPT[key] = (compiled, tail)
         return compiled
     compiled, tail = kept
     if CHECK:
