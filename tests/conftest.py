@@ -62,7 +62,8 @@ def pytest_report_header(config):
     """The versions this run tested, first in CI's log (the ranges float: README, "Tested with")."""
     from importlib import metadata
 
-    names = ("torch", "triton", "transformers", "accelerate", "kernels", "hypothesis", "numpy")
+    names = ("torch", "triton", "transformers", "accelerate", "kernels", "trl", "peft",
+             "datasets", "hypothesis", "numpy")  # fmt: skip
     found = []
     for name in names:
         try:
