@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -168,6 +169,26 @@ def _check_token_weight(token_weight, target, row_shape) -> None:
 
 
 def _options(ignore_index, weight, label_smoothing, lse_square_scale, softcap, logit_scale):
+    """The checked options (frozen: the same plain-number arguments without class weights share
+    one object, remembered by value and type, so a call does not rebuild and recheck them)."""
+    plain = (int, float, type(None))
+    if weight is None and all(
+        type(v) in plain
+        for v in (ignore_index, label_smoothing, lse_square_scale, softcap, logit_scale)
+    ):
+        return _options_of(ignore_index, label_smoothing, lse_square_scale, softcap, logit_scale)
+    return _build_options(ignore_index, weight, label_smoothing, lse_square_scale, softcap,
+                          logit_scale)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=256, typed=True)
+def _options_of(ignore_index, label_smoothing, lse_square_scale, softcap, logit_scale):
+    return _build_options(ignore_index, None, label_smoothing, lse_square_scale, softcap,
+                          logit_scale)  # fmt: skip
+
+
+def _build_options(ignore_index, weight, label_smoothing, lse_square_scale, softcap,
+                   logit_scale):  # fmt: skip
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if softcap is not None:

@@ -1019,10 +1019,12 @@ def vector_width(dtype: torch.dtype) -> int:
 def _aligned_base(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """A view of ``t``'s storage that starts on the 16-byte boundary at or before ``t``, and how
     many elements before ``t`` it starts (< the vector width)."""
-    size = t.element_size()
-    lead = (t.data_ptr() % 16) // size
-    if t.data_ptr() % size or lead > t.storage_offset():
+    size, ptr = t.element_size(), t.data_ptr()
+    lead = (ptr % 16) // size
+    if ptr % size or lead > t.storage_offset():
         return t, 0  # an odd storage: correct, without 16-byte vectors
+    if lead == 0 and not INTERPRET:
+        return t, 0  # already on the boundary: a kernel reads only its address (no view made)
     return t.as_strided((1,), (1,), t.storage_offset() - lead), lead
 
 
