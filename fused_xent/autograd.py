@@ -1233,17 +1233,8 @@ def _distill_rows_target(target, opts, vocab, backend):
     [0, V) that is not ignored raises on the host paths (as the reference) and gives the row NaN
     on the kernels' (as kernels/distill.py, without a host read) and under torch.compile (where a
     host read would break the graph)."""
-    if target is None:
-        return None, None, None
-    if backend.impl != "triton" and not torch.compiler.is_compiling():
-        ignored, col = reference._distill_target(target, opts, vocab)
-        return ignored, col, None
-    y = target.long()
-    ignored = y == opts.ignore_index
-    if opts.hard_weight == 0.0:
-        return ignored, None, None
-    bad = ~ignored & ((y < 0) | (y >= vocab))
-    return ignored, torch.where(ignored | bad, 0, y), bad
+    host = backend.impl != "triton" and not torch.compiler.is_compiling()
+    return reference.distill_target_rows(target, opts, vocab, host)
 
 
 def _distill_slab_logits(heads, start, end, dtype, temperature):

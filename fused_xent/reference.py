@@ -198,19 +198,31 @@ def xent_backward(
 def _distill_target(target, opts, n_cols):
     """(ignored rows, the hard term's safe target column) of a class-index target or None; a
     target outside [0, V) that is not ignore_index raises where the hard term would use it."""
+    ignored, col, _ = distill_target_rows(target, opts, n_cols, host=True)
+    return ignored, col
+
+
+def distill_target_rows(target, opts, n_cols, host: bool):
+    """(ignored rows, the hard term's safe column, rows whose target is outside [0, V) and not
+    ignored), each None where there is none to give (no target; no hard term). With ``host`` a
+    target outside [0, V) raises ``IndexError`` (a host read: the reference's and the CPU
+    routes' answer) and the third is None; without, nothing is read on the host (the kernels'
+    routes give those rows NaN)."""
     if target is None:
-        return None, None
+        return None, None, None
     target = target.long()
     ignored = target == opts.ignore_index
     if opts.hard_weight == 0.0:
-        return ignored, None
+        return ignored, None, None
     bad = ~ignored & ((target < 0) | (target >= n_cols))
+    if not host:
+        return ignored, torch.where(ignored | bad, 0, target), bad
     if bool(bad.any()):
         raise IndexError(
             f"target holds {int(target[bad][0])}, outside [0, {n_cols}) and not "
             f"ignore_index={opts.ignore_index}"
         )
-    return ignored, torch.where(ignored, 0, target)
+    return ignored, torch.where(ignored, 0, target), None
 
 
 def _xlogy_diff(p, log_p, log_q):
