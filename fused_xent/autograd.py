@@ -225,6 +225,40 @@ class TokenLogprobFunction(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
+def plain_work(logits):
+    """The plain forward's small outputs in one float32 buffer (``PlainXent``): the (3, N)
+    statistics, the (N,) losses, then the reduced loss (``work[4 * N]``), the "mean"
+    denominator and the reduction's counter."""
+    return _alloc.empty(4 * logits.shape[0] + 3, torch.float32, logits.device)
+
+
+class PlainCrossEntropyFunction(torch.autograd.Function):
+    """``CrossEntropyFunction`` for the plain calls ``functional.cross_entropy`` picks out
+    (``kernels/xent.py``'s ``PlainXent``: class-index targets, no option but ignore_index, a
+    reduced loss): the same kernels and the same gradient-in-the-forward, with fewer host
+    steps between them."""
+
+    @staticmethod
+    def forward(ctx, logits, target, plan):
+        grad = _alloc.empty_like(logits)
+        work = plain_work(logits)
+        plan.forward(logits, target, work, grad)
+        ctx.plan, ctx.consumed = plan, False
+        ctx.save_for_backward(logits, target, work, grad)
+        return work[4 * logits.shape[0]]
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        refuse_double_backward()
+        _refuse_second_backward(
+            ctx, "cross_entropy", "its gradient is computed in the forward and handed out once. "
+            "Call the loss again, or use reduction='none'.",
+        )  # fmt: skip
+        logits, target, work, grad = ctx.saved_tensors
+        ctx.plan.backward(logits, target, work, grad_loss, grad)
+        return grad, None, None
+
+
 def token_rows(logits, target, opts, backend, return_entropy):
     """(log p(target), statistics, entropy or None) of (N, V) logits: one launch."""
     logp, stats = _row_outputs(logits)

@@ -12,11 +12,13 @@ from . import _dtensor, distributed, ops
 from ._options import LossOptions, mean_denominator
 from .autograd import (
     CrossEntropyFunction,
+    PlainCrossEntropyFunction,
     LinearCrossEntropyFunction,
     SlabLinearCrossEntropyFunction,
     forward_no_grad,
     linear_forward_no_grad,
     lse_of,
+    plain_work,
     refuse_double_backward,
     slab_forward_no_grad,
     token_stats_outputs,
@@ -231,6 +233,50 @@ def _backend(impl: str, input: torch.Tensor):
 
 
 _KERNELS: dict = {}  # the kernels' module once imported (an import statement per call costs)
+_PLANS: dict = {}  # the plain calls' launch plans, by what fixes them (_plain_plan)
+
+
+def _plain_plan(input, target, ignore_index, reduction, impl):
+    """The kernels' plan (``kernels/xent.py``'s ``PlainXent``) for a plain call with these
+    tensors, or None for the general route (which decides, and checks, everything else): two
+    plain tensors on the current device, (N, C) logits with ``plain_rows``, (N,) class indices,
+    a reduced loss, the kernels' backend, eager. Checked here: what can change from call to call
+    with the same plan; the rest when the plan is made."""
+    if type(input) is not torch.Tensor or type(target) is not torch.Tensor:
+        return None  # (DTensors and other subclasses: the general route)
+    if input.dim() != 2 or target.dim() != 1 or reduction == "none":
+        return None
+    n_rows = input.shape[0]
+    if n_rows == 0 or target.shape[0] != n_rows or type(ignore_index) is not int:
+        return None
+    key = (input.dtype, target.dtype, input.shape[1], ignore_index, reduction, impl,
+           input.device, target.device)  # fmt: skip
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _new_plan(input, target, ignore_index, reduction, impl)
+    if plan is False or torch.compiler.is_compiling():
+        return None
+    xent = _KERNELS["xent"]
+    if not xent.plain_rows(input) or (input.is_cuda and plan.device != xent.current_device()):
+        return None
+    return plan
+
+
+def _new_plan(input, target, ignore_index, reduction, impl):
+    """A ``PlainXent`` for calls like this one, or False where the general route must take
+    them (it then also raises the errors)."""
+    if impl not in ("auto", "triton") or reduction not in ("mean", "sum"):
+        return False
+    if impl == "auto" and not input.is_cuda:
+        return False
+    if target.device != input.device or target.dtype not in _TARGET_DTYPES:
+        return False
+    if input.dtype not in _KERNEL_DTYPES or input.shape[1] == 0:
+        return False
+    if _backend(impl, input) is not ops.TRITON:
+        return False
+    return _KERNELS["xent"].PlainXent(input.shape[1], input.dtype, target.dtype, ignore_index,
+                                      reduction, input.get_device())  # fmt: skip
 
 
 # Small CPU calls with the options torch has: torch's own kernels on float32 (float64) copies.
@@ -482,6 +528,23 @@ def cross_entropy(
     row a NaN loss (and NaN gradient) without any out-of-bounds access; the reference raises
     ``IndexError``.
     """
+    if (
+        weight is None
+        and token_weight is None
+        and process_group is None
+        and type(label_smoothing) is float
+        and type(lse_square_scale) is float
+        and type(logit_scale) is float
+        and not (label_smoothing or lse_square_scale or softcap is not None or logit_scale != 1.0)
+        and not (return_lse or return_stats or inplace_backward)
+    ):
+        plan = _plain_plan(input, target, ignore_index, reduction, impl)
+        if plan is not None:
+            if input.requires_grad and torch.is_grad_enabled():
+                return PlainCrossEntropyFunction.apply(input, target, plan)
+            work = plain_work(input)
+            plan.forward(input, target, work)
+            return work[4 * input.shape[0]]
     if _dtensor.any_dtensor(input, target, weight, token_weight):
         return _dtensor_call(
             cross_entropy, "input", input, 0 if input.dim() == 1 else 1, process_group,

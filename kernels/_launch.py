@@ -133,3 +133,46 @@ def _check(kernel, grid, args, kwargs, compiled, tail) -> None:
     )
     if not same:
         raise AssertionError(f"fused_xent launch: other arguments than Triton's for {kernel}")
+
+
+class Prepared:
+    """:func:`launch` for one kernel whose keyword arguments (constexprs, ``num_warps``) are
+    fixed once, for a plan that fixes most positional arguments too (a loss's launches for one
+    row length and dtype, ``xent.PlainXent``). Each call passes its positional arguments and
+    ``spec``: the caller's account of what Triton specialises on among the arguments that
+    change from call to call (their pointers' alignment, the integers that follow the row
+    count); those that never change within the plan need none. The first call of each ``spec``
+    goes through Triton (``kernel[grid]``), later ones to its compiled kernel directly, as
+    :func:`launch` does; ``FUSED_XENT_CHECK_LAUNCH=1`` checks every call against Triton's own
+    choice and binding (``tests/test_launch.py``)."""
+
+    __slots__ = ("kernel", "kwargs", "kept", "device")
+
+    def __init__(self, kernel, device, **kwargs):
+        self.kernel, self.device, self.kwargs, self.kept = kernel, device, kwargs, {}
+
+    def __call__(self, n_programs: int, spec, *args):
+        kept = self.kept.get(spec)
+        if kept is None or not ENABLED or _hooks():
+            return self._first(n_programs, spec, args)
+        compiled, tail = kept
+        if CHECK:
+            _check(self.kernel, (n_programs,), args, self.kwargs, compiled, tail)
+        try:
+            compiled.run(n_programs, 1, 1, driver.active.get_current_stream(self.device),
+                         compiled.function, compiled.packed_metadata, None, None, None, *args,
+                         *tail)  # fmt: skip
+        except TypeError:  # a launcher that takes other arguments, as in launch()
+            _disable()
+            return self.kernel[(n_programs,)](*args, **self.kwargs)
+        return compiled
+
+    def _first(self, n_programs, spec, args):
+        if not ENABLED or _hooks():
+            return self.kernel[(n_programs,)](*args, **self.kwargs)
+        compiled = launch(self.kernel, (n_programs,), *args, **self.kwargs)
+        if ENABLED and compiled is not None:  # (launch may have turned the fast path off)
+            tail = tuple(self.kwargs.get(p.name, p.default)
+                         for p in self.kernel.params[len(args) :])  # fmt: skip
+            self.kept[spec] = (compiled, tail)
+        return compiled

@@ -65,9 +65,10 @@ from contextlib import nullcontext
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.driver import driver
 
 from .._options import reduce_total
-from ._launch import launch
+from ._launch import Prepared, launch
 
 # Triton decides at decoration time whether a kernel is compiled or interpreted on the CPU.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -485,6 +486,16 @@ def _finish_reduction(loss_ptr, total_ptr, den_ptr, counter_ptr, n_rows, REDUCE:
 
 
 @triton.jit
+def _packed(work_ptr, stride_stats):
+    """The small outputs' places in one float32 buffer (``PACKED``, ``PlainXent``): (3, N)
+    statistics of row stride ``stride_stats`` (= N), the rows' losses, then the reduced loss,
+    the "mean" denominator and the int32 arrival counter. -> (loss, total, den, counter)."""
+    total_ptr = work_ptr + 4 * stride_stats
+    counter_ptr = (total_ptr + 2).to(tl.pointer_type(tl.int32), bitcast=True)
+    return work_ptr + 3 * stride_stats, total_ptr, total_ptr + 1, counter_ptr
+
+
+@triton.jit
 def _prologue_kernel(
     # pointers
     target_ptr,
@@ -503,10 +514,13 @@ def _prologue_kernel(
     PROB_TARGET: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     RBLOCK: tl.constexpr,
+    PACKED: tl.constexpr = False,
 ):
     """One program: zero the reduction's arrival counter and, for "mean", write the denominator
     (torch's: the kept rows, or the sum of weight[target] over them; the rows with probability
-    targets)."""
+    targets). ``PACKED``: both in the buffer ``den_ptr`` points to (``_packed``)."""
+    if PACKED:
+        _, _, den_ptr, counter_ptr = _packed(den_ptr, n_rows)
     tl.store(counter_ptr, 0)
     if REDUCE == 2:
         offs = tl.arange(0, RBLOCK)
@@ -589,7 +603,10 @@ def _xent_fwd_kernel(
     ROW_WEIGHT: tl.constexpr,
     LOGPROB: tl.constexpr,
     ROUND_BF16: tl.constexpr,
+    PACKED: tl.constexpr = False,
 ):
+    if PACKED:  # the small outputs in the statistics' buffer (PlainXent)
+        loss_ptr, total_ptr, den_ptr, counter_ptr = _packed(stats_ptr, stride_stats)
     row = tl.program_id(0).to(tl.int64)
     # The logits pointer and offset0 (< VEC) locate the row on 16-byte boundaries.
     start = offset0 + row * stride_logits_row
@@ -891,7 +908,10 @@ def _xent_bwd_kernel(
     ROW_WEIGHT: tl.constexpr,
     LOGPROB: tl.constexpr,
     ROUND_BF16: tl.constexpr,
+    PACKED: tl.constexpr = False,
 ):
+    if PACKED:  # the denominator in the statistics' buffer (PlainXent)
+        _, _, den_ptr, _ = _packed(stats_ptr, stride_stats)
     row = tl.program_id(0).to(tl.int64)
     g = _incoming_grad(dloss_ptr, row, stride_dloss, REDUCE)
     # After a forward that wrote the gradient for g == 1, g == 1 leaves it as it is; the branch is
@@ -1272,3 +1292,88 @@ def xent_backward(
             ROUND_BF16=grad is not None and _round_bf16(grad),
             **meta,
         )
+
+
+# --------------------------------------------------------------------------------------------
+# The plain loss, launched with the least host work
+
+
+def current_device() -> int:
+    """The device Triton launches on (its driver's)."""
+    return driver.active.get_current_device()
+
+
+def plain_rows(logits: torch.Tensor) -> bool:
+    """Whether ``PlainXent`` takes these logits: contiguous rows starting on a 16-byte boundary
+    (no head to cut, a gradient buffer made by ``torch.empty_like`` is cut the same way)."""
+    return logits.is_contiguous() and logits.data_ptr() % 16 == 0
+
+
+class PlainXent:
+    """What :func:`xent_prologue`, :func:`xent_forward` and :func:`xent_backward` launch for a
+    plain call: (N, C) logits with ``plain_rows``, class-index targets, no option but
+    ``ignore_index``, a "mean" or "sum" reduction. The same kernels with the same constexprs (so
+    the same numbers, bit for bit); the arguments that stay the same from call to call (the row
+    length, the dtypes, the options, the placeholders of the outputs a plain call has not) are
+    built once per plan instead of per call, and each launch goes through a ``Prepared``
+    launch: a short row's step is bound by the host (bench/host_time.py), and this is most of
+    what a training loop calls.
+
+    Outputs are the caller's, as for the other launchers: ``work``, one float32 buffer of
+    ``4 * N + 3`` elements for the small ones (``PACKED``: the (3, N) statistics, the rows'
+    losses, the reduced loss at ``4 * N``, the denominator and the counter: one allocation
+    where there were five), and ``grad`` like the logits (``torch.empty_like``). Both are fresh
+    allocations (16-byte aligned, as the caching allocator's always are); the logits are
+    aligned by ``plain_rows``; the target's alignment and stride, the incoming gradient's
+    alignment and the row count are each call's ``spec``."""
+
+    def __init__(self, n_cols: int, dtype, target_dtype, ignore_index: int, reduction: str,
+                 device: int) -> None:  # fmt: skip
+        from .._options import LossOptions
+
+        self.n_cols, self.ignore_index, self.device = n_cols, ignore_index, device
+        self.reduce = _REDUCE_CODE[reduction]
+        opts = LossOptions(ignore_index=ignore_index)
+        consts = _option_constexprs(torch.empty(0, dtype=target_dtype), opts)
+        vec = vector_width(dtype)
+        block, num_warps = _row_config(n_cols, dtype, consts)
+        rows = dict(VEC=vec, EDGES=n_cols % vec != 0, SINGLE_BLOCK=n_cols <= block,
+                    BLOCK=block, num_warps=num_warps, ROW_WEIGHT=False, LOGPROB=False,
+                    ROUND_BF16=INTERPRET and dtype == torch.bfloat16, PACKED=True,
+                    **consts)  # fmt: skip
+        fwd = dict(HAS_GRAD_SCALE=False, REDUCE=self.reduce, RBLOCK=_RBLOCK, ENTROPY=0,
+                   PREDICT=False, **rows)  # fmt: skip
+        self.prologue = Prepared(_prologue_kernel, device, REDUCE=self.reduce, PROB_TARGET=False,
+                                 HAS_WEIGHT=False, RBLOCK=_RBLOCK, PACKED=True,
+                                 num_warps=4)  # fmt: skip
+        self.fwd_grad = Prepared(_xent_fwd_kernel, device, WRITE_GRAD=True, **fwd)
+        self.fwd = Prepared(_xent_fwd_kernel, device, WRITE_GRAD=False, **fwd)
+        self.bwd = Prepared(_xent_bwd_kernel, device, REDUCE=self.reduce, SKIP_IF_ONE=True,
+                            WRITE_DX=True, WRITE_DT=False, ENT_GRAD=False, **rows)  # fmt: skip
+
+    def forward(self, logits, target, work, grad=None) -> None:
+        """The reduced loss into ``work[4 * N]`` (the rows' before it, their statistics first),
+        and with ``grad`` the gradient for an incoming gradient of 1."""
+        n_rows, n_cols, t_stride = logits.shape[0], self.n_cols, target.stride(0)
+        spec = (n_rows == 1, n_rows % 16 == 0, n_rows > 0x7FFFFFFF, t_stride,
+                target.data_ptr() % 16 == 0)  # fmt: skip
+        self.prologue(1, spec, target, work, work, work, n_rows, n_cols, t_stride,
+                      self.ignore_index)  # fmt: skip
+        w = work  # (every small output's pointer: PACKED finds each one in it)
+        (self.fwd if grad is None else self.fwd_grad)(
+            n_rows, spec, logits, target, w, w, w, w if grad is None else grad, w, w, w, w, w, w,
+            w, n_rows, n_cols, 0, n_cols, 0, n_cols, t_stride, n_rows,
+            0 if grad is None else n_cols, 0, self.ignore_index, 0.0, 0.0, 1.0, 1.0, 1.0,
+        )  # fmt: skip
+
+    def backward(self, logits, target, work, dloss, grad) -> None:
+        """``grad`` (written by the forward for an incoming gradient of 1) for ``dloss``: left
+        as it is where ``dloss`` is 1 (decided on the GPU)."""
+        n_rows, n_cols, t_stride = logits.shape[0], self.n_cols, target.stride(0)
+        spec = (n_rows == 1, n_rows % 16 == 0, n_rows > 0x7FFFFFFF, t_stride,
+                target.data_ptr() % 16 == 0, dloss.data_ptr() % 16 == 0, dloss.dtype)  # fmt: skip
+        w = work
+        self.bwd(
+            n_rows, spec, logits, target, w, w, dloss, w, grad, w, w, w, w, n_cols, 0, n_cols, 0,
+            n_cols, t_stride, n_rows, 0, n_cols, 0, 0, 0, self.ignore_index, 0.0, 1.0, 1.0, 1.0,
+        )  # fmt: skip

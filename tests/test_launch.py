@@ -42,13 +42,25 @@ for dtype in (torch.bfloat16, torch.float32):
             # the target's pointer 16-byte aligned or not (the logits are re-based to an aligned
             # pointer by the launchers)
             t = torch.randint(0, cols, (6,), generator=g)[offset:offset + 5]
-            for kw in ({}, {"label_smoothing": 0.1, "softcap": 5.0}, {"reduction": "none"}):
-                for _ in range(2):  # the second launch takes the fast path, checked
+            for kw in ({}, {"label_smoothing": 0.1, "softcap": 5.0}, {"reduction": "none"},
+                       {"reduction": "sum", "ignore_index": 3}):  # fmt: skip
+                for scale in (1.0, 3.0, 3.0):  # the second launch takes the fast path, checked
                     xl = x.detach().requires_grad_()
                     loss = fused_xent.cross_entropy(xl, t, impl="triton", **kw)
-                    loss.sum().backward()
+                    # an incoming gradient of 1, then another (the backward's work)
+                    (loss.sum() * scale).backward()
+                    with torch.no_grad():
+                        fused_xent.cross_entropy(x, t, impl="triton", **kw)
                     seen += 1
-            one = x[:1].detach().requires_grad_()  # a single row
+            # the plain route's target alignment and strides, and its single row
+            tt = torch.randint(0, cols, (6, 2), generator=g)
+            one = x[:1].detach().requires_grad_()
+            flat = tt.flatten()  # (int64: element 1 is 8 bytes past a 16-byte boundary)
+            for target in (tt[:5, 0], tt[:5, 1], flat[:5], flat[1:6]):
+                for _ in range(2):
+                    xl = x.detach().requires_grad_()
+                    fused_xent.cross_entropy(xl, target, impl="triton").backward()
+                    fused_xent.cross_entropy(one, target[:1], impl="triton").backward()
             for _ in range(2):
                 logp, ent = fused_xent.token_logprobs(one, t[:1], return_entropy=True,
                                                       impl="triton")
@@ -67,4 +79,4 @@ def test_fast_launch_picks_what_triton_picks():
     out = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=1500)  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "launch checks 72" in out.stdout
+    assert "launch checks 144" in out.stdout
