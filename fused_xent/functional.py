@@ -12,8 +12,8 @@ from . import _dtensor, distributed, ops
 from ._options import LossOptions, mean_denominator
 from .autograd import (
     CrossEntropyFunction,
-    PlainCrossEntropyFunction,
     LinearCrossEntropyFunction,
+    PlainCrossEntropyFunction,
     SlabLinearCrossEntropyFunction,
     forward_no_grad,
     linear_forward_no_grad,
