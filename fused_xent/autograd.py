@@ -225,11 +225,14 @@ class TokenLogprobFunction(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
-def plain_work(logits):
-    """The plain forward's small outputs in one float32 buffer (``PlainXent``): the (3, N)
-    statistics, the (N,) losses, then the reduced loss (``work[4 * N]``), the "mean"
+def plain_outputs(logits):
+    """The plain forward's outputs (``PlainXent``): the reduced loss (float32, 0-dim), and one
+    float32 buffer for the others: the (3, N) statistics, the (N,) losses, the "mean"
     denominator and the reduction's counter."""
-    return _alloc.empty(4 * logits.shape[0] + 3, torch.float32, logits.device)
+    device = logits.device
+    return _alloc.empty((), torch.float32, device), _alloc.empty(
+        4 * logits.shape[0] + 2, torch.float32, device
+    )
 
 
 class PlainCrossEntropyFunction(torch.autograd.Function):
@@ -241,11 +244,14 @@ class PlainCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, plan):
         grad = _alloc.empty_like(logits)
-        work = plain_work(logits)
-        plan.forward(logits, target, work, grad)
-        ctx.plan, ctx.consumed = plan, False
-        ctx.save_for_backward(logits, target, work, grad)
-        return work[4 * logits.shape[0]]
+        total, work = plain_outputs(logits)
+        plan.forward(logits, target, total, work, grad)
+        # The logits and the target are saved (their versions checked: the backward reads them
+        # when the incoming gradient is not 1); the buffers made here are plain attributes (no
+        # one else holds them), the gradient handed out once.
+        ctx.save_for_backward(logits, target)
+        ctx.plan, ctx.work, ctx.grad, ctx.consumed = plan, work, grad, False
+        return total
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -254,8 +260,9 @@ class PlainCrossEntropyFunction(torch.autograd.Function):
             ctx, "cross_entropy", "its gradient is computed in the forward and handed out once. "
             "Call the loss again, or use reduction='none'.",
         )  # fmt: skip
-        logits, target, work, grad = ctx.saved_tensors
-        ctx.plan.backward(logits, target, work, grad_loss, grad)
+        grad, ctx.grad = ctx.grad, None
+        logits, target = ctx.saved_tensors
+        ctx.plan.backward(logits, target, ctx.work, grad_loss, grad)
         return grad, None, None
 
 

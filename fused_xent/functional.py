@@ -7,10 +7,12 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from . import _dtensor, distributed, ops
 from ._options import LossOptions, mean_denominator
 from .autograd import (
+    _SLAB_MIN_LOGITS,
     CrossEntropyFunction,
     LinearCrossEntropyFunction,
     PlainCrossEntropyFunction,
@@ -18,7 +20,7 @@ from .autograd import (
     forward_no_grad,
     linear_forward_no_grad,
     lse_of,
-    plain_work,
+    plain_outputs,
     refuse_double_backward,
     slab_forward_no_grad,
     token_stats_outputs,
@@ -236,6 +238,31 @@ _KERNELS: dict = {}  # the kernels' module once imported (an import statement pe
 _PLANS: dict = {}  # the plain calls' launch plans, by what fixes them (_plain_plan)
 
 
+def _plain_options(weight, token_weight, process_group, label_smoothing, lse_square_scale,
+                   softcap, logit_scale) -> bool:  # fmt: skip
+    """Whether the options are all off (their defaults, as the defaults' own types: anything
+    else takes the general route, which checks it)."""
+    return (
+        weight is None
+        and token_weight is None
+        and process_group is None
+        and softcap is None
+        and type(label_smoothing) is float
+        and type(lse_square_scale) is float
+        and type(logit_scale) is float
+        and not (label_smoothing or lse_square_scale or logit_scale != 1.0)
+    )
+
+
+def _plain_loss(logits, target, plan):
+    """The reduced loss of a plain call (``_plain_plan``)."""
+    if logits.requires_grad and torch.is_grad_enabled():
+        return PlainCrossEntropyFunction.apply(logits, target, plan)
+    total, work = plain_outputs(logits)
+    plan.forward(logits, target, total, work)
+    return total
+
+
 def _plain_plan(input, target, ignore_index, reduction, impl):
     """The kernels' plan (``kernels/xent.py``'s ``PlainXent``) for a plain call with these
     tensors, or None for the general route (which decides, and checks, everything else): two
@@ -249,14 +276,18 @@ def _plain_plan(input, target, ignore_index, reduction, impl):
     n_rows = input.shape[0]
     if n_rows == 0 or target.shape[0] != n_rows or type(ignore_index) is not int:
         return None
+    xent = _KERNELS.get("xent")
+    # (the launch configuration's function in the key: tests replace it to force small blocks)
     key = (input.dtype, target.dtype, input.shape[1], ignore_index, reduction, impl,
-           input.device, target.device)  # fmt: skip
+           input.device, target.device, xent and xent._launch_config)  # fmt: skip
     plan = _PLANS.get(key)
     if plan is None:
+        if len(_PLANS) >= 1024:  # (a bound on what many shapes keep; plans are cheap to make)
+            _PLANS.clear()
         plan = _PLANS[key] = _new_plan(input, target, ignore_index, reduction, impl)
+        xent = _KERNELS.get("xent")
     if plan is False or torch.compiler.is_compiling():
         return None
-    xent = _KERNELS["xent"]
     if not xent.plain_rows(input) or (input.is_cuda and plan.device != xent.current_device()):
         return None
     return plan
@@ -275,6 +306,7 @@ def _new_plan(input, target, ignore_index, reduction, impl):
         return False
     if _backend(impl, input) is not ops.TRITON:
         return False
+    _KERNELS["xent"]._check_launchable(input)  # (CPU tensors without the interpreter: its error)
     return _KERNELS["xent"].PlainXent(input.shape[1], input.dtype, target.dtype, ignore_index,
                                       reduction, input.get_device())  # fmt: skip
 
@@ -529,22 +561,19 @@ def cross_entropy(
     ``IndexError``.
     """
     if (
-        weight is None
-        and token_weight is None
-        and process_group is None
-        and type(label_smoothing) is float
-        and type(lse_square_scale) is float
-        and type(logit_scale) is float
-        and not (label_smoothing or lse_square_scale or softcap is not None or logit_scale != 1.0)
+        _plain_options(
+            weight,
+            token_weight,
+            process_group,
+            label_smoothing,
+            lse_square_scale,
+            softcap,
+            logit_scale,
+        )  # fmt: skip
         and not (return_lse or return_stats or inplace_backward)
+        and (plan := _plain_plan(input, target, ignore_index, reduction, impl)) is not None
     ):
-        plan = _plain_plan(input, target, ignore_index, reduction, impl)
-        if plan is not None:
-            if input.requires_grad and torch.is_grad_enabled():
-                return PlainCrossEntropyFunction.apply(input, target, plan)
-            work = plain_work(input)
-            plan.forward(input, target, work)
-            return work[4 * input.shape[0]]
+        return _plain_loss(input, target, plan)
     if _dtensor.any_dtensor(input, target, weight, token_weight):
         return _dtensor_call(
             cross_entropy, "input", input, 0 if input.dim() == 1 else 1, process_group,
@@ -806,6 +835,30 @@ def _linear_2d(hidden, head, bias, target, opts, reduction, chunk_size, fp32, ba
                                   row_weight, return_stats)  # fmt: skip
 
 
+def _small_plain_linear(input, head, bias, impl) -> bool:
+    """Plain tensors for ``F.linear`` (an (N, D) input and a (C, D) head of its dtype, a bias
+    of (C,) or none) on the kernels' device, within one vocabulary slab (``_plain_plan`` then
+    decides the rest of the plain route)."""
+    return (
+        (impl == "triton" or (impl == "auto" and input.is_cuda))
+        and type(input) is torch.Tensor
+        and type(head) is torch.Tensor
+        and input.dim() == 2
+        and head.dim() == 2
+        and head.shape[1] == input.shape[1]
+        and head.dtype == input.dtype
+        and 0 < input.shape[0] * head.shape[0] <= _SLAB_MIN_LOGITS
+        and (
+            bias is None
+            or (
+                type(bias) is torch.Tensor
+                and bias.shape == head.shape[:1]
+                and bias.dtype == input.dtype
+            )
+        )  # fmt: skip
+    )
+
+
 def autocast_linear(input, weight, bias):
     """(input, weight, bias) as F.linear under autocast takes them: in the autocast dtype when
     autocast is on for the input's device (the loss itself follows torch's float32 policy:
@@ -911,6 +964,31 @@ def linear_cross_entropy(
     d1 x ... x dK positions: position j is a linear cross-entropy with head
     ``linear_weight[:, j]`` over the N rows.
     """
+    if (
+        chunk_size is None
+        and options is None
+        and _plain_options(
+            weight,
+            token_weight,
+            process_group,
+            label_smoothing,
+            lse_square_scale,
+            softcap,
+            logit_scale,
+        )  # fmt: skip
+        and not (return_lse or return_stats)
+        and _small_plain_linear(input, linear_weight, linear_bias, impl)
+    ):
+        # A call whose logits are no more than the least a vocabulary slab holds anyway
+        # (_SLAB_MIN_LOGITS rows x classes): what the slabs compute (one product, the kernels'
+        # rows, two products back) is then F.linear and the plain loss, with torch's own
+        # autograd for the products and one host step per kernel (bench/host_time.py). The
+        # logits and their gradient (at most 2**14 each) live until the backward.
+        logits = F.linear(input, linear_weight, linear_bias)
+        index = -100 if ignore_index is None else ignore_index
+        plan = _plain_plan(logits, target, index, reduction, impl)
+        if plan is not None:
+            return _plain_loss(logits, target, plan)
     if _dtensor.any_dtensor(input, linear_weight, linear_bias, target, weight, token_weight):
         return _dtensor_linear_call(
             linear_cross_entropy, input, linear_weight, linear_bias, process_group,

@@ -488,11 +488,11 @@ def _finish_reduction(loss_ptr, total_ptr, den_ptr, counter_ptr, n_rows, REDUCE:
 @triton.jit
 def _packed(work_ptr, stride_stats):
     """The small outputs' places in one float32 buffer (``PACKED``, ``PlainXent``): (3, N)
-    statistics of row stride ``stride_stats`` (= N), the rows' losses, then the reduced loss,
-    the "mean" denominator and the int32 arrival counter. -> (loss, total, den, counter)."""
-    total_ptr = work_ptr + 4 * stride_stats
-    counter_ptr = (total_ptr + 2).to(tl.pointer_type(tl.int32), bitcast=True)
-    return work_ptr + 3 * stride_stats, total_ptr, total_ptr + 1, counter_ptr
+    statistics of row stride ``stride_stats`` (= N), the rows' losses, then the "mean"
+    denominator and the int32 arrival counter. -> (loss, den, counter)."""
+    den_ptr = work_ptr + 4 * stride_stats
+    counter_ptr = (den_ptr + 1).to(tl.pointer_type(tl.int32), bitcast=True)
+    return work_ptr + 3 * stride_stats, den_ptr, counter_ptr
 
 
 @triton.jit
@@ -520,7 +520,7 @@ def _prologue_kernel(
     (torch's: the kept rows, or the sum of weight[target] over them; the rows with probability
     targets). ``PACKED``: both in the buffer ``den_ptr`` points to (``_packed``)."""
     if PACKED:
-        _, _, den_ptr, counter_ptr = _packed(den_ptr, n_rows)
+        _, den_ptr, counter_ptr = _packed(den_ptr, n_rows)
     tl.store(counter_ptr, 0)
     if REDUCE == 2:
         offs = tl.arange(0, RBLOCK)
@@ -605,8 +605,8 @@ def _xent_fwd_kernel(
     ROUND_BF16: tl.constexpr,
     PACKED: tl.constexpr = False,
 ):
-    if PACKED:  # the small outputs in the statistics' buffer (PlainXent)
-        loss_ptr, total_ptr, den_ptr, counter_ptr = _packed(stats_ptr, stride_stats)
+    if PACKED:  # the small outputs but the reduced loss in the statistics' buffer (PlainXent)
+        loss_ptr, den_ptr, counter_ptr = _packed(stats_ptr, stride_stats)
     row = tl.program_id(0).to(tl.int64)
     # The logits pointer and offset0 (< VEC) locate the row on 16-byte boundaries.
     start = offset0 + row * stride_logits_row
@@ -911,7 +911,7 @@ def _xent_bwd_kernel(
     PACKED: tl.constexpr = False,
 ):
     if PACKED:  # the denominator in the statistics' buffer (PlainXent)
-        _, _, den_ptr, _ = _packed(stats_ptr, stride_stats)
+        _, den_ptr, _ = _packed(stats_ptr, stride_stats)
     row = tl.program_id(0).to(tl.int64)
     g = _incoming_grad(dloss_ptr, row, stride_dloss, REDUCE)
     # After a forward that wrote the gradient for g == 1, g == 1 leaves it as it is; the branch is
@@ -1011,12 +1011,13 @@ def _launch_config(n_cols: int, dtype: torch.dtype) -> tuple[int, int]:
 
 
 def _row_config(n_cols: int, dtype: torch.dtype, consts: dict) -> tuple[int, int]:
-    return _row_config_of(n_cols, dtype, any(consts.values()))
+    # (_launch_config in the key: tests replace it to force small blocks.)
+    return _row_config_of(n_cols, dtype, any(consts.values()), _launch_config)
 
 
 @functools.lru_cache(maxsize=4096)
-def _row_config_of(n_cols: int, dtype: torch.dtype, options: bool) -> tuple[int, int]:
-    block, num_warps = _launch_config(n_cols, dtype)
+def _row_config_of(n_cols: int, dtype: torch.dtype, options: bool, config) -> tuple[int, int]:
+    block, num_warps = config(n_cols, dtype)
     if options:
         # Options carry more live arrays a logit: half the block, 16 logits a thread (8 for
         # float32, whose softcap two-pass build spills at 16).
@@ -1319,11 +1320,11 @@ class PlainXent:
     launch: a short row's step is bound by the host (bench/host_time.py), and this is most of
     what a training loop calls.
 
-    Outputs are the caller's, as for the other launchers: ``work``, one float32 buffer of
-    ``4 * N + 3`` elements for the small ones (``PACKED``: the (3, N) statistics, the rows'
-    losses, the reduced loss at ``4 * N``, the denominator and the counter: one allocation
-    where there were five), and ``grad`` like the logits (``torch.empty_like``). Both are fresh
-    allocations (16-byte aligned, as the caching allocator's always are); the logits are
+    Outputs are the caller's, as for the other launchers: ``total`` (float32, one element, the
+    reduced loss), ``work``, one float32 buffer of ``4 * N + 2`` elements for the others
+    (``PACKED``: the (3, N) statistics, the rows' losses, the denominator and the counter: one
+    allocation where there were four), and ``grad`` like the logits (``torch.empty_like``).
+    All are fresh allocations (16-byte aligned, as the caching allocator's always are); the logits are
     aligned by ``plain_rows``; the target's alignment and stride, the incoming gradient's
     alignment and the row count are each call's ``spec``."""
 
@@ -1351,9 +1352,9 @@ class PlainXent:
         self.bwd = Prepared(_xent_bwd_kernel, device, REDUCE=self.reduce, SKIP_IF_ONE=True,
                             WRITE_DX=True, WRITE_DT=False, ENT_GRAD=False, **rows)  # fmt: skip
 
-    def forward(self, logits, target, work, grad=None) -> None:
-        """The reduced loss into ``work[4 * N]`` (the rows' before it, their statistics first),
-        and with ``grad`` the gradient for an incoming gradient of 1."""
+    def forward(self, logits, target, total, work, grad=None) -> None:
+        """The reduced loss into ``total`` (the rows' and their statistics into ``work``), and
+        with ``grad`` the gradient for an incoming gradient of 1."""
         n_rows, n_cols, t_stride = logits.shape[0], self.n_cols, target.stride(0)
         spec = (n_rows == 1, n_rows % 16 == 0, n_rows > 0x7FFFFFFF, t_stride,
                 target.data_ptr() % 16 == 0)  # fmt: skip
@@ -1361,8 +1362,8 @@ class PlainXent:
                       self.ignore_index)  # fmt: skip
         w = work  # (every small output's pointer: PACKED finds each one in it)
         (self.fwd if grad is None else self.fwd_grad)(
-            n_rows, spec, logits, target, w, w, w, w if grad is None else grad, w, w, w, w, w, w,
-            w, n_rows, n_cols, 0, n_cols, 0, n_cols, t_stride, n_rows,
+            n_rows, spec, logits, target, w, w, w, w if grad is None else grad, w, total, w, w, w,
+            w, w, n_rows, n_cols, 0, n_cols, 0, n_cols, t_stride, n_rows,
             0 if grad is None else n_cols, 0, self.ignore_index, 0.0, 0.0, 1.0, 1.0, 1.0,
         )  # fmt: skip
 

@@ -1,0 +1,167 @@
+"""The plain route (``functional._plain_plan``: ``kernels/xent.py``'s ``PlainXent``) against the
+general one and against float64 torch.
+
+The plain route takes the calls a training loop makes most (class indices, no option but
+``ignore_index``, a reduced loss, contiguous aligned logits) with fewer host steps; it launches
+the same kernels with the same constexprs (its small outputs packed in one buffer), so its
+numbers must be the general route's bit for bit. The general route is forced by passing an
+option at its default value as another type (``label_smoothing=0``, an int), which the plain
+route leaves to the general one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import DEVICE, GRAD_RTOL, LOSS_RTOL, dtype_id, make_logits, make_target
+
+import fused_xent
+from fused_xent import functional
+
+IMPL = "triton"
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _run(x, t, grad_out=None, **kw):
+    """(loss, gradient) of fused_xent.cross_entropy on a leaf copy of ``x``."""
+    leaf = x.detach().clone().requires_grad_()
+    loss = fused_xent.cross_entropy(leaf, t, impl=IMPL, **kw)
+    loss.backward(grad_out)
+    return loss.detach(), leaf.grad
+
+
+def _plans_made(monkeypatch):
+    """The plans of the calls that took the plain route, as they come (fresh plans: the small
+    blocks of a test are in its plans)."""
+    made = []
+    real = functional._plain_loss
+
+    def spy(logits, target, plan):
+        made.append(plan)
+        return real(logits, target, plan)
+
+    monkeypatch.setattr(functional, "_plain_loss", spy)
+    monkeypatch.setattr(functional, "_PLANS", {})
+    return made
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize(
+    "n, c",
+    [
+        (1, 1),  # one row of one class: the loss is exactly 0
+        (5, 7),  # a class count that is no multiple of a 16-byte vector
+        (17, 64),  # 17 rows: one past a multiple of 16 (the row count's specialisation)
+        (3, 100),  # several blocks a row under small_blocks
+    ],
+)
+def test_plain_route_matches_general_and_float64(monkeypatch, small_blocks, dtype, reduction, n,
+                                                  c):  # fmt: skip
+    made = _plans_made(monkeypatch)
+    x = make_logits(n, c, dtype, seed=n * c)
+    t = make_target(n, c, seed=n + c, ignored_rows=[0] if n > 2 else [])
+    g = torch.tensor(0.75, device=DEVICE)  # an incoming gradient that is not 1
+    for grad_out in (None, g):
+        loss, grad = _run(x, t, grad_out, reduction=reduction)
+        assert made and all(made), "the plain route was not taken"
+        general_loss, general_grad = _run(x, t, grad_out, reduction=reduction, label_smoothing=0)
+        assert torch.equal(loss, general_loss)
+        assert torch.equal(grad, general_grad)
+        x64 = x.double().requires_grad_()
+        want = F.cross_entropy(x64, t, reduction=reduction)
+        want.backward(None if grad_out is None else grad_out.double())
+        assert _rel(loss, want) <= LOSS_RTOL
+        assert _rel(grad, x64.grad) <= GRAD_RTOL[dtype]
+    with torch.no_grad():
+        assert torch.equal(fused_xent.cross_entropy(x, t, reduction=reduction, impl=IMPL), loss)
+
+
+def test_plain_route_edge_rows(monkeypatch):
+    """Every row ignored ("mean": NaN, gradient 0), and a target out of range (NaN row), as
+    decided for every route (_options.py)."""
+    made = _plans_made(monkeypatch)
+    x = make_logits(4, 8, torch.float32, seed=3)
+    t = torch.full((4,), -100, device=DEVICE)
+    loss, grad = _run(x, t)
+    assert made and torch.isnan(loss) and torch.equal(grad, torch.zeros_like(grad))
+    bad = torch.tensor([1, 8, 2, 3], device=DEVICE)
+    loss, grad = _run(x, bad, reduction="sum")
+    assert torch.isnan(loss) and torch.isnan(grad[1]).all() and not torch.isnan(grad[0]).any()
+
+
+def test_plain_route_autograd_behaviour(monkeypatch):
+    """The loss is a tensor of its own (in-place ops on it are allowed), its gradient handed out
+    once (a second backward is refused), not differentiable twice."""
+    made = _plans_made(monkeypatch)
+    x = make_logits(6, 10, torch.float32, seed=5).requires_grad_()
+    t = make_target(6, 10, seed=6)
+    loss = fused_xent.cross_entropy(x, t, impl=IMPL)
+    assert made and loss._base is None
+    want = F.cross_entropy(x.detach().double(), t)
+    (loss * 1).mul_(2).backward()
+    x64 = x.detach().double().requires_grad_()
+    (F.cross_entropy(x64, t) * 2).backward()
+    assert _rel(x.grad, x64.grad) <= GRAD_RTOL[torch.float32] and _rel(loss, want) <= LOSS_RTOL
+    loss = fused_xent.cross_entropy(x, t, impl=IMPL)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+    loss = fused_xent.cross_entropy(x, t, impl=IMPL)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+def test_plain_route_leaves_the_rest_to_the_general_one(monkeypatch):
+    """Misaligned or strided logits, "none", options as other types, and errors go the general
+    way (its checks and messages)."""
+    made = _plans_made(monkeypatch)
+    base = make_logits(4, 9, torch.float32, seed=7)
+    t = make_target(4, 8, seed=8)
+    fused_xent.cross_entropy(base[:, 1:], t, impl=IMPL)  # strided rows
+    fused_xent.cross_entropy(base.flatten()[1:33].view(4, 8), t, impl=IMPL)  # 4 bytes off
+    fused_xent.cross_entropy(base[:, :8].contiguous(), t, reduction="none", impl=IMPL)
+    assert not any(made)
+    with pytest.raises(ValueError, match="reduction"):
+        fused_xent.cross_entropy(base[:, :8].contiguous(), t, reduction="avg", impl=IMPL)
+    with pytest.raises(TypeError, match="target"):
+        fused_xent.cross_entropy(base[:, :8].contiguous(), t.to(torch.int8), impl=IMPL)
+    with pytest.raises(ValueError, match="target"):
+        fused_xent.cross_entropy(base[:, :8].contiguous(), t[:3], impl=IMPL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("bias", [False, True])
+def test_small_linear_route(monkeypatch, dtype, bias):
+    """A linear cross-entropy within one vocabulary slab: F.linear, then the plain loss; the
+    gradients of the input, the head and the bias against float64 torch, as the slab route's."""
+    made = _plans_made(monkeypatch)
+    gen = torch.Generator().manual_seed(11)
+    h = torch.randn(6, 16, generator=gen).to(dtype).to(DEVICE)
+    w = (torch.randn(40, 16, generator=gen) / 4).to(dtype).to(DEVICE)
+    b = torch.randn(40, generator=gen).to(dtype).to(DEVICE) if bias else None
+    t = make_target(6, 40, seed=12, ignored_rows=[2])
+    g = torch.tensor(1.5, device=DEVICE)
+    leaves = [v.detach().clone().requires_grad_() for v in (h, w, b) if v is not None]
+    loss = fused_xent.linear_cross_entropy(*leaves[:2], t, linear_bias=leaves[2] if bias else None,
+                                           impl=IMPL)  # fmt: skip
+    loss.backward(g)
+    assert made and all(made), "the small linear call did not take the plain route"
+    ref = [v.detach().double().requires_grad_() for v in (h, w, b) if v is not None]
+    want = F.cross_entropy(F.linear(*ref), t)
+    want.backward(g.double())
+    assert _rel(loss, want) <= LOSS_RTOL * 10  # (the logits are rounded to the dtype first)
+    for mine, theirs in zip(leaves, ref, strict=True):
+        assert _rel(mine.grad, theirs.grad) <= max(GRAD_RTOL[dtype], 2e-5) * 4
+    # the slab route (forced by a chunk size) agrees
+    slab = [v.detach().clone().requires_grad_() for v in (h, w, b) if v is not None]
+    other = fused_xent.linear_cross_entropy(*slab[:2], t, linear_bias=slab[2] if bias else None,
+                                            chunk_size=6, impl=IMPL)  # fmt: skip
+    other.backward(g)
+    assert _rel(loss, other) <= LOSS_RTOL * 10
+    for mine, theirs in zip(leaves, slab, strict=True):
+        assert _rel(mine.grad, theirs.grad) <= max(GRAD_RTOL[dtype], 2e-5) * 4
