@@ -294,9 +294,10 @@ def _plain_plan(input, target, ignore_index, reduction, impl):
 
 
 def _new_plan(input, target, ignore_index, reduction, impl):
-    """A ``PlainXent`` for calls like this one, or False where the general route must take
-    them (it then also raises the errors)."""
-    if impl not in ("auto", "triton") or reduction not in ("mean", "sum"):
+    """A ``PlainXent`` for calls like this one (``PlainLogprob`` for ``reduction="logprob"``,
+    ``token_logprobs``), or False where the general route must take them (it then also raises
+    the errors)."""
+    if impl not in ("auto", "triton") or reduction not in ("mean", "sum", "logprob"):
         return False
     if impl == "auto" and not input.is_cuda:
         return False
@@ -306,7 +307,11 @@ def _new_plan(input, target, ignore_index, reduction, impl):
         return False
     if _backend(impl, input) is not ops.TRITON:
         return False
-    _KERNELS["xent"]._check_launchable(input)  # (CPU tensors without the interpreter: its error)
+    xent = _KERNELS["xent"]
+    xent._check_launchable(input)  # (CPU tensors without the interpreter: its error)
+    if reduction == "logprob":
+        return xent.PlainLogprob(input.shape[1], input.dtype, target.dtype, ignore_index,
+                                 input.get_device())  # fmt: skip
     return _KERNELS["xent"].PlainXent(input.shape[1], input.dtype, target.dtype, ignore_index,
                                       reduction, input.get_device())  # fmt: skip
 

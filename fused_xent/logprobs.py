@@ -20,8 +20,10 @@ import torch
 from . import _dtensor, distributed, ops
 from .autograd import (
     LinearTokenLogprobFunction,
+    PlainTokenLogprobFunction,
     TokenLogprobFunction,
     linear_loss_rows,
+    plain_token_rows,
     slab_token_rows,
     token_rows,
     token_stats_outputs,
@@ -35,6 +37,7 @@ from .functional import (
     _dtensor_call,
     _dtensor_linear_call,
     _options,
+    _plain_plan,
     all_finite,
     autocast_linear,
     check_inplace,
@@ -153,6 +156,24 @@ def token_logprobs(
     On the kernel path a target outside [0, V) that is not ``ignore_index`` gives NaN at that
     position (no out-of-bounds access); the reference raises ``IndexError``.
     """
+    if (
+        softcap is None
+        and type(temperature) is float
+        and type(logit_scale) is float
+        and temperature == 1.0
+        and logit_scale == 1.0
+        and not inplace_backward
+        and process_group is None
+        and type(logits) is torch.Tensor
+        and type(target) is torch.Tensor
+        and logits.dim() >= 2
+        and logits.is_contiguous()
+        and target.shape == logits.shape[:-1]
+    ):
+        rows = logits.view(-1, logits.shape[-1])
+        plan = _plain_plan(rows, target.reshape(-1), ignore_index, "logprob", impl)
+        if plan is not None:
+            return _plain_logprobs(rows, target, plan, return_entropy)
     if _dtensor.any_dtensor(logits, target):
         return _dtensor_call(
             token_logprobs, "logits", logits, -1, process_group, dict(target=target),
@@ -206,6 +227,20 @@ def token_logprobs(
     if return_entropy:
         return out[0].reshape(shape), out[1].reshape(shape)
     return out.reshape(shape)
+
+
+def _plain_logprobs(rows, target, plan, return_entropy):
+    """``token_logprobs`` of a plain call (``functional._plain_plan``), in ``target``'s shape."""
+    flat = target.reshape(-1)
+    if rows.requires_grad and torch.is_grad_enabled():
+        out = PlainTokenLogprobFunction.apply(rows, flat, plan, return_entropy)
+    else:
+        logp, _, entropy = plain_token_rows(rows, flat, plan, return_entropy)
+        out = (logp, entropy) if return_entropy else logp
+    shape = target.shape
+    if return_entropy:
+        return out[0].view(shape), out[1].view(shape)
+    return out.view(shape)
 
 
 def linear_token_logprobs(

@@ -1310,6 +1310,19 @@ def plain_rows(logits: torch.Tensor) -> bool:
     return logits.is_contiguous() and logits.data_ptr() % 16 == 0
 
 
+def _plain_meta(n_cols: int, dtype, target_dtype, **flags) -> dict:
+    """The row constexprs of a plain call (``plain_rows`` logits, class indices, no option
+    on), as ``xent_forward`` and ``xent_backward`` pick them, and ``flags``."""
+    from .._options import LossOptions
+
+    consts = _option_constexprs(torch.empty(0, dtype=target_dtype), LossOptions())
+    vec = vector_width(dtype)
+    block, num_warps = _row_config(n_cols, dtype, consts)
+    return dict(VEC=vec, EDGES=n_cols % vec != 0, SINGLE_BLOCK=n_cols <= block, BLOCK=block,
+                num_warps=num_warps, ROW_WEIGHT=False,
+                ROUND_BF16=INTERPRET and dtype == torch.bfloat16, **consts, **flags)  # fmt: skip
+
+
 class PlainXent:
     """What :func:`xent_prologue`, :func:`xent_forward` and :func:`xent_backward` launch for a
     plain call: (N, C) logits with ``plain_rows``, class-index targets, no option but
@@ -1324,24 +1337,15 @@ class PlainXent:
     reduced loss), ``work``, one float32 buffer of ``4 * N + 2`` elements for the others
     (``PACKED``: the (3, N) statistics, the rows' losses, the denominator and the counter: one
     allocation where there were four), and ``grad`` like the logits (``torch.empty_like``).
-    All are fresh allocations (16-byte aligned, as the caching allocator's always are); the logits are
-    aligned by ``plain_rows``; the target's alignment and stride, the incoming gradient's
-    alignment and the row count are each call's ``spec``."""
+    All are fresh allocations (16-byte aligned, as the caching allocator's always are); the
+    logits are aligned by ``plain_rows``; the target's alignment and stride, the incoming
+    gradient's alignment and the row count are each call's ``spec``."""
 
     def __init__(self, n_cols: int, dtype, target_dtype, ignore_index: int, reduction: str,
                  device: int) -> None:  # fmt: skip
-        from .._options import LossOptions
-
         self.n_cols, self.ignore_index, self.device = n_cols, ignore_index, device
         self.reduce = _REDUCE_CODE[reduction]
-        opts = LossOptions(ignore_index=ignore_index)
-        consts = _option_constexprs(torch.empty(0, dtype=target_dtype), opts)
-        vec = vector_width(dtype)
-        block, num_warps = _row_config(n_cols, dtype, consts)
-        rows = dict(VEC=vec, EDGES=n_cols % vec != 0, SINGLE_BLOCK=n_cols <= block,
-                    BLOCK=block, num_warps=num_warps, ROW_WEIGHT=False, LOGPROB=False,
-                    ROUND_BF16=INTERPRET and dtype == torch.bfloat16, PACKED=True,
-                    **consts)  # fmt: skip
+        rows = _plain_meta(n_cols, dtype, target_dtype, LOGPROB=False, PACKED=True)
         fwd = dict(HAS_GRAD_SCALE=False, REDUCE=self.reduce, RBLOCK=_RBLOCK, ENTROPY=0,
                    PREDICT=False, **rows)  # fmt: skip
         self.prologue = Prepared(_prologue_kernel, device, REDUCE=self.reduce, PROB_TARGET=False,
@@ -1377,4 +1381,74 @@ class PlainXent:
         self.bwd(
             n_rows, spec, logits, target, w, w, dloss, w, grad, w, w, w, w, n_cols, 0, n_cols, 0,
             n_cols, t_stride, n_rows, 0, n_cols, 0, 0, 0, self.ignore_index, 0.0, 1.0, 1.0, 1.0,
+        )  # fmt: skip
+
+
+class PlainLogprob:
+    """What :func:`xent_forward` and :func:`xent_backward` launch for a plain ``token_logprobs``
+    call (``plain_rows`` logits, class indices, no temperature, scale or softcap), with the
+    arguments that stay the same built once, as ``PlainXent`` does for the loss. Outputs are the
+    caller's: ``logp`` and ``entropy`` (N,) and ``stats`` (3, N) float32, ``grad`` like the
+    logits (fresh allocations); the pointers and strides that come from the caller's tensors
+    are each call's ``spec``."""
+
+    def __init__(self, n_cols: int, dtype, target_dtype, ignore_index: int, device: int) -> None:
+        self.n_cols, self.ignore_index, self.device = n_cols, ignore_index, device
+        rows = _plain_meta(n_cols, dtype, target_dtype, LOGPROB=True)
+        self.fwd = {
+            entropy: Prepared(
+                _xent_fwd_kernel,
+                device,
+                ENTROPY=2 if entropy else 0,
+                WRITE_GRAD=False,
+                HAS_GRAD_SCALE=False,
+                REDUCE=NONE,
+                RBLOCK=_RBLOCK,
+                PREDICT=False,
+                **rows,
+            )  # fmt: skip
+            for entropy in (False, True)
+        }
+        self.bwd = {
+            entropy: Prepared(
+                _xent_bwd_kernel,
+                device,
+                ENT_GRAD=entropy,
+                REDUCE=NONE,
+                SKIP_IF_ONE=False,
+                WRITE_DX=True,
+                WRITE_DT=False,
+                **rows,
+            )  # fmt: skip
+            for entropy in (False, True)
+        }
+
+    def forward(self, logits, target, logp, stats, entropy=None) -> None:
+        """log p(target) into ``logp``, the statistics into ``stats``, with ``entropy`` the
+        rows' entropies (0 on ignored rows)."""
+        n_rows, n_cols, t_stride = logits.shape[0], self.n_cols, target.stride(0)
+        spec = (n_rows == 1, n_rows % 16 == 0, n_rows > 0x7FFFFFFF, t_stride,
+                target.data_ptr() % 16 == 0)  # fmt: skip
+        e = logp if entropy is None else entropy
+        self.fwd[entropy is not None](
+            n_rows, spec, logits, target, logp, logp, stats, logp, logp, logp, logp, logp, e,
+            logp, logp, n_rows, n_cols, 0, n_cols, 0, n_cols, t_stride, n_rows, 0, 0,
+            self.ignore_index, 0.0, 0.0, 1.0, 1.0, 1.0,
+        )  # fmt: skip
+
+    def backward(self, logits, target, stats, dlogp, grad, dentropy=None, entropy=None) -> None:
+        """The logits' gradient into ``grad`` for incoming gradients ``dlogp`` (N,) and, with
+        ``dentropy`` (N,), of the entropies (``entropy``: the forward's)."""
+        n_rows, n_cols, t_stride = logits.shape[0], self.n_cols, target.stride(0)
+        d_stride = dlogp.stride(0)
+        e_stride = 0 if dentropy is None or n_rows == 1 else dentropy.stride(0)
+        spec = (n_rows == 1, n_rows % 16 == 0, n_rows > 0x7FFFFFFF, t_stride,
+                target.data_ptr() % 16 == 0, d_stride, dlogp.data_ptr() % 16 == 0, dlogp.dtype,
+                e_stride, dentropy is None or dentropy.data_ptr() % 16 == 0,
+                dentropy is None or dentropy.dtype)  # fmt: skip
+        de = stats if dentropy is None else dentropy
+        self.bwd[dentropy is not None](
+            n_rows, spec, logits, target, stats, stats, dlogp, stats, grad, stats, de,
+            stats if entropy is None else entropy, stats, n_cols, 0, n_cols, 0, n_cols, t_stride,
+            n_rows, d_stride, n_cols, 0, e_stride, 0, self.ignore_index, 0.0, 1.0, 1.0, 1.0,
         )  # fmt: skip

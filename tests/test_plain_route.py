@@ -165,3 +165,55 @@ def test_small_linear_route(monkeypatch, dtype, bias):
     assert _rel(loss, other) <= LOSS_RTOL * 10
     for mine, theirs in zip(leaves, slab, strict=True):
         assert _rel(mine.grad, theirs.grad) <= max(GRAD_RTOL[dtype], 2e-5) * 4
+
+
+def _logprobs(x, t, return_entropy, grads, **kw):
+    """(log p, entropy, the logits' gradient) of token_logprobs on a leaf copy of ``x``, for
+    incoming gradients ``grads`` = (of log p, of the entropy), either None."""
+    leaf = x.detach().clone().requires_grad_()
+    out = fused_xent.token_logprobs(leaf, t, return_entropy=return_entropy, impl=IMPL, **kw)
+    logp, ent = out if return_entropy else (out, None)
+    pairs = [(o, g) for o, g in zip((logp, ent), grads, strict=True) if g is not None]
+    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+    return logp.detach(), None if ent is None else ent.detach(), leaf.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("which", ["logp", "entropy", "both"])
+def test_plain_token_logprobs(monkeypatch, small_blocks, dtype, which):
+    """(B, T, V) logits, an ignored position: the plain route equals the general one bit for bit
+    (forced by a temperature of int 1) and float64 torch."""
+    made = _plans_made(monkeypatch)
+    spied = []
+    real = functional._plain_plan
+    monkeypatch.setattr(
+        fused_xent.logprobs, "_plain_plan", lambda *a: spied.append(real(*a)) or spied[-1]
+    )
+    b, s, v = 2, 3, 40
+    x = make_logits(b * s, v, dtype, seed=21).view(b, s, v)
+    t = make_target(b * s, v, seed=22, ignored_rows=[4]).view(b, s)
+    gen = torch.Generator().manual_seed(23)
+    g_logp = torch.randn(b, s, generator=gen).to(DEVICE) if which != "entropy" else None
+    g_ent = torch.randn(b, s, generator=gen).to(DEVICE) if which != "logp" else None
+    ent_wanted = which != "logp"
+    logp, ent, grad = _logprobs(x, t, ent_wanted, (g_logp, g_ent))
+    assert spied and all(p is not None for p in spied), "the plain route was not taken"
+    other = _logprobs(x, t, ent_wanted, (g_logp, g_ent), temperature=1)
+    assert torch.equal(logp, other[0]) and torch.equal(grad, other[2])
+    assert ent is None or torch.equal(ent, other[1])
+    x64 = x.double().requires_grad_()
+    logp_all = torch.log_softmax(x64, -1)
+    kept = t != -100
+    want_logp = torch.where(kept, logp_all.gather(-1, t.clamp_min(0)[..., None])[..., 0], 0.0)
+    want_ent = torch.where(kept, -(logp_all.exp() * logp_all).sum(-1), 0.0)
+    outs = [(want_logp, g_logp), (want_ent, g_ent)]
+    torch.autograd.backward([o for o, g in outs if g is not None],
+                            [g.double() for _, g in outs if g is not None])  # fmt: skip
+    assert _rel(logp, want_logp) <= LOSS_RTOL
+    if ent is not None:
+        assert _rel(ent, want_ent) <= LOSS_RTOL
+    assert _rel(grad, x64.grad) <= GRAD_RTOL[dtype]
+    with torch.no_grad():
+        plain = fused_xent.token_logprobs(x, t, impl=IMPL)
+    assert torch.equal(plain, logp)
+    assert not made  # (token_logprobs has its own route; the loss's was not taken)
