@@ -73,6 +73,7 @@ import triton
 import triton.language as tl
 
 from .._options import reduce_total
+from . import xent
 from ._launch import launch
 from .xent import (
     _RBLOCK,
@@ -81,7 +82,6 @@ from .xent import (
     LN2,
     LOG2E,
     MEAN,
-    _check_launchable,
     _class_row_scale,
     _edge_cols,
     _exp2,
@@ -104,8 +104,12 @@ _SEGMENT_BYTES = 32 << 10
 # Rows shorter than this keep _xent_fwd_kernel: their second read still hits L2 (264 rows of
 # 128 KB in flight = 34 MB). Chosen from that arithmetic, not measured.
 _SPLIT_MIN_ROW_BYTES = 128 << 10
-# Logits per block and warps: 16 logits a thread, two 16-byte loads of bfloat16 (bench/static.py).
-_SPLIT_BLOCK = 4096
+# A block is 16 KB (bfloat16: 8192 logits), 8 warps: four 16-byte loads a thread, two blocks a
+# segment. bench/static.py, sm_90: 64 registers (4 programs an SM), no spills, 7.7 + 6.8
+# instructions a logit for bfloat16 (8 KB blocks: 32 registers, but 9.8 + 7.2: the block's max and
+# sum cross 8 warps through shared memory once per 16 logits a thread instead of 32). Smoothing
+# takes half a block (91 registers, 2 programs an SM, at 16 KB).
+_BLOCK_BYTES = 16 << 10
 _SPLIT_WARPS = 8
 # Floats per work item in the partials: m, r, s, sum(x - x_0), x_y, x_0 (8: 32-byte items).
 _NP = 8
@@ -355,10 +359,11 @@ def _xent_split_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _block(segment: int) -> int:
-    """The largest power of two <= the segment, at most _SPLIT_BLOCK (tests' small segments get
-    whole blocks too, so the loops run more than once)."""
-    return min(1 << (segment.bit_length() - 1), _SPLIT_BLOCK)
+def _block(segment: int, itemsize: int, smoothing: bool) -> int:
+    """Logits per block: _BLOCK_BYTES (half with smoothing), at most the largest power of two
+    <= the segment (tests' small segments get whole blocks too, so the loops run)."""
+    block = (_BLOCK_BYTES // itemsize) >> smoothing
+    return min(1 << (segment.bit_length() - 1), block)
 
 
 def _supported(opts, prob_target: bool) -> bool:
@@ -429,7 +434,7 @@ def xent_forward_split(
             launches (False); None: one launch on a GPU where K programs are co-resident, two
             under the interpreter (where one would hang).
     """
-    _check_launchable(logits)
+    xent._check_launchable(logits)  # through the module: bench/static.py patches it
     n_rows, n_cols = logits.shape
     if target.is_floating_point() or not _supported(opts, False):
         raise ValueError("xent_forward_split: options it does not support (see split_plan)")
@@ -481,7 +486,7 @@ def xent_forward_split(
                 opts.label_smoothing,
                 opts.lse_square_scale,
                 SEGMENT=segment,
-                BLOCK=_block(segment),
+                BLOCK=_block(segment, logits.element_size(), opts.label_smoothing > 0.0),
                 KP=triton.next_power_of_2(n_seg),
                 NP=_NP,
                 VEC=vec,
