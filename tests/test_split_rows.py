@@ -142,6 +142,19 @@ def test_shapes(n, c, segment):
     check_grad(grad, want_grad, torch.float32)
 
 
+@pytest.mark.parametrize("reduction", ("mean", "sum"))
+def test_one_launch(reduction):
+    # The one-launch protocol (tickets, arrivals, the wait) where the interpreter can run it: one
+    # segment a row, so no program waits for another.
+    x = make_logits(4, 120, torch.bfloat16, seed=12)
+    t = make_target(4, 120, seed=12, ignored_rows=(2,))
+    opts = LossOptions(label_smoothing=0.1, lse_square_scale=1e-3)
+    _, _, grad, total = _split(x, t, opts, reduction, wait=True)
+    want_loss, want_grad = _oracle(x, t, reduction, 0.1, 1e-3)
+    check_loss(total, want_loss, torch.bfloat16)
+    check_grad(grad, want_grad, torch.bfloat16)
+
+
 def test_no_rows():
     x = torch.empty(0, C, device=DEVICE)
     t = torch.empty(0, dtype=torch.int64, device=DEVICE)
