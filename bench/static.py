@@ -29,7 +29,8 @@ times nothing). ``TRITON_INTERPRET`` must be unset.
   warp, out of 64 Ki per SM), the thread limit (2048), the shared-memory limit (228 KiB on sm_90
   and sm_100, 164 KiB on sm_80) and 32 CTAs;
 * ``MUFU.EX2`` and SASS instructions per logit, and LDG / STG counts by width (``.128``, ``.64``,
-  ``.32``, ``.U16`` ...: how well the loads and stores are vectorised; whole kernel);
+  ``.32``, ``.U16`` ...: how well the loads and stores are vectorised; whole kernel), with
+  the cache hint where there is one (``.128.EL``: evict_last, ``.128.EF``: evict_first);
 * the predicted fraction of the byte floor (below).
 
 **Per-logit counts.** NOPs and the trailing ``BRA``-to-itself padding are not counted. A loop is
@@ -46,6 +47,10 @@ unrolled a loop (found from its induction step: ``R = R + u * cols``), the body 
 ``u`` too. Marked ``~`` (approximate): an unrolled loop (it comes with remainder code, counted
 outside the loop), or a tile of at most one logit per thread (tiny C: the layout repeats logits
 across threads, and ptxas unrolls and versions such loops, so a loop is no longer one pass).
+The split-row kernel (``kernels/split.py``, ``TICKET_KERNELS``) claims its work with an atomic
+ticket and waits for the other programs of its row: its passes are the loops that load logits
+through the caches (not the wait's or the reduction's strong loads), and in the prediction a row
+takes ``ceil(C / SEGMENT)`` programs of ``SEGMENT`` logits (the wait itself is not counted).
 
 **Predicted fraction of the floor.** For the scenario's prediction shape (``N x C``: the shapes
 the performance issue names, 32768 x 2048, 16384 x 8192, 8192 x 32000, 8192 x 128256,
