@@ -29,7 +29,8 @@ times nothing). ``TRITON_INTERPRET`` must be unset.
   warp, out of 64 Ki per SM), the thread limit (2048), the shared-memory limit (228 KiB on sm_90
   and sm_100, 164 KiB on sm_80) and 32 CTAs;
 * ``MUFU.EX2`` and SASS instructions per logit, and LDG / STG counts by width (``.128``, ``.64``,
-  ``.32``, ``.U16`` ...: how well the loads and stores are vectorised; whole kernel);
+  ``.32``, ``.U16`` ...: how well the loads and stores are vectorised; whole kernel), with
+  the cache hint where there is one (``.128.EL``: evict_last, ``.128.EF``: evict_first);
 * the predicted fraction of the byte floor (below).
 
 **Per-logit counts.** NOPs and the trailing ``BRA``-to-itself padding are not counted. A loop is
@@ -46,6 +47,10 @@ unrolled a loop (found from its induction step: ``R = R + u * cols``), the body 
 ``u`` too. Marked ``~`` (approximate): an unrolled loop (it comes with remainder code, counted
 outside the loop), or a tile of at most one logit per thread (tiny C: the layout repeats logits
 across threads, and ptxas unrolls and versions such loops, so a loop is no longer one pass).
+The split-row kernel (``kernels/split.py``, ``TICKET_KERNELS``) claims its work with an atomic
+ticket and waits for the other programs of its row: its passes are the loops that load logits
+through the caches (not the wait's or the reduction's strong loads), and in the prediction a row
+takes ``ceil(C / SEGMENT)`` programs of ``SEGMENT`` logits (the wait itself is not counted).
 
 **Predicted fraction of the floor.** For the scenario's prediction shape (``N x C``: the shapes
 the performance issue names, 32768 x 2048, 16384 x 8192, 8192 x 32000, 8192 x 128256,
@@ -99,7 +104,7 @@ from dataclasses import dataclass, field
 
 import torch
 import triton
-from fused_xent.kernels import _launch, distill, xent
+from fused_xent.kernels import _launch, distill, split, xent
 from triton.backends.compiler import GPUTarget
 from triton.runtime.cache import get_cache_manager
 from triton.runtime.driver import driver as _driver
@@ -195,6 +200,25 @@ RL_FWD = Step("rl-fwd", _rl_fwd, writes_grad=False, probe_options=_RL_OPTIONS)
 RL_BWD = Step("rl-bwd", _rl_bwd, writes_grad=True, probe_options=_RL_OPTIONS)
 STEPS = (FWD, FWD_GRAD, BWD, BWD_SCALED, RL_FWD, RL_BWD)
 
+
+def _fwd_grad_split(x, t, opts):
+    """Forward of a "mean" loss with the gradient, each row split over K programs that wait for
+    each other (kernels/split.py, one launch): one read from DRAM, one from L2, one write."""
+    loss, stats = _row_outputs(x.shape[0])
+    grad = _alloc.grad_like(x)
+    split.xent_forward_split(x, t, opts, loss, stats, grad, wait=True, **_mean(t, opts, x.shape[1]))
+
+
+def _fwd_grad_split_eps(x, t, opts):
+    """The same with the two options the split kernel supports: smoothing and a z-loss."""
+    _fwd_grad_split(x, t, dataclasses.replace(opts, label_smoothing=0.1, lse_square_scale=1e-4))
+
+
+# Not in STEPS (not probed): the split launcher serves only the long rows split_plan accepts, with
+# plain options or these two; its constexprs vary with K alone, which the scenarios cover.
+FWD_GRAD_SPLIT = Step("fwd+grad split", _fwd_grad_split, writes_grad=True)
+FWD_GRAD_SPLIT_EPS = Step("fwd+grad split eps+z", _fwd_grad_split_eps, writes_grad=True)
+
 # LossOptions fields, plus prob_target (a (N, C) probability target of the logits' dtype) and
 # weight=True (a (C,) class weight of the logits' dtype).
 OPTIONS = {
@@ -248,6 +272,9 @@ QUICK = {
     (FWD_GRAD, "bf16", 50257, "plain"),
     (RL_FWD, "bf16", 128256, "plain"),
     (RL_BWD, "bf16", 128256, "plain"),
+    (FWD_GRAD_SPLIT, "bf16", 128256, "plain"),
+    (FWD_GRAD_SPLIT, "fp32", 128256, "plain"),
+    (FWD_GRAD_SPLIT_EPS, "bf16", 128256, "plain"),
 }
 
 
@@ -267,6 +294,9 @@ def _scenarios() -> list[Scenario]:
     keys += [
         (st, "bf16", c, "plain") for st in (RL_FWD, RL_BWD) for c in (2048, 8192, 128256, 151936)
     ]
+    # Long rows split over K programs (kernels/split.py): the vocabularies it is for, K = 8-32.
+    keys += [(FWD_GRAD_SPLIT, d, c, "plain") for d in DTYPES for c in (128256, 151936, 256000)]
+    keys += [(FWD_GRAD_SPLIT_EPS, "bf16", c, "plain") for c in (128256, 256000)]
     return [Scenario(*k, quick=k in QUICK) for k in keys]
 
 
@@ -497,9 +527,16 @@ _SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(.*?)\s*;")
 _WIDTHS = ("256", "128", "64", "U16", "S16", "16", "U8", "S8", "8")
 
 
+_HINTS = ("EL", "EF", "LU", "NA")  # evict_last, evict_first, last use, no allocate (L1)
+
+
 def _width(opcode: str) -> str:
+    """``.128``, ``.U16`` ...; with the cache hint where the instruction has one: ``.128.EL``
+    (evict_last), ``.128.EF`` (evict_first)."""
     parts = opcode.split(".")[1:]
-    return next((f".{w}" for w in _WIDTHS if w in parts), ".32")
+    width = next((f".{w}" for w in _WIDTHS if w in parts), ".32")
+    hint = next((f".{h}" for h in _HINTS if h in parts), "")
+    return width + hint
 
 
 @dataclass
@@ -577,6 +614,19 @@ def parse_sass(text: str, function: str) -> Sass:
                     r.local += 1
         return r
 
+    whole = region(0, counted[-1][0])
+    if function in TICKET_KERNELS:
+        # Its first atomic claims the program's work item; the wait and the reduction's sum are
+        # loops of strong (L2) loads. A pass loads the logits, through the caches (with a hint);
+        # the program's own code is everything but the other loops (run once: a wait's trips
+        # are not known, the reduction's sum runs in one program of the launch).
+        loads = [region(s, e) for s, e in loops]
+        passes = [r for r in loads if any(".STRONG" not in op for op in _loads(r, counted))]
+        row = region(0, counted[-1][0])
+        for r in loads:
+            if r not in passes:
+                row = _minus(row, r)
+        return Sass(whole, passes, row)
     # A reduction finishes in the program that arrives last at an atomic counter: the code from
     # the first atomic on runs once per launch, not once per row.
     end = next((a for a, op, _ in counted if op.startswith(("ATOM", "RED"))), None)
@@ -584,7 +634,22 @@ def parse_sass(text: str, function: str) -> Sass:
     # A pass over a row loads its logits; a loop that only stores (a zero gradient row, written
     # without reading the logits) or comes after the atomic is not one.
     passes = [r for r in (region(s, e) for s, e in loops) if r.end <= end and sum(r.ldg.values())]
-    return Sass(region(0, counted[-1][0]), passes, region(0, end))
+    return Sass(whole, passes, region(0, end))
+
+
+# Kernels whose programs claim their work with an atomic ticket and then wait for each other
+# (kernels/split.py): their first atomic is no reduction's.
+TICKET_KERNELS = {"_xent_split_kernel"}
+
+
+def _loads(r: Region, counted) -> list[str]:
+    return [op for a, op, _ in counted if r.start <= a <= r.end and op.startswith("LDG")]
+
+
+def _minus(a: Region, b: Region) -> Region:
+    """``a`` without the instructions of ``b`` (inside it)."""
+    return Region(a.start, a.end, a.instrs - b.instrs, a.ex2 - b.ex2, a.ldg - b.ldg, a.stg - b.stg,
+                  a.local - b.local, a.steps)  # fmt: skip
 
 
 def unroll(r: Region, cols: int, itemsize: int) -> int:
@@ -731,12 +796,15 @@ def describe(sc: Scenario, call: Call, arch: Arch) -> dict:
     smem = md.shared + max(a.static_smem, 1024)
     ctas, limiter = occupancy(arch, a.regs, threads, smem)
 
-    # The prediction: what one program issues for its tile of rows, times the programs.
+    # The prediction: what one program issues for its tile of rows, times the programs. A row
+    # split over programs of SEGMENT logits (kernels/split.py) has ceil(C / SEGMENT) of them.
+    span = call.constexprs.get("SEGMENT", sc.n_cols)
     in_loops = sum(r.instrs for r in loops)
     per_program = a.sass.row.instrs - in_loops
     for r, p in zip(loops, passes[: len(loops)], strict=True):
-        per_program += math.ceil(sc.n_cols / (p["unroll"] * tile_cols)) * r.instrs
-    warp_instrs = per_program * warps * math.ceil(sc.rows / tile_rows)
+        per_program += math.ceil(span / (p["unroll"] * tile_cols)) * r.instrs
+    programs = math.ceil(sc.rows / tile_rows) * math.ceil(sc.n_cols / span)
+    warp_instrs = per_program * warps * programs
     if "BLOCK" not in call.constexprs:  # the reduction's prologue: one program over the rows
         trips = math.ceil(sc.rows / tile_rows)
         warp_instrs = (a.sass.row.instrs - in_loops + trips * in_loops) * warps
@@ -863,7 +931,7 @@ def probe(cap: Capture, arch_id: int, errors: list[str]) -> dict[tuple, Scenario
 
 def _widths(counts: dict) -> str:
     order = {f".{w}": i for i, w in enumerate(_WIDTHS + ("32",))}
-    items = sorted(counts.items(), key=lambda kv: order.get(kv[0], 99))
+    items = sorted(counts.items(), key=lambda kv: (order.get("." + kv[0].split(".")[1], 99), kv[0]))
     return " ".join(f"{w}x{n}" for w, n in items) or "-"
 
 
@@ -880,6 +948,7 @@ _SHORT = {
     "_xent_bwd_kernel": "bwd",
     "_distill_fwd_kernel": "kd-fwd",
     "_distill_bwd_kernel": "kd-bwd",
+    "_xent_split_kernel": "split",
 }
 _FLAGS = {
     "SINGLE_BLOCK": "1blk",
