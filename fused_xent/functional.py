@@ -264,29 +264,34 @@ def _plain_loss(logits, target, plan):
 
 
 def _plain_plan(input, target, ignore_index, reduction, impl):
-    """The kernels' plan (``kernels/xent.py``'s ``PlainXent``) for a plain call with these
-    tensors, or None for the general route (which decides, and checks, everything else): two
-    plain tensors on the current device, (N, C) logits with ``plain_rows``, (N,) class indices,
-    a reduced loss, the kernels' backend, eager. Checked here: what can change from call to call
-    with the same plan; the rest when the plan is made."""
+    """The kernels' plan (``kernels/xent.py``'s ``PlainXent``; ``PlainLogprob`` for
+    ``reduction="logprob"``, ``token_logprobs``) for a plain call with these tensors, or None for
+    the general route (which decides, and checks, everything else): two plain tensors on the
+    current device, (N, C) logits with ``plain_rows``, (N,) class indices, a reduced loss, the
+    kernels' backend, eager. Checked here: what can change from call to call with the same plan;
+    the rest when the plan is made."""
     if type(input) is not torch.Tensor or type(target) is not torch.Tensor:
         return None  # (DTensors and other subclasses: the general route)
+    if torch.compiler.is_compiling():
+        return None  # (traced: the custom ops)
     if input.dim() != 2 or target.dim() != 1 or reduction == "none":
         return None
     n_rows = input.shape[0]
     if n_rows == 0 or target.shape[0] != n_rows or type(ignore_index) is not int:
         return None
     xent = _KERNELS.get("xent")
-    # (the launch configuration's function in the key: tests replace it to force small blocks)
+    # (the launch configuration's function in the key: tests replace it to force small blocks;
+    # and whether long rows are split, which the plain route leaves to xent_forward)
     key = (input.dtype, target.dtype, input.shape[1], ignore_index, reduction, impl,
-           input.device, target.device, xent and xent._launch_config)  # fmt: skip
+           input.device, target.device, xent and xent._launch_config,
+           xent and xent.SPLIT_ROWS)  # fmt: skip
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= 1024:  # (a bound on what many shapes keep; plans are cheap to make)
             _PLANS.clear()
         plan = _PLANS[key] = _new_plan(input, target, ignore_index, reduction, impl)
         xent = _KERNELS.get("xent")
-    if plan is False or torch.compiler.is_compiling():
+    if plan is False:
         return None
     if not xent.plain_rows(input) or (input.is_cuda and plan.device != xent.current_device()):
         return None
@@ -309,6 +314,8 @@ def _new_plan(input, target, ignore_index, reduction, impl):
         return False
     xent = _KERNELS["xent"]
     xent._check_launchable(input)  # (CPU tensors without the interpreter: its error)
+    if reduction != "logprob" and xent.split_wanted(input.shape[1], input.dtype):
+        return False  # (xent_forward's split rows: long rows, where host time is no matter)
     if reduction == "logprob":
         return xent.PlainLogprob(input.shape[1], input.dtype, target.dtype, ignore_index,
                                  input.get_device())  # fmt: skip

@@ -1001,6 +1001,22 @@ _OPTIONS_BLOCK_MAX = 4096
 _RBLOCK = 2048
 
 
+# Long rows split over several co-resident programs each (kernels/split.py: one DRAM read of a
+# row where the two-pass kernel reads it twice): opt-in, FUSED_XENT_SPLIT_ROWS=1, until a GPU
+# measures it against the two-pass kernel (no GPU has run it yet; README, "Long rows").
+SPLIT_ROWS = os.environ.get("FUSED_XENT_SPLIT_ROWS", "0") == "1"
+
+
+def split_wanted(n_cols: int, dtype: torch.dtype) -> bool:
+    """Whether rows of ``n_cols`` logits of ``dtype`` are long enough for the split kernel, where
+    it is switched on (``SPLIT_ROWS``); its ``split_plan`` decides the rest."""
+    if not SPLIT_ROWS:
+        return False
+    from .split import _SPLIT_MIN_ROW_BYTES
+
+    return n_cols * dtype.itemsize >= _SPLIT_MIN_ROW_BYTES
+
+
 def _launch_config(n_cols: int, dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK, num_warps) for rows of ``n_cols`` logits of ``dtype``: 64 logits a thread (the
     per-row work, reductions and target, spread over as many logits as the registers allow),
@@ -1163,6 +1179,24 @@ def xent_forward(
             zero = torch.zeros((), dtype=total.dtype, device=total.device)
             total.copy_(reduce_total(zero, den if reduction == "mean" else None))
         return
+    if (
+        SPLIT_ROWS
+        and grad is not None
+        and entropy is None
+        and predicted is None
+        and row_weight is None
+        and not logprob
+        and split_wanted(n_cols, logits.dtype)
+    ):
+        from . import split
+
+        plan = split.split_plan(n_rows, n_cols, logits.dtype, logits.device, opts,
+                                prob_target=target.is_floating_point())  # fmt: skip
+        if plan is not None:
+            split.xent_forward_split(logits, target, opts, loss, stats, grad, reduction, total,
+                                     den, counter, segment=plan[1],
+                                     grad_scale=grad_scale)  # fmt: skip
+            return
     consts = _option_constexprs(target, opts)
     # The entropy's sum and the argmax add a few registers, not the options' live arrays: the
     # plain launch configuration (bench/static.py: no spills, fewer instructions per logit).

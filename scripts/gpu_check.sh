@@ -11,6 +11,8 @@
 #   xent, rl, linear, distill
 #            bench/report.py, one section each under its own budget (peers where importable)
 #   host     bench/host_time.py: host time per step against the eager recipes (no launch)
+#   longrows bench/long_rows.py: the two-pass kernel and the split-row kernel (opt-in, never run
+#            on a GPU before) side by side at 8192 x 128256 and 4096 x 256000, each checked
 #   memcheck compute-sanitizer memcheck on scripts/memcheck_target.py (targets outside [0, C))
 #   large    scripts/check_large.py: bf16 16400 x 131072, more than 2^31 logits
 #   graph    the CUDA-graph capture test of tests/test_training_loops.py
@@ -53,17 +55,17 @@ while [ $# -gt 0 ]; do
     shift
 done
 PY="${PYTHON:-python3}"
-STEPS=(install wheels suite xent rl linear distill host memcheck large graph example)
+STEPS=(install wheels suite xent rl linear distill host longrows memcheck large graph example)
 SECTIONS=(xent rl linear distill)
 # Seconds per step (estimates); with --dry a safety net only (CI on two cores).
 if [ "$DRY" = 1 ]; then
     declare -A BUDGET=([install]=120 [wheels]=60 [suite]=300 [xent]=90 [rl]=60 [linear]=90
-        [distill]=90 [host]=120 [memcheck]=90 [large]=60 [graph]=30 [example]=120)
+        [distill]=90 [host]=120 [longrows]=60 [memcheck]=90 [large]=60 [graph]=30 [example]=120)
 else
     # 540 s in all (9 minutes of a 15-minute lease, machine start included): the suite first,
     # then each report section under its own budget, so one slow section cannot eat the rest.
-    declare -A BUDGET=([install]=20 [wheels]=15 [suite]=200 [xent]=55 [rl]=35 [linear]=80
-        [distill]=50 [host]=25 [memcheck]=25 [large]=15 [graph]=10 [example]=10)
+    declare -A BUDGET=([install]=20 [wheels]=15 [suite]=185 [xent]=55 [rl]=35 [linear]=65
+        [distill]=50 [host]=25 [longrows]=30 [memcheck]=25 [large]=15 [graph]=10 [example]=10)
 fi
 SUM=0
 for s in "${STEPS[@]}"; do SUM=$((SUM + BUDGET[$s])); done
@@ -220,6 +222,12 @@ if [ "$DRY" = 1 ]; then
     skip host "bench/host_time.py runs in CI itself"
 else
     step host "$PY" bench/host_time.py
+fi
+
+if [ "$DRY" = 1 ]; then
+    step longrows "$PY" bench/long_rows.py --dry
+else
+    step longrows "$PY" bench/long_rows.py --out "$OUT_DIR/long_rows.json"
 fi
 
 SANITIZER=$(command -v compute-sanitizer)

@@ -265,3 +265,35 @@ def test_full_size_waiting(dtype):
     check_loss(total, want_loss, dtype)
     check_grad(grad, want_grad, dtype)
     assert rel_err(stats, _xent_stats(x, t, LossOptions())) <= 1e-6
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_routed_behind_the_launch_table(monkeypatch, reduction):
+    """FUSED_XENT_SPLIT_ROWS (xent.SPLIT_ROWS) sends a long row's forward with gradient through
+    the split kernel, the plain route included; off (the default) nothing reaches it. Long is
+    shrunk here to C = 1000 so the interpreter runs it."""
+    import fused_xent
+    from fused_xent import functional
+
+    calls = []
+    real = split.xent_forward_split
+    monkeypatch.setattr(
+        split, "xent_forward_split", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    monkeypatch.setattr(split, "_SPLIT_MIN_ROW_BYTES", 256)
+    monkeypatch.setattr(split, "_SEGMENT_BYTES", SEGMENT * 4)
+    monkeypatch.setattr(functional, "_PLANS", {})
+    x = make_logits(len(TARGETS), C, torch.float32, seed=31)
+    t = _target()
+    results = []
+    for on in (False, True):
+        monkeypatch.setattr(xent, "SPLIT_ROWS", on)
+        leaf = x.clone().requires_grad_()
+        loss = fused_xent.cross_entropy(leaf, t, reduction=reduction, impl="triton")
+        loss.backward()
+        assert bool(calls) == on
+        results.append((loss.detach(), leaf.grad))
+    want_loss, want_grad = _oracle(x, t, reduction)
+    for loss, grad in results:
+        check_loss(loss, want_loss)
+        check_grad(grad, want_grad, torch.float32)
