@@ -26,12 +26,15 @@ def grad_like(logits: torch.Tensor) -> torch.Tensor:
     so the kernels cut a gradient row into 16-byte vectors exactly as its logits row: contiguous
     for contiguous logits; a row-strided view ``big[:, :C]`` gets rows padded by fewer than 16
     bytes, not ``big``'s stride."""
+    # Traced by torch.compile there is no address yet: assume an aligned one (the launcher checks
+    # at run time, and cuts rows element by element if the two were to differ).
+    compiling = torch.compiler.is_compiling()
+    if not compiling and logits.is_contiguous() and logits.data_ptr() % 16 == 0:
+        return empty_like(logits)  # (the same layout, one call)
     n_rows, n_cols = logits.shape
     size = logits.element_size()
     vec = 16 // size
-    # Traced by torch.compile there is no address yet: assume an aligned one (the launcher checks
-    # at run time, and cuts rows element by element if the two were to differ).
-    lead = 0 if torch.compiler.is_compiling() else (logits.data_ptr() % 16) // size
+    lead = 0 if compiling else (logits.data_ptr() % 16) // size
     stride = logits.stride(0) if n_rows > 1 else n_cols
     row = n_cols + (stride - n_cols) % vec
     flat = empty((n_rows * row + lead,), logits.dtype, logits.device)

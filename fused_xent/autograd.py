@@ -266,41 +266,15 @@ class PlainCrossEntropyFunction(torch.autograd.Function):
         return grad, None, None
 
 
-def plain_token_rows(logits, target, plan, return_entropy):
-    """(log p, statistics, entropy or None) of a plain ``token_logprobs`` call (``PlainLogprob``):
-    one launch."""
+def plain_token_rows(logits, target, opts, plan, return_entropy):
+    """:func:`token_rows` of a plain ``token_logprobs`` call, ``plan`` (``PlainLogprob``) in the
+    backend's place (``TokenLogprobFunction``'s ``rows``; ``opts`` unused): one launch."""
     logp, stats = _row_outputs(logits)
     entropy = None
     if return_entropy:
         entropy = _alloc.empty((logits.shape[0],), torch.float32, logits.device)
     plan.forward(logits, target, logp, stats, entropy)
     return logp, stats, entropy
-
-
-class PlainTokenLogprobFunction(torch.autograd.Function):
-    """``TokenLogprobFunction`` for the plain calls ``logprobs.token_logprobs`` picks out
-    (``kernels/xent.py``'s ``PlainLogprob``): the same kernels, fewer host steps."""
-
-    @staticmethod
-    def forward(ctx, logits, target, plan, return_entropy):
-        logp, stats, entropy = plain_token_rows(logits, target, plan, return_entropy)
-        ctx.plan = plan
-        ctx.save_for_backward(logits, target, stats, entropy)
-        ctx.set_materialize_grads(False)
-        return (logp, entropy) if return_entropy else logp
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy=None):
-        refuse_double_backward()
-        if grad_logp is None and grad_entropy is None:
-            return None, None, None, None
-        logits, target, stats, entropy = ctx.saved_tensors
-        if grad_logp is None:
-            grad_logp = torch.zeros(logits.shape[0], dtype=stats.dtype, device=logits.device)
-        grad = _alloc.empty_like(logits)
-        ctx.plan.backward(logits, target, stats, grad_logp, grad, grad_entropy,
-                          None if grad_entropy is None else entropy)  # fmt: skip
-        return grad, None, None, None
 
 
 def token_rows(logits, target, opts, backend, return_entropy):

@@ -572,16 +572,10 @@ def cross_entropy(
     row a NaN loss (and NaN gradient) without any out-of-bounds access; the reference raises
     ``IndexError``.
     """
+    plain = _plain_options(weight, token_weight, process_group, label_smoothing,
+                           lse_square_scale, softcap, logit_scale)  # fmt: skip
     if (
-        _plain_options(
-            weight,
-            token_weight,
-            process_group,
-            label_smoothing,
-            lse_square_scale,
-            softcap,
-            logit_scale,
-        )  # fmt: skip
+        plain
         and not (return_lse or return_stats or inplace_backward)
         and (plan := _plain_plan(input, target, ignore_index, reduction, impl)) is not None
     ):
@@ -976,18 +970,12 @@ def linear_cross_entropy(
     d1 x ... x dK positions: position j is a linear cross-entropy with head
     ``linear_weight[:, j]`` over the N rows.
     """
+    plain = _plain_options(weight, token_weight, process_group, label_smoothing,
+                           lse_square_scale, softcap, logit_scale)  # fmt: skip
     if (
-        chunk_size is None
+        plain
+        and chunk_size is None
         and options is None
-        and _plain_options(
-            weight,
-            token_weight,
-            process_group,
-            label_smoothing,
-            lse_square_scale,
-            softcap,
-            logit_scale,
-        )  # fmt: skip
         and not (return_lse or return_stats)
         and _small_plain_linear(input, linear_weight, linear_bias, impl)
     ):

@@ -20,7 +20,6 @@ import torch
 from . import _dtensor, distributed, ops
 from .autograd import (
     LinearTokenLogprobFunction,
-    PlainTokenLogprobFunction,
     TokenLogprobFunction,
     linear_loss_rows,
     plain_token_rows,
@@ -173,7 +172,8 @@ def token_logprobs(
         rows = logits.view(-1, logits.shape[-1])
         plan = _plain_plan(rows, target.reshape(-1), ignore_index, "logprob", impl)
         if plan is not None:
-            return _plain_logprobs(rows, target, plan, return_entropy)
+            return _token_outputs(rows, target.reshape(-1), None, plan, return_entropy, False,
+                                  target.shape, plain_token_rows)  # fmt: skip
     if _dtensor.any_dtensor(logits, target):
         return _dtensor_call(
             token_logprobs, "logits", logits, -1, process_group, dict(target=target),
@@ -201,46 +201,30 @@ def token_logprobs(
     rows, row_target = logits.reshape(-1, vocab), target.reshape(-1)
     if backend is ops.TRITON and vocab > 1 and rows.stride(1) != 1:
         rows = rows.contiguous()
-    wants_grad = torch.is_grad_enabled() and logits.requires_grad
+    rows_fn = token_rows
     if sharded:
         opts = distributed.shard_options(
             opts, process_group, rows.shape[0], vocab, False, "none", rows.device
         )
-        if wants_grad:
-            out = TokenLogprobFunction.apply(
-                rows, row_target, opts, backend, return_entropy, inplace_backward,
-                functools.partial(distributed.sharded_token_rows, group=process_group),
-            )  # fmt: skip
-        else:
-            logp, _, entropy = distributed.sharded_token_rows(
-                rows, row_target, opts, backend, return_entropy, group=process_group
-            )
-            out = (logp, entropy) if return_entropy else logp
-    elif wants_grad:
-        out = TokenLogprobFunction.apply(
-            rows, row_target, opts, backend, return_entropy, inplace_backward
-        )
+        rows_fn = functools.partial(distributed.sharded_token_rows, group=process_group)
+    return _token_outputs(rows, row_target, opts, backend, return_entropy, inplace_backward,
+                          target.shape, rows_fn)  # fmt: skip
+
+
+def _token_outputs(rows, row_target, opts, backend, return_entropy, inplace_backward, shape,
+                   rows_fn=token_rows):  # fmt: skip
+    """log p (and the entropy) of (N, V) rows, differentiable where the logits want a gradient,
+    in ``shape``. A plain call (``functional._plain_plan``) passes its plan as the backend and
+    ``plain_token_rows`` as ``rows_fn``."""
+    if torch.is_grad_enabled() and rows.requires_grad:
+        out = TokenLogprobFunction.apply(rows, row_target, opts, backend, return_entropy,
+                                         inplace_backward, rows_fn)  # fmt: skip
     else:
-        logp, _, entropy = token_rows(rows, row_target, opts, backend, return_entropy)
+        logp, _, entropy = rows_fn(rows, row_target, opts, backend, return_entropy)
         out = (logp, entropy) if return_entropy else logp
-    shape = target.shape
     if return_entropy:
         return out[0].reshape(shape), out[1].reshape(shape)
     return out.reshape(shape)
-
-
-def _plain_logprobs(rows, target, plan, return_entropy):
-    """``token_logprobs`` of a plain call (``functional._plain_plan``), in ``target``'s shape."""
-    flat = target.reshape(-1)
-    if rows.requires_grad and torch.is_grad_enabled():
-        out = PlainTokenLogprobFunction.apply(rows, flat, plan, return_entropy)
-    else:
-        logp, _, entropy = plain_token_rows(rows, flat, plan, return_entropy)
-        out = (logp, entropy) if return_entropy else logp
-    shape = target.shape
-    if return_entropy:
-        return out[0].view(shape), out[1].view(shape)
-    return out.view(shape)
 
 
 def linear_token_logprobs(

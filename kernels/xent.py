@@ -1429,33 +1429,13 @@ class PlainLogprob:
     def __init__(self, n_cols: int, dtype, target_dtype, ignore_index: int, device: int) -> None:
         self.n_cols, self.ignore_index, self.device = n_cols, ignore_index, device
         rows = _plain_meta(n_cols, dtype, target_dtype, LOGPROB=True)
-        self.fwd = {
-            entropy: Prepared(
-                _xent_fwd_kernel,
-                device,
-                ENTROPY=2 if entropy else 0,
-                WRITE_GRAD=False,
-                HAS_GRAD_SCALE=False,
-                REDUCE=NONE,
-                RBLOCK=_RBLOCK,
-                PREDICT=False,
-                **rows,
-            )  # fmt: skip
-            for entropy in (False, True)
-        }
-        self.bwd = {
-            entropy: Prepared(
-                _xent_bwd_kernel,
-                device,
-                ENT_GRAD=entropy,
-                REDUCE=NONE,
-                SKIP_IF_ONE=False,
-                WRITE_DX=True,
-                WRITE_DT=False,
-                **rows,
-            )  # fmt: skip
-            for entropy in (False, True)
-        }
+        fwd = dict(WRITE_GRAD=False, HAS_GRAD_SCALE=False, REDUCE=NONE, RBLOCK=_RBLOCK,
+                   PREDICT=False, **rows)  # fmt: skip
+        bwd = dict(REDUCE=NONE, SKIP_IF_ONE=False, WRITE_DX=True, WRITE_DT=False, **rows)
+        # by whether the entropy is asked for (forward) or has a gradient (backward)
+        self.fwd = {e: Prepared(_xent_fwd_kernel, device, ENTROPY=2 if e else 0, **fwd)
+                    for e in (False, True)}  # fmt: skip
+        self.bwd = {e: Prepared(_xent_bwd_kernel, device, ENT_GRAD=e, **bwd) for e in (False, True)}
 
     def forward(self, logits, target, logp, stats, entropy=None) -> None:
         """log p(target) into ``logp``, the statistics into ``stats``, with ``entropy`` the
@@ -1470,8 +1450,10 @@ class PlainLogprob:
             self.ignore_index, 0.0, 0.0, 1.0, 1.0, 1.0,
         )  # fmt: skip
 
-    def backward(self, logits, target, stats, dlogp, grad, dentropy=None, entropy=None) -> None:
-        """The logits' gradient into ``grad`` for incoming gradients ``dlogp`` (N,) and, with
+    def xent_backward(self, logits, target, opts, stats, dlogp, grad, dentropy=None,
+                      entropy=None, logprob=True) -> None:  # fmt: skip
+        """:func:`xent_backward` of a plain call (``opts`` and ``logprob`` are the plan's): the
+        logits' gradient into ``grad`` for incoming gradients ``dlogp`` (N,) and, with
         ``dentropy`` (N,), of the entropies (``entropy``: the forward's)."""
         n_rows, n_cols, t_stride = logits.shape[0], self.n_cols, target.stride(0)
         d_stride = dlogp.stride(0)
