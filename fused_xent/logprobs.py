@@ -166,6 +166,7 @@ def token_logprobs(
         and type(logits) is torch.Tensor
         and type(target) is torch.Tensor
         and logits.dim() >= 2
+        and logits.shape[-1] > 0  # (V = 0: the general route's error)
         and logits.is_contiguous()
         and target.shape == logits.shape[:-1]
     ):
