@@ -319,8 +319,8 @@ def _new_plan(input, target, ignore_index, reduction, impl):
     if reduction == "logprob":
         return xent.PlainLogprob(input.shape[1], input.dtype, target.dtype, ignore_index,
                                  input.get_device())  # fmt: skip
-    return _KERNELS["xent"].PlainXent(input.shape[1], input.dtype, target.dtype, ignore_index,
-                                      reduction, input.get_device())  # fmt: skip
+    return xent.PlainXent(input.shape[1], input.dtype, target.dtype, ignore_index, reduction,
+                          input.get_device())  # fmt: skip
 
 
 # Small CPU calls with the options torch has: torch's own kernels on float32 (float64) copies.
@@ -841,14 +841,17 @@ def _linear_2d(hidden, head, bias, target, opts, reduction, chunk_size, fp32, ba
                                   row_weight, return_stats)  # fmt: skip
 
 
-def _small_plain_linear(input, head, bias, impl) -> bool:
+def _small_plain_linear(input, head, bias, target, reduction, impl) -> bool:
     """Plain tensors for ``F.linear`` (an (N, D) input and a (C, D) head of its dtype, a bias
-    of (C,) or none) on the kernels' device, within one vocabulary slab (``_plain_plan`` then
-    decides the rest of the plain route)."""
+    of (C,) or none) on the kernels' device, within one vocabulary slab, an (N,) target and a
+    reduced loss (``_plain_plan`` then decides the rest of the plain route)."""
     return (
-        (impl == "triton" or (impl == "auto" and input.is_cuda))
-        and type(input) is torch.Tensor
+        type(input) is torch.Tensor
         and type(head) is torch.Tensor
+        and type(target) is torch.Tensor
+        and (impl == "triton" or (impl == "auto" and input.is_cuda))
+        and reduction != "none"
+        and target.dim() == 1
         and input.dim() == 2
         and head.dim() == 2
         and head.shape[1] == input.shape[1]
@@ -977,7 +980,7 @@ def linear_cross_entropy(
         and chunk_size is None
         and options is None
         and not (return_lse or return_stats)
-        and _small_plain_linear(input, linear_weight, linear_bias, impl)
+        and _small_plain_linear(input, linear_weight, linear_bias, target, reduction, impl)
     ):
         # A call whose logits are no more than the least a vocabulary slab holds anyway
         # (_SLAB_MIN_LOGITS rows x classes): what the slabs compute (one product, the kernels'
