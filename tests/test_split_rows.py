@@ -35,6 +35,41 @@ SEGMENT = 128  # 2 blocks of 64 (the loops run) in 16-byte multiples of every dt
 TARGETS = (3, C - 1, -100, 2 * SEGMENT, 500, 0)
 
 
+# On a GPU the tests below run the one-launch mode, whose programs wait for each other: never run
+# on a GPU before (2026-12-08). A child process runs it first, small and at full size, under a
+# timeout, so that a hang fails this module with its name instead of stalling the suite.
+_CANARY = r"""
+import torch
+from fused_xent.kernels import split
+from fused_xent._options import LossOptions
+for n, c, segment in ((16, 1000, 128), (8, 128256, None)):
+    x = torch.randn(n, c, device="cuda").to(torch.bfloat16)
+    t = torch.randint(0, c, (n,), device="cuda")
+    loss, stats = torch.empty(n, device="cuda"), torch.empty(3, n, device="cuda")
+    split.xent_forward_split(x, t, LossOptions(), loss, stats, torch.empty_like(x),
+                             segment=segment, wait=True)
+    torch.cuda.synchronize()
+print("one launch ok")
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_launch_does_not_hang():
+    if not CUDA:
+        return
+    import subprocess
+    import sys
+
+    try:
+        out = subprocess.run([sys.executable, "-c", _CANARY], capture_output=True, text=True,
+                             timeout=120)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail("the split kernel's one-launch mode hung (killed after 120 s)", pytrace=False)
+    if out.returncode != 0:
+        pytest.fail(f"the split kernel's one-launch mode failed: {out.stderr[-2000:]}",
+                    pytrace=False)  # fmt: skip
+
+
 def _target():
     return torch.tensor(TARGETS, device=DEVICE)
 
