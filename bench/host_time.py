@@ -151,6 +151,29 @@ def _steps():
     ]
 
 
+class _Nothing(torch.autograd.Function):
+    """The autograd floor: a Function that allocates its output and hands back a gradient it
+    already holds, nothing else (what any Python autograd.Function pays, in the same process)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.grad = torch.empty_like(x)
+        return x.new_empty(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.grad
+
+
+def _floor_step():
+    x, _ = _inputs()
+
+    def step():
+        _Nothing.apply(x).backward()
+
+    return step
+
+
 def _time(fn, repeat: int, number: int) -> float:
     """Median microseconds per call over ``repeat`` runs of ``number`` calls."""
     runs = []
@@ -209,6 +232,12 @@ def main(argv=None) -> int:
             stats = pstats.Stats(prof)
             print(f"  {stats.total_calls / 100:.0f} Python calls a step; the top 12 by own time:")
             stats.sort_stats("tottime").print_stats(12)
+    floor = _floor_step()
+    for _ in range(3):
+        floor()
+    t_floor = _time(floor, args.repeat, args.number)
+    print(f"autograd floor: a torch.autograd.Function that only allocates, forward + backward: "
+          f"{t_floor:.1f} us")  # fmt: skip
     if args.check and worst > args.max_ratio:
         print(f"host_time: a ratio of {worst:.2f} is above --max-ratio {args.max_ratio}")
         return 1
