@@ -1357,6 +1357,14 @@ def _plain_meta(n_cols: int, dtype, target_dtype, **flags) -> dict:
                 ROUND_BF16=INTERPRET and dtype == torch.bfloat16, **consts, **flags)  # fmt: skip
 
 
+def _plain_spec(n_rows: int, target: torch.Tensor, t_stride: int) -> tuple:
+    """What Triton specialises on among a plain call's arguments that change from call to call
+    (``Prepared``'s ``spec``): the row count (also the statistics' stride), the target's stride
+    and its pointer's alignment; a backward adds its incoming gradients'."""
+    return (n_rows == 1, n_rows % 16 == 0, n_rows > 0x7FFFFFFF, t_stride,
+            target.data_ptr() % 16 == 0)  # fmt: skip
+
+
 class PlainXent:
     """What :func:`xent_prologue`, :func:`xent_forward` and :func:`xent_backward` launch for a
     plain call: (N, C) logits with ``plain_rows``, class-index targets, no option but
@@ -1394,8 +1402,7 @@ class PlainXent:
         """The reduced loss into ``total`` (the rows' and their statistics into ``work``), and
         with ``grad`` the gradient for an incoming gradient of 1."""
         n_rows, n_cols, t_stride = logits.shape[0], self.n_cols, target.stride(0)
-        spec = (n_rows == 1, n_rows % 16 == 0, n_rows > 0x7FFFFFFF, t_stride,
-                target.data_ptr() % 16 == 0)  # fmt: skip
+        spec = _plain_spec(n_rows, target, t_stride)
         self.prologue(1, spec, target, work, work, work, n_rows, n_cols, t_stride,
                       self.ignore_index)  # fmt: skip
         w = work  # (every small output's pointer: PACKED finds each one in it)
@@ -1409,8 +1416,7 @@ class PlainXent:
         """``grad`` (written by the forward for an incoming gradient of 1) for ``dloss``: left
         as it is where ``dloss`` is 1 (decided on the GPU)."""
         n_rows, n_cols, t_stride = logits.shape[0], self.n_cols, target.stride(0)
-        spec = (n_rows == 1, n_rows % 16 == 0, n_rows > 0x7FFFFFFF, t_stride,
-                target.data_ptr() % 16 == 0, dloss.data_ptr() % 16 == 0, dloss.dtype)  # fmt: skip
+        spec = _plain_spec(n_rows, target, t_stride) + (dloss.data_ptr() % 16 == 0, dloss.dtype)
         w = work
         self.bwd(
             n_rows, spec, logits, target, w, w, dloss, w, grad, w, w, w, w, n_cols, 0, n_cols, 0,
@@ -1441,8 +1447,7 @@ class PlainLogprob:
         """log p(target) into ``logp``, the statistics into ``stats``, with ``entropy`` the
         rows' entropies (0 on ignored rows)."""
         n_rows, n_cols, t_stride = logits.shape[0], self.n_cols, target.stride(0)
-        spec = (n_rows == 1, n_rows % 16 == 0, n_rows > 0x7FFFFFFF, t_stride,
-                target.data_ptr() % 16 == 0)  # fmt: skip
+        spec = _plain_spec(n_rows, target, t_stride)
         e = logp if entropy is None else entropy
         self.fwd[entropy is not None](
             n_rows, spec, logits, target, logp, logp, stats, logp, logp, logp, logp, logp, e,
@@ -1458,10 +1463,10 @@ class PlainLogprob:
         n_rows, n_cols, t_stride = logits.shape[0], self.n_cols, target.stride(0)
         d_stride = dlogp.stride(0)
         e_stride = 0 if dentropy is None or n_rows == 1 else dentropy.stride(0)
-        spec = (n_rows == 1, n_rows % 16 == 0, n_rows > 0x7FFFFFFF, t_stride,
-                target.data_ptr() % 16 == 0, d_stride, dlogp.data_ptr() % 16 == 0, dlogp.dtype,
-                e_stride, dentropy is None or dentropy.data_ptr() % 16 == 0,
-                dentropy is None or dentropy.dtype)  # fmt: skip
+        spec = _plain_spec(n_rows, target, t_stride) + (
+            d_stride, dlogp.data_ptr() % 16 == 0, dlogp.dtype, e_stride,
+            dentropy is None or dentropy.data_ptr() % 16 == 0, dentropy is None or dentropy.dtype,
+        )  # fmt: skip
         de = stats if dentropy is None else dentropy
         self.bwd[dentropy is not None](
             n_rows, spec, logits, target, stats, stats, dlogp, stats, grad, stats, de,
