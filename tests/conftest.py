@@ -58,6 +58,22 @@ def small_blocks(monkeypatch) -> int:
     return SMALL_BLOCK
 
 
+@pytest.fixture(scope="module")
+def transformers_quiet_one_thread():
+    """transformers' config warnings off; one intra-op thread (faster when `pytest -n 2` shares
+    two cores, and the same numbers every run). For the modules that build transformers models
+    (test_hf.py, test_trl.py), which use it autouse."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    transformers.logging.set_verbosity(verbosity)
+
+
 def pytest_report_header(config):
     """The versions this run tested, first in CI's log (the ranges float: README, "Tested with")."""
     from importlib import metadata

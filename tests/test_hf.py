@@ -99,16 +99,8 @@ FAMILIES = {
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _quiet_and_one_thread():
-    """transformers' config warnings off; one intra-op thread (faster when `pytest -n 2` shares
-    two cores, and the same numbers every run)."""
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    transformers.logging.set_verbosity(verbosity)
+def _quiet(transformers_quiet_one_thread):
+    """conftest's: transformers' warnings off, one intra-op thread."""
 
 
 def checkout_env(**extra) -> dict:

@@ -36,14 +36,8 @@ VOCAB = 100  # 96 words, <pad>, <eos> and two unused ids
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _quiet():
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    transformers.logging.set_verbosity(verbosity)
+def _quiet(transformers_quiet_one_thread):
+    """conftest's: transformers' warnings off, one intra-op thread."""
 
 
 def tokenizer():
