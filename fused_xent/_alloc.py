@@ -10,7 +10,9 @@ POISON = False
 
 
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    out = torch.empty(shape, dtype=dtype, device=device)
+    # (size=: torch parses a positional tuple as varargs, about 0.5 us more a call on the host)
+    size = shape if isinstance(shape, (tuple, list)) else (shape,)
+    out = torch.empty(size=size, dtype=dtype, device=device)
     if not POISON:
         return out
     return out.fill_(float("nan") if dtype.is_floating_point else -1)

@@ -238,19 +238,27 @@ _KERNELS: dict = {}  # the kernels' module once imported (an import statement pe
 _PLANS: dict = {}  # the plain calls' launch plans, by what fixes them (_plain_plan)
 
 
+def option_off(value, default: float) -> bool:
+    """Whether a number option is its default, given as a float or an int (``0``, ``1``): an
+    option that is off costs the plain route nothing. Anything else (a bool, a tensor, a NumPy
+    number) takes the general route, which checks it."""
+    return type(value) in _NUMBERS and value == default
+
+
+_NUMBERS = (float, int)
+
+
 def _plain_options(weight, token_weight, process_group, label_smoothing, lse_square_scale,
                    softcap, logit_scale) -> bool:  # fmt: skip
-    """Whether the options are all off (their defaults, as the defaults' own types: anything
-    else takes the general route, which checks it)."""
+    """Whether the options are all off (``option_off``)."""
     return (
         weight is None
         and token_weight is None
         and process_group is None
         and softcap is None
-        and type(label_smoothing) is float
-        and type(lse_square_scale) is float
-        and type(logit_scale) is float
-        and not (label_smoothing or lse_square_scale or logit_scale != 1.0)
+        and option_off(label_smoothing, 0.0)
+        and option_off(lse_square_scale, 0.0)
+        and option_off(logit_scale, 1.0)
     )
 
 

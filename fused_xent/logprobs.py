@@ -41,6 +41,7 @@ from .functional import (
     autocast_linear,
     check_inplace,
     guard_backward,
+    option_off,
     small_cpu_call,
     upcast_kept,
 )
@@ -157,10 +158,8 @@ def token_logprobs(
     """
     if (
         softcap is None
-        and type(temperature) is float
-        and type(logit_scale) is float
-        and temperature == 1.0
-        and logit_scale == 1.0
+        and option_off(temperature, 1.0)
+        and option_off(logit_scale, 1.0)
         and not inplace_backward
         and process_group is None
         and type(logits) is torch.Tensor

@@ -4,12 +4,13 @@ general one and against float64 torch.
 The plain route takes the calls a training loop makes most (class indices, no option but
 ``ignore_index``, a reduced loss, contiguous aligned logits) with fewer host steps; it launches
 the same kernels with the same constexprs (its small outputs packed in one buffer), so its
-numbers must be the general route's bit for bit. The general route is forced by passing an
-option at its default value as another type (``label_smoothing=0``, an int), which the plain
-route leaves to the general one.
+numbers must be the general route's bit for bit. The general route is forced by
+``_general_route`` (the plain route then refuses every call).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -32,6 +33,15 @@ def _run(x, t, grad_out=None, **kw):
     loss = fused_xent.cross_entropy(leaf, t, impl=IMPL, **kw)
     loss.backward(grad_out)
     return loss.detach(), leaf.grad
+
+
+@contextlib.contextmanager
+def _general_route():
+    """Every call inside takes the general route."""
+    with pytest.MonkeyPatch.context() as m:
+        for module in (functional, fused_xent.logprobs):
+            m.setattr(module, "_plain_plan", lambda *args: None)
+        yield
 
 
 def _plans_made(monkeypatch):
@@ -69,7 +79,8 @@ def test_plain_route_matches_general_and_float64(monkeypatch, small_blocks, dtyp
     for grad_out in (None, g):
         loss, grad = _run(x, t, grad_out, reduction=reduction)
         assert made and all(made), "the plain route was not taken"
-        general_loss, general_grad = _run(x, t, grad_out, reduction=reduction, label_smoothing=0)
+        with _general_route():
+            general_loss, general_grad = _run(x, t, grad_out, reduction=reduction)
         assert torch.equal(loss, general_loss)
         assert torch.equal(grad, general_grad)
         x64 = x.double().requires_grad_()
@@ -134,6 +145,32 @@ def test_plain_route_leaves_the_rest_to_the_general_one(monkeypatch):
         fused_xent.cross_entropy(base[:, :8].contiguous(), t[:3], impl=IMPL)
 
 
+def test_options_off_as_ints_take_the_plain_route(monkeypatch):
+    """An option at its default costs nothing, given as a float or an int (``option_off``): the
+    same plain route, the same bits; a bool is left to the general route (which refuses it)."""
+    made = _plans_made(monkeypatch)
+    x = make_logits(5, 12, torch.float32, seed=9)
+    t = make_target(5, 12, seed=10, ignored_rows=[2])
+    loss, grad = _run(x, t)
+    assert made and all(made)
+    made.clear()
+    same = _run(x, t, label_smoothing=0, lse_square_scale=0, logit_scale=1)
+    assert made and all(made), "options off as ints left the plain route"
+    assert torch.equal(same[0], loss) and torch.equal(same[1], grad)
+    made.clear()
+    with pytest.raises(TypeError, match="label_smoothing must be a float"):
+        _run(x, t, label_smoothing=False)
+    assert not made
+    spied = []
+    real = functional._plain_plan
+    monkeypatch.setattr(
+        fused_xent.logprobs, "_plain_plan", lambda *a: spied.append(real(*a)) or spied[-1]
+    )
+    logp = fused_xent.token_logprobs(x, t, temperature=1, logit_scale=1, impl=IMPL)
+    assert spied and all(p is not None for p in spied)
+    assert torch.equal(logp, fused_xent.token_logprobs(x, t, impl=IMPL))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("bias", [False, True])
 def test_small_linear_route(monkeypatch, dtype, bias):
@@ -182,7 +219,7 @@ def _logprobs(x, t, return_entropy, grads, **kw):
 @pytest.mark.parametrize("which", ["logp", "entropy", "both"])
 def test_plain_token_logprobs(monkeypatch, small_blocks, dtype, which):
     """(B, T, V) logits, an ignored position: the plain route equals the general one bit for bit
-    (forced by a temperature of int 1) and float64 torch."""
+    and float64 torch."""
     made = _plans_made(monkeypatch)
     spied = []
     real = functional._plain_plan
@@ -198,7 +235,8 @@ def test_plain_token_logprobs(monkeypatch, small_blocks, dtype, which):
     ent_wanted = which != "logp"
     logp, ent, grad = _logprobs(x, t, ent_wanted, (g_logp, g_ent))
     assert spied and all(p is not None for p in spied), "the plain route was not taken"
-    other = _logprobs(x, t, ent_wanted, (g_logp, g_ent), temperature=1)
+    with _general_route():
+        other = _logprobs(x, t, ent_wanted, (g_logp, g_ent))
     assert torch.equal(logp, other[0]) and torch.equal(grad, other[2])
     assert ent is None or torch.equal(ent, other[1])
     x64 = x.double().requires_grad_()
