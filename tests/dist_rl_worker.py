@@ -48,7 +48,14 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from dist_worker import IGNORE, boundary_targets, on_device  # noqa: E402
-from helpers import GRAD_RTOL, LOSS_RTOL, REDUCTIONS, random_grad_out, rel_err  # noqa: E402
+from helpers import (  # noqa: E402
+    GRAD_RTOL,
+    LOSS_RTOL,
+    REDUCTIONS,
+    random_grad_out,
+    rel_err,
+    weighted_oracle,
+)
 
 from fused_xent import (  # noqa: E402
     TokenStats,
@@ -197,31 +204,6 @@ def token_oracle(z, target, ignore_index):
     finite = torch.where(logp_all.isfinite(), logp_all, 0.0)
     entropy = -(logp_all.exp() * finite).sum(dim=-1)
     return torch.where(kept, logp, 0.0), torch.where(kept, entropy, 0.0)
-
-
-def ce_oracle(z, target, *, weight, ignore_index, label_smoothing, lse_square_scale,
-              token_weight, reduction):  # fmt: skip
-    """torch's F.cross_entropy of float64 logits (class dimension 1) plus the z-loss, each
-    position's loss times ``token_weight``, reduced with torch's "mean" denominator (the kept
-    rows, or the kept rows' class weights). The denominator is checked against torch's own
-    "mean" first."""
-    kw = dict(weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing)
-    rows = F.cross_entropy(z, target, reduction="none", **kw)
-    kept = target != ignore_index
-    if weight is None:
-        den = kept.sum().double()
-    else:
-        den = (weight[torch.where(kept, target, 0)] * kept).sum()
-    torch_mean = F.cross_entropy(z, target, reduction="mean", **kw)
-    if not torch.allclose(rows.sum() / den, torch_mean, rtol=1e-12, atol=0):
-        raise AssertionError("the oracle's mean denominator is not torch's")
-    lse = torch.logsumexp(z, dim=1)
-    rows = rows + torch.where(kept, lse_square_scale * lse * lse, 0.0)
-    if token_weight is not None:
-        rows = rows * token_weight.double()
-    if reduction == "none":
-        return rows
-    return rows.sum() if reduction == "sum" else rows.sum() / den
 
 
 def near_ties(z, min_gap=1e-3) -> list[str]:
@@ -632,7 +614,7 @@ def ce_stats_case(group, impl, spec, reduction, seed, return_lse):
             if k in spec}  # fmt: skip
     x64 = x.double().requires_grad_()
     z = transform(x64, 1.0, spec.get("logit_scale", 1.0), spec.get("softcap"))
-    want = ce_oracle(
+    want = weighted_oracle(
         z, target, weight=None if weight is None else weight.double(), ignore_index=ignore_index,
         label_smoothing=spec.get("label_smoothing", 0.0),
         lse_square_scale=spec.get("lse_square_scale", 0.0), token_weight=tw, reduction=reduction,
@@ -704,7 +686,7 @@ def linear_ce_stats_case(group, impl, spec, reduction, seed, return_lse):
     h64, w64 = hidden.double().requires_grad_(), head.double().requires_grad_()
     b64 = None if b is None else b.double().requires_grad_()
     z = transform(F.linear(h64, w64, b64), 1.0, spec.get("logit_scale", 1.0), spec.get("softcap"))
-    want = ce_oracle(
+    want = weighted_oracle(
         z, target, weight=None if weight is None else weight.double(), ignore_index=IGNORE,
         label_smoothing=spec.get("label_smoothing", 0.0),
         lse_square_scale=spec.get("lse_square_scale", 0.0), token_weight=tw, reduction=reduction,

@@ -51,7 +51,14 @@ from dist_rl_worker import (  # noqa: E402
     transform,
 )
 from dist_worker import IGNORE  # noqa: E402
-from helpers import GRAD_RTOL, LOSS_RTOL, REDUCTIONS, random_grad_out, rel_err  # noqa: E402
+from helpers import (  # noqa: E402
+    GRAD_RTOL,
+    LOSS_RTOL,
+    REDUCTIONS,
+    random_grad_out,
+    rel_err,
+    weighted_oracle,
+)
 
 import fused_xent  # noqa: E402
 from fused_xent import autograd, distributed  # noqa: E402
@@ -157,34 +164,6 @@ def exact_zero(what, t, where) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def ce_oracle(z, target, *, weight, ignore_index, label_smoothing, lse_square_scale,
-              token_weight, reduction):  # fmt: skip
-    """F.cross_entropy (class-index or probability targets) plus the z-loss, each row's loss
-    times ``token_weight``, reduced with torch's "mean" denominator (the kept rows' class weights
-    or count; the rows for probabilities)."""
-    prob = target.is_floating_point()
-    kw = dict(weight=weight, label_smoothing=label_smoothing)
-    if not prob:
-        kw["ignore_index"] = ignore_index
-    rows = F.cross_entropy(z, target, reduction="none", **kw)
-    lse = torch.logsumexp(z, dim=1)
-    kept = torch.ones_like(lse, dtype=torch.bool) if prob else target != ignore_index
-    rows = rows + torch.where(kept, lse_square_scale * lse * lse, 0.0)
-    if token_weight is not None:
-        rows = rows * token_weight.double()
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    if prob:
-        den = float(len(rows))
-    elif weight is None:
-        den = kept.sum().double()
-    else:
-        den = (weight[torch.where(kept, target, 0)] * kept).sum()
-    return rows.sum() / den
-
-
 # --------------------------------------------------------------------------------------------
 # Cases
 # --------------------------------------------------------------------------------------------
@@ -245,7 +224,7 @@ def linear_ce_case(group, impl, spec, reduction, seed, dtype, dtensor=False):
     h64, w64 = hidden.double().requires_grad_(), head.double().requires_grad_()
     b64 = None if b is None else b.double().requires_grad_()
     z = transform(F.linear(h64, w64, b64), 1.0, spec.get("logit_scale", 1.0), spec.get("softcap"))
-    want = ce_oracle(
+    want = weighted_oracle(
         z, target, weight=weight, ignore_index=ignore_index,
         label_smoothing=spec.get("label_smoothing", 0.0),
         lse_square_scale=spec.get("lse_square_scale", 0.0), token_weight=tw, reduction=reduction,

@@ -97,6 +97,38 @@ def oracle(
     return loss.detach(), x64.grad
 
 
+def weighted_oracle(z, target, *, weight=None, ignore_index=-100, label_smoothing=0.0,
+                    lse_square_scale=0.0, token_weight=None, reduction="mean"):  # fmt: skip
+    """torch's F.cross_entropy of float64 logits ``z`` (classes in dim 1; class indices or
+    probabilities) plus the z-loss on the kept rows, each row's loss times ``token_weight``,
+    reduced with torch's own "mean" denominator: the kept rows' count or class weights (every
+    row for probabilities). The denominator is checked against torch's "mean" first."""
+    prob = target.is_floating_point()
+    weight = None if weight is None else weight.double()
+    kw = dict(weight=weight, label_smoothing=label_smoothing)
+    if not prob:
+        kw["ignore_index"] = ignore_index
+    rows = F.cross_entropy(z, target, reduction="none", **kw)
+    kept = torch.ones_like(rows, dtype=torch.bool) if prob else target != ignore_index
+    if prob:
+        den = torch.tensor(float(rows.numel()), dtype=rows.dtype, device=rows.device)
+    elif weight is None:
+        den = kept.sum().double()
+    else:
+        den = (weight[torch.where(kept, target, 0)] * kept).sum()
+    torch_mean = F.cross_entropy(z, target, reduction="mean", **kw)
+    if not torch.allclose(rows.sum() / den, torch_mean, rtol=1e-12, atol=0, equal_nan=True):
+        raise AssertionError("the oracle's mean denominator is not torch's")
+    if lse_square_scale:
+        lse = torch.logsumexp(z, dim=1)
+        rows = rows + torch.where(kept, lse_square_scale * lse * lse, 0.0)
+    if token_weight is not None:
+        rows = rows * token_weight.double()
+    if reduction == "none":
+        return rows
+    return rows.sum() if reduction == "sum" else rows.sum() / den
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| over the finite entries of ``expected``.
 

@@ -22,6 +22,7 @@ from helpers import (
     REDUCTIONS,
     dtype_id,
     rel_err,
+    weighted_oracle,
 )
 from helpers import seeded as _gen
 from helpers import shaped_ids as _ids
@@ -354,21 +355,6 @@ def test_linear_bf16_and_entropy_alone():
 # --------------------------------------------------------------------------------------------
 
 
-def _weighted_oracle(x64, t, reduction, token_weight, **kw):
-    kw = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
-    rows = F.cross_entropy(x64, t, reduction="none", **kw)
-    if token_weight is not None:
-        rows = rows * token_weight.double()
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    weight = kw.get("weight")
-    kept = t != kw.get("ignore_index", -100)
-    den = kept.sum() if weight is None else weight.double()[t[kept]].sum()
-    return rows.sum() / den
-
-
 def _check_stats(stats, x, **transform):
     z = _z64(x, **transform)
     logsm = torch.log_softmax(z, -1)
@@ -411,7 +397,8 @@ def test_cross_entropy_stats_and_token_weight(small_blocks, impl, reduction, opt
     assert torch.equal(lse, stats.lse)
     ce_kw = {k: v for k, v in kw.items() if k not in transform}
     x_leaf = x.detach().double().requires_grad_()
-    want = _weighted_oracle(_transformed(x_leaf, kw), t, reduction, tw, **ce_kw)
+    z = _transformed(x_leaf, kw)
+    want = weighted_oracle(z, t, reduction=reduction, token_weight=tw, **ce_kw)
     _check(loss, want, LOSS_RTOL, "loss")
     g = torch.randn(loss.shape, generator=_gen(33), dtype=torch.float64).to(DEVICE)
     (grad,) = torch.autograd.grad(loss, xg, g.float())
@@ -485,7 +472,7 @@ def test_linear_cross_entropy_stats_and_token_weight(small_blocks, impl, reducti
     p64 = [p.detach().double().requires_grad_() for p in params]
     z64 = p64[0] @ p64[1].t() + p64[2]
     _check_stats(stats, z64.detach())
-    want = _weighted_oracle(z64, t, reduction, tw, label_smoothing=0.1)
+    want = weighted_oracle(z64, t, reduction=reduction, token_weight=tw, label_smoothing=0.1)
     _check(loss, want, LOSS_RTOL, "loss")
     g = torch.randn(loss.shape, generator=_gen(41), dtype=torch.float64)
     grads = torch.autograd.grad(loss, params, g.float().to(DEVICE))
@@ -515,7 +502,7 @@ def test_cpu_fallback_in_chunks(monkeypatch):
     loss, stats = fused_xent.cross_entropy(
         xg, t, reduction="none", token_weight=tw, return_stats=True
     )
-    want = _weighted_oracle(x.double().requires_grad_(), t, "none", tw)
+    want = weighted_oracle(x.double().requires_grad_(), t, reduction="none", token_weight=tw)
     _check(loss, want, LOSS_RTOL, "loss")
     _check_stats(stats, x)
 
