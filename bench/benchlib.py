@@ -26,8 +26,8 @@ teacher's forward one), at the matrix product rate; and bytes, at the copy bandw
 (``LinearDistillCase.bytes_moved`` says what is counted).
 
 Nothing here needs more than torch (and Triton's ``do_bench`` on CUDA): the GPU machine has only
-torch, triton, pytest and pytest-benchmark, and maybe carried Liger-Kernel and cut-cross-entropy
-wheels.
+torch, triton, pytest and pytest-benchmark, and maybe carried Liger-Kernel, cut-cross-entropy and
+TRL wheels (TRL's fused head then runs from its own file, ``_trl_head_files``).
 """
 
 from __future__ import annotations
@@ -473,15 +473,78 @@ def _torch_lce_loss(chunked: bool) -> LinearLossFn | None:
     return lambda h, w, t: fn(h, w, t, options=options)
 
 
+def _trl_head_files():
+    """``(ChunkedLogProbFunction, tile)`` from the installed TRL wheel's own files where the
+    package does not import (the GPU machine has no transformers, datasets or pandas, which
+    ``import trl.kernels`` pulls in): ``trl/kernels/chunked_logprob.py`` loaded as it is, under a
+    package name of its own, with the two names it imports from elsewhere given: transformers'
+    ``is_triton_available`` (Triton imports) and ``trl.trainer.utils.maybe_gather_lm_head_ctx``
+    (a null context, what it returns without DeepSpeed ZeRO-3); the tile is read from
+    ``trl/trainer/utils.py``. None without the files."""
+    import contextlib
+    import importlib.util
+    import re
+    import sys
+    import types
+
+    spec = importlib.util.find_spec("trl")  # (finds the package without running it)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = spec.submodule_search_locations[0]
+    try:
+        with open(f"{root}/trainer/utils.py") as f:
+            tile = int(re.search(r"^_CHUNKED_LOGPROB_CHUNK_SIZE = (\d+)", f.read(), re.M)[1])
+    except (OSError, TypeError):
+        return None
+    name = "_fused_xent_bench_trl"
+    if name + ".kernels.chunked_logprob" in sys.modules:
+        return sys.modules[name + ".kernels.chunked_logprob"].ChunkedLogProbFunction, tile
+    utils = types.ModuleType("transformers.utils")
+    utils.is_triton_available = lambda: importlib.util.find_spec("triton") is not None
+    trainer_utils = types.ModuleType(name + ".trainer.utils")
+    trainer_utils.maybe_gather_lm_head_ctx = lambda *params: contextlib.nullcontext()
+    packages = {name: f"{root}", name + ".kernels": f"{root}/kernels", name + ".trainer": ""}
+    for pkg, path in packages.items():
+        sys.modules[pkg] = types.ModuleType(pkg)
+        sys.modules[pkg].__path__ = [path]
+    sys.modules[name + ".trainer.utils"] = trainer_utils
+    stub = importlib.util.find_spec("transformers") is None  # (only for the file's import line)
+    before = {m: sys.modules.get(m, sys) for m in ("transformers", "transformers.utils")}
+    if stub:
+        sys.modules["transformers"] = types.ModuleType("transformers")
+        sys.modules["transformers.utils"] = utils
+    try:
+        file_spec = importlib.util.spec_from_file_location(
+            name + ".kernels.chunked_logprob", f"{root}/kernels/chunked_logprob.py"
+        )
+        module = importlib.util.module_from_spec(file_spec)
+        sys.modules[file_spec.name] = module
+        file_spec.loader.exec_module(module)
+    except Exception:
+        sys.modules.pop(name + ".kernels.chunked_logprob", None)
+        return None
+    finally:
+        for m, was in before.items() if stub else ():  # (as it was: absent, or None)
+            if was is sys:
+                sys.modules.pop(m, None)
+            else:
+                sys.modules[m] = was
+    return module.ChunkedLogProbFunction, tile
+
+
 def _trl_head_loss() -> LinearLossFn | None:
     """TRL's own fused LM head (``ChunkedLogProbFunction``, ``trl/kernels/``) as SFT calls it
     (log-probs, entropy and top-1 asked for, TRL's vocabulary tile), the loss the mean of -log p;
-    None where TRL (>= 1.16) is not importable. Its own function, never fused_xent's dispatch."""
+    None where TRL (>= 1.16) is neither importable nor installed (``_trl_head_files``). Its own
+    function, never fused_xent's dispatch."""
     try:
         from trl.kernels import ChunkedLogProbFunction
         from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as tile
     except Exception:
-        return None
+        found = _trl_head_files()
+        if found is None:
+            return None
+        ChunkedLogProbFunction, tile = found
     outputs = ("log_probs", "entropy", "is_top1")
 
     def loss(h, w, t):

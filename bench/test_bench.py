@@ -178,3 +178,39 @@ def test_distill(benchmark, device, copy_bw, matmul_rate, case, impl_name):
         benchmark.extra_info["GB/s"] = round(case.bytes_moved / median_s / 1e9, 2)
         benchmark.extra_info["floor_ms"] = round(floor_s * 1e3, 4)
         benchmark.extra_info["pct_of_floor"] = round(100 * floor_s / median_s, 1)
+
+
+def test_trl_head_from_its_files():
+    """TRL's fused LM head where ``trl`` itself does not import (the GPU machine has no
+    transformers): ``benchlib._trl_head_files`` runs the wheel's own kernel file, whose loss must
+    be float64 torch's. A child process with transformers hidden plays the GPU machine."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("trl") is None:
+        pytest.skip("TRL is not installed")
+    child = (
+        "import sys; sys.modules['transformers'] = None\n"  # (import and find_spec then fail)
+        "import torch, torch.nn.functional as F, benchlib\n"
+        "assert benchlib._trl_head_files() is not None\n"
+        "loss = benchlib._trl_head_loss()\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "h, w = torch.randn(8, 16, generator=g), torch.randn(100, 16, generator=g)\n"
+        "t = torch.randint(0, 100, (8,), generator=g)\n"
+        "w.requires_grad_()\n"
+        "got = loss(h, w, t)\n"
+        "got.backward()\n"
+        "w64 = w.detach().double().requires_grad_()\n"
+        "want = F.cross_entropy(h.double() @ w64.t(), t)\n"
+        "want.backward()\n"
+        "assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item()), (got, want)\n"
+        "assert ((w.grad - w64.grad).norm() / w64.grad.norm()).item() <= 1e-5\n"
+        "assert 'transformers' not in sys.modules or sys.modules['transformers'] is None\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
+    out = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
