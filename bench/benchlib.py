@@ -584,6 +584,10 @@ class LinearImpl:
         impl = "triton" if device.type == "cuda" else "reference"  # as Impl.loss_fn
         if self.name == "fused_xent":
             return lambda h, w, t: fused_xent.linear_cross_entropy(h, w, t, impl=impl)
+        if self.name == "fused_xent_logprobs":
+            return lambda h, w, t: -fused_xent.linear_token_logprobs(
+                h, w, t, return_entropy=True, impl=impl
+            )[0].mean()
         if self.name == "fused_xent_rows":
             rows = linear_chunk_rows(case.n_rows, case.vocab, case.dim, case.dtype, device)
             return lambda h, w, t: fused_xent.linear_cross_entropy(
@@ -618,6 +622,11 @@ LINEAR_IMPLS = [
         "fused_xent_rows",
         "the same with chunk_size= the rows fused_xent's row-chunk rule picks: memory for speed "
         "(three products, a float32 (V, D) d_weight accumulator)",
+    ),
+    LinearImpl(
+        "fused_xent_logprobs",
+        "fused_xent.linear_token_logprobs(h, W, t, return_entropy=True), loss = mean of -log p: "
+        "what fused_xent.hf serves TRL's fused head with (compare with trl)",
     ),
     LinearImpl(
         "torch",
