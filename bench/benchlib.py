@@ -585,9 +585,9 @@ class LinearImpl:
         if self.name == "fused_xent":
             return lambda h, w, t: fused_xent.linear_cross_entropy(h, w, t, impl=impl)
         if self.name == "fused_xent_logprobs":
-            return lambda h, w, t: -fused_xent.linear_token_logprobs(
-                h, w, t, return_entropy=True, impl=impl
-            )[0].mean()
+            return lambda h, w, t: (
+                -fused_xent.linear_token_logprobs(h, w, t, return_entropy=True, impl=impl)[0].mean()
+            )
         if self.name == "fused_xent_rows":
             rows = linear_chunk_rows(case.n_rows, case.vocab, case.dim, case.dtype, device)
             return lambda h, w, t: fused_xent.linear_cross_entropy(
@@ -1151,3 +1151,52 @@ def matmul_rate(device: torch.device, *, quick: bool = False) -> tuple[float, in
 
 def gbps(nbytes: int, ms: float) -> float:
     return nbytes / (ms * 1e-3) / 1e9
+
+
+# --------------------------------------------------------------------------------------------
+# One plain step, checked and timed (bench/long_rows.py, bench/tune_launch.py)
+# --------------------------------------------------------------------------------------------
+
+
+def plain_step(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward + backward of fused_xent's "mean" cross-entropy on the kernels (the default
+    route): (loss, gradient)."""
+    leaf = x.detach().requires_grad_()
+    loss = fused_xent.cross_entropy(leaf, t, impl="triton")
+    loss.backward()
+    return loss.detach(), leaf.grad
+
+
+def check_plain_step(x, t, loss, grad, rows: int = 16) -> tuple[float, float]:
+    """(relative loss error, relative gradient error of the first ``rows`` rows) of a
+    ``plain_step`` against float64 torch (the loss from row blocks of ``logsumexp``)."""
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    for start in range(0, x.shape[0], 1024):
+        x64 = x[start : start + 1024].double()
+        lse = torch.logsumexp(x64, 1)
+        total += (lse - x64.gather(1, t[start : start + 1024, None])[:, 0]).sum()
+    want = total / x.shape[0]
+    rows = min(rows, x.shape[0])
+    x64 = x[:rows].double()
+    g64 = torch.softmax(x64, 1)
+    g64[torch.arange(rows), t[:rows]] -= 1
+    g64 /= x.shape[0]
+    loss_err = ((loss.double() - want).abs() / want.abs()).item()
+    grad_err = ((grad[:rows].double() - g64).norm() / g64.norm()).item()
+    return loss_err, grad_err
+
+
+def time_vs_copy(x: torch.Tensor, step: Callable[[], object]) -> dict:
+    """The median ms of ``step()`` (``triton.testing.do_bench``, CUDA) and that as a fraction of
+    one read + one write of ``x`` at the copy bandwidth measured just before (``y.copy_(x)``,
+    which moves exactly those bytes)."""
+    from triton.testing import do_bench
+
+    def time_copy() -> float:  # (its buffer freed before the step is timed)
+        y = torch.empty_like(x)
+        return do_bench(lambda: y.copy_(x), return_mode="median")
+
+    copy_ms = time_copy()
+    ms = do_bench(step, return_mode="median")
+    nbytes = 2 * x.numel() * x.element_size()
+    return dict(ms=ms, copy_tb_s=nbytes / (copy_ms * 1e-3) / 1e12, of_floor=copy_ms / ms)

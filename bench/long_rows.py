@@ -27,39 +27,13 @@ DRY = "--dry" in sys.argv
 if DRY:
     os.environ["TRITON_INTERPRET"] = "1"
 
+import benchlib  # noqa: E402
 import torch  # noqa: E402
 from fused_xent.kernels import split, xent  # noqa: E402
-
-import fused_xent  # noqa: E402
 
 SHAPES = [(8192, 128256, torch.bfloat16), (4096, 256000, torch.bfloat16),
           (8192, 128256, torch.float32)]  # fmt: skip
 DRY_SHAPES = [(6, 1000, torch.bfloat16), (5, 1000, torch.float32)]
-
-
-def _check(x, t, loss, grad, rows: int = 16) -> tuple[float, float]:
-    """(relative loss error, relative gradient error of the first ``rows`` rows) vs float64."""
-    total = torch.zeros((), dtype=torch.float64, device=x.device)
-    for start in range(0, x.shape[0], 1024):
-        x64 = x[start : start + 1024].double()
-        lse = torch.logsumexp(x64, 1)
-        total += (lse - x64.gather(1, t[start : start + 1024, None])[:, 0]).sum()
-    want = total / x.shape[0]
-    rows = min(rows, x.shape[0])
-    x64 = x[:rows].double()
-    g64 = torch.softmax(x64, 1)
-    g64[torch.arange(rows), t[:rows]] -= 1
-    g64 /= x.shape[0]
-    loss_err = ((loss.double() - want).abs() / want.abs()).item()
-    grad_err = ((grad[:rows].double() - g64).norm() / g64.norm()).item()
-    return loss_err, grad_err
-
-
-def _step(x, t):
-    leaf = x.detach().requires_grad_()
-    loss = fused_xent.cross_entropy(leaf, t, impl="triton")
-    loss.backward()
-    return loss.detach(), leaf.grad
 
 
 def main(argv=None) -> int:
@@ -70,8 +44,6 @@ def main(argv=None) -> int:
     device = "cpu" if args.dry else "cuda"
     if args.dry:
         split._SPLIT_MIN_ROW_BYTES, split._SEGMENT_BYTES = 256, 512
-    else:
-        from triton.testing import do_bench
     shapes = DRY_SHAPES if args.dry else SHAPES
     calls = []
     real = split.xent_forward_split
@@ -84,19 +56,13 @@ def main(argv=None) -> int:
             x = (torch.randn(n, c, generator=gen, device=device) * 3).to(dtype)
             t = torch.randint(0, c, (n,), generator=gen, device=device)
             calls.clear()
-            loss, grad = _step(x, t)
-            loss_err, grad_err = _check(x, t, loss, grad)
+            loss, grad = benchlib.plain_step(x, t)
+            loss_err, grad_err = benchlib.check_plain_step(x, t, loss, grad)
             row = dict(kernel="split" if on else "two-pass", n=n, c=c, dtype=str(dtype),
                        split_taken=bool(calls), loss_err=loss_err, grad_err=grad_err)  # fmt: skip
             del grad
             if not args.dry:
-                y = torch.empty_like(x)
-                copy_ms = do_bench(lambda: y.copy_(x), return_mode="median")  # noqa: B023
-                bandwidth = 2 * x.numel() * x.element_size() / (copy_ms * 1e-3)
-                del y
-                ms = do_bench(lambda: _step(x, t), return_mode="median")  # noqa: B023
-                floor_ms = 2 * x.numel() * x.element_size() / bandwidth * 1e3
-                row.update(ms=ms, copy_tb_s=bandwidth / 1e12, of_floor=floor_ms / ms)
+                row.update(benchlib.time_vs_copy(x, lambda: benchlib.plain_step(x, t)))  # noqa: B023
             results.append(row)
             print(json.dumps(row), flush=True)
     if args.out:

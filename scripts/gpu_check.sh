@@ -11,6 +11,8 @@
 #   xent, rl, linear, distill
 #            bench/report.py, one section each under its own budget (peers where importable)
 #   host     bench/host_time.py: host time per step against the eager recipes (no launch)
+#   tune     bench/tune_launch.py: the launch table's choice for short and medium rows against
+#            its neighbours (block, warps), each checked then timed, under its own --budget
 #   longrows bench/long_rows.py: the two-pass kernel and the split-row kernel (opt-in, never run
 #            on a GPU before) side by side at 8192 x 128256 and 4096 x 256000, each checked
 #   memcheck compute-sanitizer memcheck on scripts/memcheck_target.py (targets outside [0, C))
@@ -55,17 +57,20 @@ while [ $# -gt 0 ]; do
     shift
 done
 PY="${PYTHON:-python3}"
-STEPS=(install wheels suite xent rl linear distill host longrows memcheck large graph example)
+STEPS=(install wheels suite xent rl linear distill host tune longrows memcheck large graph
+    example)
 SECTIONS=(xent rl linear distill)
 # Seconds per step (estimates); with --dry a safety net only (CI on two cores).
 if [ "$DRY" = 1 ]; then
     declare -A BUDGET=([install]=120 [wheels]=60 [suite]=300 [xent]=90 [rl]=60 [linear]=90
-        [distill]=90 [host]=120 [longrows]=60 [memcheck]=90 [large]=60 [graph]=30 [example]=120)
+        [distill]=90 [host]=120 [tune]=60 [longrows]=60 [memcheck]=90 [large]=60 [graph]=30
+        [example]=120)
 else
     # 540 s in all (9 minutes of a 15-minute lease, machine start included): the suite first,
     # then each report section under its own budget, so one slow section cannot eat the rest.
-    declare -A BUDGET=([install]=20 [wheels]=15 [suite]=185 [xent]=55 [rl]=35 [linear]=65
-        [distill]=50 [host]=25 [longrows]=30 [memcheck]=25 [large]=15 [graph]=10 [example]=10)
+    declare -A BUDGET=([install]=20 [wheels]=15 [suite]=185 [xent]=50 [rl]=35 [linear]=55
+        [distill]=35 [host]=20 [tune]=40 [longrows]=30 [memcheck]=20 [large]=15 [graph]=10
+        [example]=10)
 fi
 SUM=0
 for s in "${STEPS[@]}"; do SUM=$((SUM + BUDGET[$s])); done
@@ -222,6 +227,13 @@ if [ "$DRY" = 1 ]; then
     skip host "bench/host_time.py runs in CI itself"
 else
     step host "$PY" bench/host_time.py
+fi
+
+if [ "$DRY" = 1 ]; then
+    step tune "$PY" bench/tune_launch.py --dry
+else  # (its own budget a little under the step's, so its summary is printed)
+    step tune "$PY" bench/tune_launch.py --budget $((BUDGET[tune] * 2 / 3)) \
+        --out "$OUT_DIR/tune_launch.json"
 fi
 
 if [ "$DRY" = 1 ]; then
