@@ -80,9 +80,17 @@ def _hooks() -> bool:
     return _active(enter) or _active(exit_)
 
 
+# Compile options every launch passes. FMA contraction on, as every Triton so far defaults to
+# and as the kernels' counts and tolerances were measured with: Triton 3.9 warns that its default
+# turns off in 3.10 where a launch does not say (TRITON_DEFAULT_FP_FUSION unset).
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
+
 def launch(kernel, grid: tuple, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)``; the compiled kernel's launcher directly once this
-    specialisation has been launched through Triton."""
+    specialisation has been launched through Triton. ``COMPILE_OPTIONS`` unless given."""
+    for name, value in COMPILE_OPTIONS.items():
+        kwargs.setdefault(name, value)
     if not ENABLED or _hooks():
         return kernel[grid](*args, **kwargs)
     device = driver.active.get_current_device()
@@ -153,6 +161,7 @@ class Prepared:
     __slots__ = ("kernel", "kwargs", "kept", "device")
 
     def __init__(self, kernel, device, **kwargs):
+        kwargs = {**COMPILE_OPTIONS, **kwargs}
         self.kernel, self.device, self.kwargs, self.kept = kernel, device, kwargs, {}
 
     def __call__(self, n_programs: int, spec, *args):
