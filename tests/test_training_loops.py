@@ -251,3 +251,46 @@ def test_cuda_graph_capture_forward_backward(reduction):
     want_loss, want_grad = oracle(new_x, new_t, reduction=reduction)
     assert rel_err(static_loss, want_loss) <= 1e-5
     assert rel_err(static_x.grad, want_grad) <= 8e-3
+
+
+@pytest.mark.requires_cuda
+def test_cuda_graph_capture_token_logprobs():
+    """The RL step (``token_logprobs`` with entropy, incoming gradients on both: the plain
+    route's two launches) captured and replayed on new data: float64 torch's values."""
+    assert CUDA
+    static_x, static_t = _batch(10, torch.bfloat16)
+    static_x.requires_grad_()
+    gen = torch.Generator().manual_seed(11)
+    a, b = (torch.randn(N, generator=gen).to(DEVICE) for _ in range(2))
+
+    def step():
+        logp, ent = fused_xent.token_logprobs(static_x, static_t, return_entropy=True)
+        (logp * a + ent * b).sum().backward()
+        return logp, ent
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm up (compiles the kernels) outside the capture
+            static_x.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    static_x.grad = None
+    with torch.cuda.graph(graph):
+        static_logp, static_ent = step()
+    new_x, new_t = _batch(12, torch.bfloat16)
+    with torch.no_grad():
+        static_x.copy_(new_x)
+    static_t.copy_(new_t)
+    graph.replay()
+    torch.cuda.synchronize()
+    x64 = new_x.double().requires_grad_()
+    logp_all = torch.log_softmax(x64, -1)
+    kept = new_t != -100
+    want_logp = torch.where(kept, logp_all.gather(-1, new_t.clamp_min(0)[:, None])[:, 0], 0.0)
+    want_ent = torch.where(kept, -(logp_all.exp() * logp_all).sum(-1), 0.0)
+    (want_logp * a.double() + want_ent * b.double()).sum().backward()
+    assert rel_err(static_logp, want_logp) <= 1e-5
+    assert rel_err(static_ent, want_ent) <= 1e-5
+    assert rel_err(static_x.grad, x64.grad) <= 8e-3
