@@ -216,6 +216,30 @@ def test_retain_graph_without_inplace_none_works(impl):
 # --------------------------------------------------------------------------------------------
 
 
+def _replayed(step, x, t, seed: int):
+    """``step()`` on the static ``x`` and ``t``: warmed up on a side stream (the kernels compile
+    there), captured in a CUDA graph (``x.grad`` cleared before each), then replayed on a new
+    batch copied into them: (what the captured step returned, the new logits, the new target)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            x.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None
+    with torch.cuda.graph(graph):
+        out = step()
+    new_x, new_t = _batch(seed, x.dtype)
+    with torch.no_grad():
+        x.copy_(new_x)
+    t.copy_(new_t)
+    graph.replay()
+    torch.cuda.synchronize()
+    return out, new_x, new_t
+
+
 @pytest.mark.requires_cuda
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_cuda_graph_capture_forward_backward(reduction):
@@ -226,28 +250,11 @@ def test_cuda_graph_capture_forward_backward(reduction):
     static_x.requires_grad_()
 
     def step():
-        static_x.grad = None
         loss = fused_xent.cross_entropy(static_x, static_t, reduction=reduction)
         loss.sum().backward()
         return loss
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):  # warm up (compiles the kernels) outside the capture
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    static_x.grad = None
-    with torch.cuda.graph(graph):
-        static_loss = fused_xent.cross_entropy(static_x, static_t, reduction=reduction)
-        static_loss.sum().backward()
-    new_x, new_t = _batch(9, torch.bfloat16)
-    with torch.no_grad():
-        static_x.copy_(new_x)
-    static_t.copy_(new_t)
-    graph.replay()
-    torch.cuda.synchronize()
+    static_loss, new_x, new_t = _replayed(step, static_x, static_t, seed=9)
     want_loss, want_grad = oracle(new_x, new_t, reduction=reduction)
     assert rel_err(static_loss, want_loss) <= 1e-5
     assert rel_err(static_x.grad, want_grad) <= 8e-3
@@ -268,23 +275,7 @@ def test_cuda_graph_capture_token_logprobs():
         (logp * a + ent * b).sum().backward()
         return logp, ent
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):  # warm up (compiles the kernels) outside the capture
-            static_x.grad = None
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    static_x.grad = None
-    with torch.cuda.graph(graph):
-        static_logp, static_ent = step()
-    new_x, new_t = _batch(12, torch.bfloat16)
-    with torch.no_grad():
-        static_x.copy_(new_x)
-    static_t.copy_(new_t)
-    graph.replay()
-    torch.cuda.synchronize()
+    (static_logp, static_ent), new_x, new_t = _replayed(step, static_x, static_t, seed=12)
     x64 = new_x.double().requires_grad_()
     logp_all = torch.log_softmax(x64, -1)
     kept = new_t != -100
