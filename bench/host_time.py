@@ -13,7 +13,10 @@ against the eager recipe it replaces, in the same process:
 
 Prints, per case: microseconds per step (the median of repeats), fused_xent / peer, the kernel
 launches and the tensors allocated per step (a ``TorchDispatchMode`` count of the ATen ops), and
-with ``--profile`` the functions taking the most time (cProfile, Python calls per step).
+with ``--profile`` the functions taking the most time (cProfile, Python calls per step). Then the
+autograd floor (a Function that only allocates) and where a ``cross_entropy`` step's time goes:
+forward and whole step of torch's, the floor's and fused_xent's, and fused_xent's pieces alone
+(the route's checks, the allocations, each launch).
 ``--check`` exits 1 where a ratio exceeds ``--max-ratio`` (CI runs it).
 
     python bench/host_time.py [--repeat N] [--profile] [--check] [--max-ratio R]
@@ -174,6 +177,40 @@ def _floor_step():
     return step
 
 
+def _breakdown(repeat: int, number: int) -> list[tuple[str, float]]:
+    """Where a plain ``cross_entropy`` step's host time goes, beside torch's and the autograd
+    floor's: each piece timed alone (the fastest of ``repeat`` runs, so the pieces add up)."""
+    from fused_xent import autograd, functional
+
+    x, t = _inputs()
+    plan = functional._plain_plan(x, t, -100, "mean", "triton")
+    total, work = autograd.plain_outputs(x)
+    grad, one = torch.empty_like(x), torch.ones(())
+
+    def fast(fn):
+        for _ in range(3):
+            fn()
+        return min(_time(fn, 1, number) for _ in range(repeat))
+
+    return [
+        ("F.cross_entropy: forward", fast(lambda: F.cross_entropy(x, t))),
+        ("F.cross_entropy: forward + backward", fast(lambda: F.cross_entropy(x, t).backward())),
+        ("autograd floor: forward", fast(lambda: _Nothing.apply(x))),
+        ("autograd floor: forward + backward", fast(_floor_step())),
+        ("fused_xent: forward", fast(lambda: fused_xent.cross_entropy(x, t, impl="triton"))),
+        ("fused_xent: forward + backward",
+         fast(lambda: fused_xent.cross_entropy(x, t, impl="triton").backward())),
+        ("  of which the route's checks and plan",
+         fast(lambda: functional._plain_options(None, None, None, 0.0, 0.0, None, 1.0)
+              and functional._plain_plan(x, t, -100, "mean", "triton"))),
+        ("  of which the outputs (3 allocations)",
+         fast(lambda: (torch.empty_like(x), autograd.plain_outputs(x)))),
+        ("  of which the forward's 2 launches",
+         fast(lambda: plan.forward(x, t, total, work, grad))),
+        ("  of which the backward's launch", fast(lambda: plan.backward(x, t, work, one, grad))),
+    ]  # fmt: skip
+
+
 def _time(fn, repeat: int, number: int) -> float:
     """Median microseconds per call over ``repeat`` runs of ``number`` calls."""
     runs = []
@@ -238,6 +275,10 @@ def main(argv=None) -> int:
     t_floor = _time(floor, args.repeat, args.number)
     print(f"autograd floor: a torch.autograd.Function that only allocates, forward + backward: "
           f"{t_floor:.1f} us")  # fmt: skip
+    if not args.cases or "cross_entropy" in args.cases:
+        print("where a cross_entropy step's time goes (each piece alone, the fastest run, us):")
+        for what, us in _breakdown(args.repeat, args.number):
+            print(f"  {what:44} {us:6.1f}")
     if args.check and worst > args.max_ratio:
         print(f"host_time: a ratio of {worst:.2f} is above --max-ratio {args.max_ratio}")
         return 1
