@@ -508,7 +508,10 @@ def _trl_head_files():
         sys.modules[pkg] = types.ModuleType(pkg)
         sys.modules[pkg].__path__ = [path]
     sys.modules[name + ".trainer.utils"] = trainer_utils
-    stub = importlib.util.find_spec("transformers") is None  # (only for the file's import line)
+    try:  # (a stub only for the file's import line)
+        stub = importlib.util.find_spec("transformers") is None
+    except ValueError:  # (a module without a spec in sys.modules: stands in for none)
+        stub = True
     before = {m: sys.modules.get(m, sys) for m in ("transformers", "transformers.utils")}
     if stub:
         sys.modules["transformers"] = types.ModuleType("transformers")

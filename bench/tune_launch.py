@@ -10,9 +10,11 @@ replaced, as the tests force small blocks), checked against float64 first
 (``benchlib.check_plain_step``), then timed (``triton.testing.do_bench``, median) as a fraction of
 one read + one write of the logits at the copy bandwidth measured beside it. Candidates go round
 the shapes (every shape's first before any shape's second), the table's own choice first, each
-line printed as it comes; ``--budget`` stops starting new ones, so a short device lease still
-leaves every shape's baseline. The end is a summary: per shape the table's choice, the fastest,
-and by how much.
+line printed (and the JSON rewritten) as it comes; ``--budget`` stops starting new ones after
+the table's own choices, so a short device lease still leaves every shape's baseline; a
+candidate that fails to compile or launch is recorded with its error and the rest go on (a
+wrong number fails the run, and so does an error under the table's own choice). The end is a
+summary: per shape the table's choice, the fastest, and by how much.
 
     python bench/tune_launch.py [--dry] [--budget SECONDS] [--out FILE.json]
 
@@ -28,6 +30,7 @@ import os
 import sys
 import time
 
+START = time.monotonic()  # (--budget counts from here: imports and CUDA start-up included)
 DRY = "--dry" in sys.argv
 if DRY:
     os.environ["TRITON_INTERPRET"] = "1"
@@ -86,38 +89,55 @@ def main(argv=None) -> int:
         inputs[n, c] = x, torch.randint(0, c, (n,), generator=gen, device=device)
         queues[n, c] = candidates(c, dtype, long_block, (2, 1) if args.dry else PER_THREAD)
     real = xent._launch_config
-    start, results, stopped = time.monotonic(), [], False
+    results, stopped = [], False
+
+    def save(summary=()):
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(dict(device=torch.cuda.get_device_name() if not args.dry else "cpu",
+                               triton=xent.triton.__version__, results=results,
+                               summary=list(summary)), f, indent=1)  # fmt: skip
+
     try:
         for i in range(max(len(q) for q in queues.values())):
             for (n, c), queue in queues.items():
                 if i >= len(queue):
                     continue
-                if args.budget is not None and time.monotonic() - start > args.budget:
+                if i and args.budget is not None and time.monotonic() - START > args.budget:
                     stopped = True
                     break
                 block, warps = queue[i]
                 xent._launch_config = _forced(real, (c, dtype), (block, warps))
                 x, t = inputs[n, c]
-                loss, grad = benchlib.plain_step(x, t)
-                loss_err, grad_err = benchlib.check_plain_step(x, t, loss, grad)
-                del loss, grad
-                row = dict(n=n, c=c, dtype=str(dtype), block=block, num_warps=warps,
-                           table=i == 0, loss_err=loss_err, grad_err=grad_err)  # fmt: skip
-                if not args.dry:
-                    row.update(benchlib.time_vs_copy(x, lambda: benchlib.plain_step(x, t)))  # noqa: B023
+                row = dict(n=n, c=c, dtype=str(dtype), block=block, num_warps=warps, table=i == 0)
+                try:
+                    loss, grad = benchlib.plain_step(x, t)
+                    errors = benchlib.check_plain_step(x, t, loss, grad)
+                    row.update(loss_err=errors[0], grad_err=errors[1])
+                    del loss, grad
+                    if not args.dry:
+                        row.update(benchlib.time_vs_copy(x, lambda: benchlib.plain_step(x, t)))  # noqa: B023
+                except Exception as exc:  # (out of resources, a compile error: its own row)
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:300]
                 results.append(row)
                 print(json.dumps(row), flush=True)
+                save()
             if stopped:
                 print(f"tune_launch: --budget {args.budget:g} s spent, later candidates skipped")
                 break
     finally:
         xent._launch_config = real
-    bad = [r for r in results if r["loss_err"] > 1e-5 or r["grad_err"] > 1e-2]
-    for r in bad:
-        print("tune_launch: FAILED", r)
+    # A wrong number fails the run, and so does an error under the table's own choice; another
+    # candidate's error (Triton out of resources) only leaves it out.
+    bad = [r for r in results if ("error" in r and r["table"])
+           or ("error" not in r and (r["loss_err"] > 1e-5 or r["grad_err"] > 1e-2))]  # fmt: skip
+    for r in results:
+        if r in bad or "error" in r:
+            print("tune_launch:", "FAILED" if r in bad else "left out", r)
     summary = []
     for n, c in shapes:
-        rows = [r for r in results if (r["n"], r["c"]) == (n, c) and "ms" in r and r not in bad]
+        rows = [r for r in results
+                if (r["n"], r["c"]) == (n, c) and "ms" in r and r not in bad]  # fmt: skip
         if not rows:
             continue
         table = next((r for r in rows if r["table"]), None)
@@ -128,11 +148,7 @@ def main(argv=None) -> int:
                   f"{table['ms']:.3f} ms ({table['of_floor']:.0%}); fastest of {len(rows)} "
                   f"BLOCK {best['block']} x {best['num_warps']} warps {best['ms']:.3f} ms "
                   f"({best['of_floor']:.0%}), {table['ms'] / best['ms']:.2f}x")  # fmt: skip
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name() if not args.dry else "cpu",
-                           triton=xent.triton.__version__, results=results, summary=summary),
-                      f, indent=1)  # fmt: skip
+    save(summary)
     return 1 if bad else 0
 
 

@@ -81,9 +81,10 @@ def _hooks() -> bool:
 
 
 # Compile options every launch passes. FMA contraction on, as every Triton so far defaults to
-# and as the kernels' counts and tolerances were measured with: Triton 3.9 warns that its default
-# turns off in 3.10 where a launch does not say (TRITON_DEFAULT_FP_FUSION unset).
-COMPILE_OPTIONS = {"enable_fp_fusion": True}
+# and as the kernels' counts and tolerances were measured with: Triton 3.9 warns at every first
+# compile that its default turns off in 3.10 where a launch does not say. A user's own
+# TRITON_DEFAULT_FP_FUSION is Triton's to apply (and TRITON_FORCE_DISABLE_FP_FUSION always is).
+COMPILE_OPTIONS = {} if "TRITON_DEFAULT_FP_FUSION" in os.environ else {"enable_fp_fusion": True}
 
 
 def launch(kernel, grid: tuple, *args, **kwargs):

@@ -231,8 +231,8 @@ fi
 
 if [ "$DRY" = 1 ]; then
     step tune "$PY" bench/tune_launch.py --dry
-else  # (its own budget a little under the step's, so its summary is printed)
-    step tune "$PY" bench/tune_launch.py --budget $((BUDGET[tune] * 2 / 3)) \
+else  # (its own budget two thirds of the step's, so the last candidate and the summary fit)
+    step tune "$PY" bench/tune_launch.py --budget $(($(budget_of tune) * 2 / 3)) \
         --out "$OUT_DIR/tune_launch.json"
 fi
 
