@@ -53,7 +53,8 @@ In each case the first fused_xent variant is timed again after all the peers, so
 the noise. Writes report.md (also printed), report.json and, when the xent section ran,
 report.png (% of copy bandwidth by vocabulary size) to --out (default bench/out/). The plot needs
 matplotlib (``pip install -e .[bench]``); without it, or with ``--no-plot``, the run says the plot
-was skipped and writes the other two.
+was skipped and writes the other two. While it runs, partial.json holds the cases done so far (a
+run cut short keeps them); it is removed once report.json is written.
 
 ``--sections``: run only some sections (default ``xent,rl,linear,distill``), for a short device
 slot.
@@ -1113,6 +1114,19 @@ def main(argv: list[str] | None = None) -> int:
     meta["sections"] = [s for s in SECTIONS if s in sections]
     meta["copy_bandwidth"] = meta["matmul"] = None
     rows, rl_rows, linear_rows, distill_rows, linear_distill_rows = [], [], [], [], []
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def checkpoint() -> None:  # (after each case: a run cut short by a timeout keeps its cases)
+        done = dict(
+            meta=meta,
+            results=rows,
+            rl_results=rl_rows,
+            linear_results=linear_rows,
+            distill_results=distill_rows,
+            linear_distill_results=linear_distill_rows,
+        )
+        (args.out / "partial.json").write_text(json.dumps(done, indent=1) + "\n")
+
     if cases or rl_cases or distill_cases or linear_distill_cases:
         bw, nbytes = benchlib.copy_bandwidth(device, quick=args.quick)
         meta["copy_bandwidth"] = {"gbps": bw / GB, "bytes": nbytes, "counted": "read + write"}
@@ -1120,9 +1134,11 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             log(f"{case.mode} {case.label}: floor {case.bytes_moved / bw * 1e3:.4f} ms")
             rows += run_case(case, device, args.quick, bw, only)
+            checkpoint()
         for case in rl_cases:
             log(f"rl {case.label}: floor {case.bytes_moved / bw * 1e3:.4f} ms")
             rl_rows += run_case(case, device, args.quick, bw, only)
+            checkpoint()
     rate = None
     if linear_cases or linear_distill_cases:
         rate, n = benchlib.matmul_rate(device, quick=args.quick)
@@ -1131,14 +1147,17 @@ def main(argv: list[str] | None = None) -> int:
         for case in linear_cases:
             log(f"linear {case.label}: floor {case.flops / rate * 1e3:.4f} ms")
             linear_rows += run_linear_case(case, device, args.quick, rate, only)
+            checkpoint()
     for case in distill_cases:
         log(f"distill {case.label}: floor {case.bytes_moved / bw * 1e3:.4f} ms")
         distill_rows += run_distill_case(case, device, args.quick, bw, only)
+        checkpoint()
     for case in linear_distill_cases:
         floors = case.flops / rate * 1e3, case.bytes_moved / bw * 1e3
         log(f"distill linear {case.label}: floor {max(floors):.4f} ms (flops {floors[0]:.4f}, "
             f"bytes {floors[1]:.4f})")  # fmt: skip
         linear_distill_rows += run_linear_distill_case(case, device, args.quick, bw, rate, only)
+        checkpoint()
     noise_rows, rl_noise = noise(rows), noise(rl_rows)
     linear_noise = noise(linear_rows, ("dtype", "n_rows", "dim", "vocab"))
     distill_noise = noise(distill_rows, ("dtype", "n_rows", "n_cols", "beta"))
@@ -1146,7 +1165,6 @@ def main(argv: list[str] | None = None) -> int:
         linear_distill_rows, ("dtype", "n_rows", "dim", "teacher_dim", "vocab", "beta")
     )
 
-    args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(meta, rows, noise_rows, linear_rows, linear_noise, rl_rows, rl_noise,
                      distill_rows, distill_noise, linear_distill_rows,
                      linear_distill_noise)  # fmt: skip
@@ -1180,6 +1198,7 @@ def main(argv: list[str] | None = None) -> int:
         "linear_distill_noise": linear_distill_noise,
     }
     (args.out / "report.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (args.out / "partial.json").unlink(missing_ok=True)
     log(f"wrote {args.out / 'report.md'}, {written}")
 
     # A broken fused_xent is a failed run; a broken peer is only a note in the table.
