@@ -11,10 +11,11 @@ replaced, as the tests force small blocks), checked against float64 first
 one read + one write of the logits at the copy bandwidth measured beside it. Candidates go round
 the shapes (every shape's first before any shape's second), the table's own choice first, each
 line printed (and the JSON rewritten) as it comes; ``--budget`` stops starting new ones after
-the table's own choices, so a short device lease still leaves every shape's baseline; a
-candidate that fails to compile or launch is recorded with its error and the rest go on (a
-wrong number fails the run, and so does an error under the table's own choice). The end is a
-summary: per shape the table's choice, the fastest, and by how much.
+the table's own choices, so a short device lease still leaves every shape's baseline, with the
+GPU time of each kernel its step launches (the profiler's: the prologue, the forward, the
+backward). A candidate that fails to compile or launch is recorded with its error and the rest
+go on (a wrong number fails the run, and so does an error under the table's own choice). The
+end is a summary: per shape the table's choice, the fastest, and by how much.
 
     python bench/tune_launch.py [--dry] [--budget SECONDS] [--out FILE.json]
 
@@ -61,6 +62,26 @@ def candidates(n_cols: int, dtype: torch.dtype, long_block: int,
             if 1 <= warps <= 16 and block >= 32 and (block, warps) not in out:
                 out.append((block, warps))
     return out
+
+
+def kernel_times(step, repeat: int = 5) -> dict[str, float]:
+    """Microseconds of GPU time per step of each kernel ``step()`` launches (the prologue, the
+    forward, the backward, torch's own), from the profiler's CUDA activity over ``repeat``
+    steps after one warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeat):
+            step()
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if us:
+            times[event.key[:60]] = round(us / repeat, 2)
+    return times
 
 
 def _forced(real, shape, config):
@@ -119,6 +140,11 @@ def main(argv=None) -> int:
                         row.update(benchlib.time_vs_copy(x, lambda: benchlib.plain_step(x, t)))  # noqa: B023
                 except Exception as exc:  # (out of resources, a compile error: its own row)
                     row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                if i == 0 and not args.dry and "error" not in row:
+                    try:  # (where the table's step spends its GPU time, kernel by kernel)
+                        row["kernel_us"] = kernel_times(lambda: benchlib.plain_step(x, t))  # noqa: B023
+                    except Exception as exc:
+                        row["kernel_us"] = f"{type(exc).__name__}: {exc}"[:200]
                 results.append(row)
                 print(json.dumps(row), flush=True)
                 save()
