@@ -169,9 +169,34 @@ def ForCausalLMLoss(  # noqa: N802  (transformers' name)
     target = _shifted(labels, ignore_index, shift_labels)
     rows = logits.reshape(-1, vocab_size)
     target = target.reshape(-1).to(rows.device, non_blocking=True)
-    reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = cross_entropy(rows, target, ignore_index=ignore_index, reduction=reduction)
-    return _divide(loss, num_items_in_batch)
+    if num_items_in_batch is None:
+        return cross_entropy(rows, target, ignore_index=ignore_index)
+    weight = _per_item(num_items_in_batch, rows)
+    if weight is None:
+        loss = cross_entropy(rows, target, ignore_index=ignore_index, reduction="sum")
+        return _divide(loss, num_items_in_batch)
+    return cross_entropy(rows, target, ignore_index=ignore_index, reduction="sum",
+                         token_weight=weight)  # fmt: skip
+
+
+def _per_item(num_items_in_batch, rows: torch.Tensor) -> torch.Tensor | None:
+    """``1 / num_items_in_batch`` as every position's ``token_weight`` (float32, one element
+    expanded over the rows), so the sum the loss is divided by is weighted in the forward: the
+    gradient the forward writes is then the whole step's, and an incoming gradient of 1 (Trainer's
+    on one GPU) skips the backward's pass over the logits, which a division after the loss would
+    cost. None (divide after) for a count of 0 given as a number, whose division is left to
+    torch's rules, and for a count that is not 0-dim."""
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.dim() != 0:
+            return None  # (divided after: the loss takes the count's shape, as transformers')
+        count = num_items_in_batch.to(rows.device, non_blocking=True)
+        weight = torch.reciprocal(count.to(torch.float32))
+    elif isinstance(num_items_in_batch, (int, float)) and num_items_in_batch:
+        # (a fill on the device: a tensor made from the number would copy it, and wait)
+        weight = torch.full((), 1.0 / num_items_in_batch, dtype=torch.float32, device=rows.device)
+    else:
+        return None
+    return weight.expand(rows.shape[0])
 
 
 def generalized_jsd_loss(

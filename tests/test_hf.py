@@ -247,6 +247,26 @@ def test_loss_function_ignore_index_and_devices():
         torch.testing.assert_close(ours, theirs, rtol=LOSS_RTOL, atol=0)
 
 
+def test_num_items_folded_into_the_forward():
+    """With num_items_in_batch the division is a weight on every position inside the loss, not a
+    division after it: the loss is cross_entropy's own output, so loss.backward()'s gradient of 1
+    reaches it and the kernels skip the backward's pass over the logits (the gradient is the
+    forward's). A count of 0 given as a number is divided after, by torch's rules."""
+    gen = torch.Generator().manual_seed(8)
+    logits = torch.randn(2, 5, 7, generator=gen).requires_grad_()
+    labels = torch.tensor([[1, 2, 3, 4, 5], [6, 0, -100, 2, 1]])
+    for num in (torch.tensor(3), torch.tensor(3.0, dtype=torch.float64), 3, 2.5):
+        ours = hf.ForCausalLMLoss(logits, labels, 7, num_items_in_batch=num)
+        assert type(ours.grad_fn).__name__ == "CrossEntropyFunctionBackward", num
+        theirs = transformers_loss()(logits, labels, 7, num_items_in_batch=num)
+        torch.testing.assert_close(ours, theirs.float(), rtol=LOSS_RTOL, atol=0)
+    for num in (0, torch.tensor([3.0])):  # (a count of 0, a (1,) count: divided after)
+        ours = hf.ForCausalLMLoss(logits, labels, 7, num_items_in_batch=num)
+        assert type(ours.grad_fn).__name__ == "DivBackward0"
+        torch.testing.assert_close(ours, transformers_loss()(logits, labels, 7,
+                                                             num_items_in_batch=num))  # fmt: skip
+
+
 def test_loss_function_errors():
     logits = torch.randn(2, 5, 7)
     labels = torch.randint(0, 7, (2, 5))
