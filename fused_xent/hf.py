@@ -109,14 +109,18 @@ def _shifted(labels, ignore_index: int, shift_labels):
     return shift_labels
 
 
+def _count_on(num_items_in_batch, device):
+    """The count on ``device``: Trainer counts the items on the host or on another device; a
+    copy to the loss's device is queued on the stream rather than waited for."""
+    if isinstance(num_items_in_batch, torch.Tensor):
+        return num_items_in_batch.to(device, non_blocking=True)
+    return num_items_in_batch
+
+
 def _divide(loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
     if num_items_in_batch is None:
         return loss
-    if isinstance(num_items_in_batch, torch.Tensor):
-        # Trainer counts the items on the host or on another device; a copy to the loss's
-        # device is queued on the stream rather than waited for.
-        num_items_in_batch = num_items_in_batch.to(loss.device, non_blocking=True)
-    return loss / num_items_in_batch
+    return loss / _count_on(num_items_in_batch, loss.device)
 
 
 def _check_ignore_index(ignore_index) -> int:
@@ -189,7 +193,7 @@ def _per_item(num_items_in_batch, rows: torch.Tensor) -> torch.Tensor | None:
     if isinstance(num_items_in_batch, torch.Tensor):
         if num_items_in_batch.dim() != 0:
             return None  # (divided after: the loss takes the count's shape, as transformers')
-        count = num_items_in_batch.to(rows.device, non_blocking=True)
+        count = _count_on(num_items_in_batch, rows.device)
         weight = torch.reciprocal(count.to(torch.float32))
     elif isinstance(num_items_in_batch, (int, float)) and num_items_in_batch:
         # (a fill on the device: a tensor made from the number would copy it, and wait)
